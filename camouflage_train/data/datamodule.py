@@ -1,0 +1,98 @@
+"""LightningDataModule over any :mod:`~camouflage_train.data.sources` source."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset
+from camouflage_train.data.schema import AttributeSchema, as_schema
+from camouflage_train.data.sources import SampleSource
+
+
+class PersonDataModule(L.LightningDataModule):
+    """Train/val loaders of person-annotated images.
+
+    Validation uses ``val_source`` when given, else a seeded ``val_fraction`` split of ``train_source``;
+    it never crops randomly or flips, so its loss is comparable across runs.
+    """
+
+    def __init__(
+        self,
+        train_source: SampleSource,
+        schema: AttributeSchema | Mapping[str, Any],
+        resolution: int,
+        val_source: SampleSource | None = None,
+        val_fraction: float = 0.05,
+        random_crop: bool = True,
+        flip_prob: float = 0.5,
+        min_visible: float = 0.5,
+        captions: Mapping[str, Any] | None = None,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        persistent_workers: bool = False,
+        pin_memory: bool = False,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.schema = as_schema(schema)
+        self.train_source, self.val_source = train_source, val_source
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.resolution, self.random_crop, self.flip_prob, self.min_visible = (
+            resolution,
+            random_crop,
+            flip_prob,
+            min_visible,
+        )
+        self.captions = CaptionBuilder(**dict(captions or {}))
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.loader_kwargs = {
+            "num_workers": num_workers,
+            "persistent_workers": persistent_workers and num_workers > 0,
+            "pin_memory": pin_memory,
+        }
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _dataset(self, source: SampleSource, train: bool) -> PersonImageDataset:
+        return PersonImageDataset(
+            source,
+            self.schema,
+            self.resolution,
+            random_crop=self.random_crop and train,
+            flip_prob=self.flip_prob if train else 0.0,
+            min_visible=self.min_visible,
+            captions=self.captions,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train = self._dataset(self.train_source, train=True)
+        if self.val_source is not None:
+            self.train_set, self.val_set = train, self._dataset(self.val_source, train=False)
+            return
+        n_val = round(len(train) * self.val_fraction)
+        if n_val == 0 or n_val >= len(train):
+            raise ValueError(
+                f"val_fraction={self.val_fraction} of {len(train)} samples leaves no train or no val split; "
+                "set data.val_fraction or give data.val_source"
+            )
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+        self.train_set = Subset(train, order[n_val:])
+        self.val_set = Subset(self._dataset(self.train_source, train=False), order[:n_val])
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup() first"
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, **self.loader_kwargs
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None, "call setup() first"
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, **self.loader_kwargs)

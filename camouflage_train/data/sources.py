@@ -1,0 +1,180 @@
+"""Where images and their person records come from.
+
+Each source is an indexable of :class:`RawSample` (a PIL image, its person records, an optional caption),
+so the dataset, the transforms and the caption logic are written once for all of them:
+
+* :class:`SyntheticSource`: procedurally drawn scenes (demo, tests);
+* :class:`FolderSource`: an image folder plus a JSONL or Parquet sidecar of person records;
+* :class:`HFDatasetSource`: a Hugging Face ``datasets`` dataset (hub id, local script/data dir, or a
+  ``save_to_disk`` folder), persons from a column or from a sidecar keyed by row index.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image, ImageOps
+
+from camouflage_train.data.schema import AttributeSchema, as_schema
+from camouflage_train.data.synthetic import draw_scene
+
+
+@dataclass
+class RawSample:
+    """One image before any transform; ``key`` names it in errors and logs."""
+
+    image: Image.Image
+    persons: list[dict[str, Any]]
+    caption: str | None
+    key: str
+
+
+class SampleSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> RawSample: ...
+
+
+def read_sidecar(path: str | Path) -> list[dict[str, Any]]:
+    """Read person-record rows from ``.jsonl`` or ``.parquet``; a malformed row names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"person-record sidecar not found: {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    elif path.suffix in (".jsonl", ".json"):
+        rows = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{number}: each line must be a JSON object")
+                row["_line"] = number
+                rows.append(row)
+    else:
+        raise ValueError(f"{path}: sidecar must be .jsonl or .parquet")
+    for number, row in enumerate(rows, start=1):
+        where = f"{path}:{row.get('_line', number)}"
+        if not isinstance(row.get("persons"), list):
+            raise ValueError(f"{where}: field 'persons' must be a list of person records")
+        row["_where"] = where
+    return rows
+
+
+def load_rgb(source: Any) -> Image.Image:
+    """Open an image file or take a PIL image, apply its EXIF orientation, and return RGB."""
+    image = source if isinstance(source, Image.Image) else Image.open(source)
+    image = ImageOps.exif_transpose(image)
+    return image.convert("RGB")
+
+
+class SyntheticSource:
+    """``num_samples`` scenes drawn from ``seed + index``; deterministic, no files."""
+
+    def __init__(
+        self,
+        schema: AttributeSchema | Mapping[str, Any],
+        num_samples: int,
+        resolution: int,
+        seed: int = 0,
+        min_persons: int = 1,
+    ) -> None:
+        self.schema = as_schema(schema)
+        self.num_samples, self.resolution, self.seed, self.min_persons = num_samples, resolution, seed, min_persons
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> RawSample:
+        image, persons = draw_scene(self.seed + index, self.schema, self.resolution, self.min_persons)
+        return RawSample(image=image, persons=persons, caption=None, key=f"synthetic:{self.seed + index}")
+
+
+class FolderSource:
+    """Images under ``root`` listed by a sidecar whose rows are ``{"file", "persons", "caption"?}``."""
+
+    def __init__(self, root: str | Path, sidecar: str | Path, caption_field: str = "caption") -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        self.rows = read_sidecar(sidecar)
+        self.caption_field = caption_field
+        for row in self.rows:
+            if not isinstance(row.get("file"), str):
+                raise ValueError(f"{row['_where']}: field 'file' (image path relative to {self.root}) is required")
+            if Path(row["file"]).is_absolute() or ".." in Path(row["file"]).parts:
+                raise ValueError(f"{row['_where']}: 'file' must stay inside {self.root}, got {row['file']!r}")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> RawSample:
+        row = self.rows[index]
+        return RawSample(
+            image=load_rgb(self.root / row["file"]),
+            persons=list(row["persons"]),
+            caption=row.get(self.caption_field),
+            key=f"{row['_where']} ({row['file']})",
+        )
+
+
+class HFDatasetSource:
+    """A ``datasets`` dataset; persons from ``persons_column`` or from a sidecar of ``{"index", "persons"}`` rows."""
+
+    def __init__(
+        self,
+        path: str,
+        split: str = "train",
+        image_column: str = "image",
+        persons_column: str | None = "persons",
+        caption_column: str | None = None,
+        sidecar: str | Path | None = None,
+        revision: str | None = None,
+    ) -> None:
+        import datasets
+
+        if Path(path, "dataset_info.json").is_file() or Path(path, "dataset_dict.json").is_file():
+            loaded = datasets.load_from_disk(path)
+            self.dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            self.dataset = datasets.load_dataset(path, split=split, revision=revision)
+        self.name = f"{path}[{split}]"
+        columns = set(self.dataset.column_names)
+        needed = [image_column] + ([caption_column] if caption_column else [])
+        needed += [] if sidecar else [persons_column or "persons"]
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise ValueError(f"dataset {self.name}: missing column(s) {missing}; it has {sorted(columns)}")
+        self.image_column, self.persons_column, self.caption_column = image_column, persons_column, caption_column
+        self.rows: list[Mapping[str, Any]] | None = None
+        if sidecar is not None:
+            self.rows = read_sidecar(sidecar)
+            for row in self.rows:
+                index = row.get("index")
+                if not isinstance(index, int) or not 0 <= index < len(self.dataset):
+                    raise ValueError(f"{row['_where']}: 'index' must be a row number of {self.name}, got {index!r}")
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.dataset)
+
+    def __getitem__(self, index: int) -> RawSample:
+        if self.rows is not None:
+            row = self.rows[index]
+            item = self.dataset[int(row["index"])]
+            persons, key = list(row["persons"]), f"{self.name} row {row['index']} ({row['_where']})"
+        else:
+            item = self.dataset[index]
+            persons, key = list(item[self.persons_column]), f"{self.name} row {index}"
+        caption = item[self.caption_column] if self.caption_column else None
+        return RawSample(image=load_rgb(item[self.image_column]), persons=persons, caption=caption, key=key)

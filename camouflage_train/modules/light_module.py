@@ -1,0 +1,272 @@
+"""CAMOUFLaGE-Light training: a person-attribute adapter on a frozen Stable Diffusion UNet.
+
+Trainable: the :class:`~camouflage_train.models.attribute_encoder.AttributeEncoder`, the IP-Adapter
+projection (``unet.encoder_hid_proj``) and the ``to_k_ip``/``to_v_ip`` of every cross-attention layer,
+all kept in fp32. Frozen: VAE, text encoder, UNet, in ``backbone.weight_dtype``, always in eval mode.
+Checkpoints hold only the trainable weights (plus optimizer/scheduler/loop state), so they are a few MB
+and reload onto a freshly built backbone.
+
+Hooks used: ``setup`` (precision checks), ``training_step``, ``validation_step`` (seeded loss + sample
+grid), ``configure_optimizers``, ``on_fit_start`` (log parameter counts), ``on_save_checkpoint`` /
+``on_load_checkpoint`` (trainable-only state), ``train`` (frozen parts stay in eval mode).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.optim import Optimizer
+
+from camouflage_train.data.schema import AttributeSchema
+from camouflage_train.models.attribute_encoder import AttributeEncoder
+from camouflage_train.models.backbone import load_frozen_backbone, parse_dtype
+from camouflage_train.models.ip_adapter import AdapterConfig, initial_state_dict, install_ip_adapter
+from camouflage_train.pipelines.sampling import PersonBatch, adapter_inputs, build_pipeline, generate_light
+from camouflage_train.utils.images import save_sample_grid
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+class LightAdapterModule(L.LightningModule):
+    """Train the Light adapter with the standard noise-prediction objective.
+
+    Args:
+        backbone: kwargs of :func:`~camouflage_train.models.backbone.load_frozen_backbone`.
+        adapter: fields of :class:`~camouflage_train.models.ip_adapter.AdapterConfig` (the adapter size).
+        schema: the attribute schema config (``max_persons``, ``continuous``, ``categorical``).
+        optimizer: a partial optimizer taking the trainable parameters (Hydra ``_partial_: true``).
+        lr_scheduler: ``{name, warmup_steps}`` for ``diffusers.optimization.get_scheduler``, or ``None``.
+        text_dropout: probability of replacing a caption by "" (classifier-free guidance).
+        attribute_dropout: probability of removing all persons of an image (the frozen SD is then the
+            unconditional branch, exactly what sampling uses as the negative).
+        noise_offset: offset-noise strength (0 disables).
+        gradient_checkpointing: checkpoint the frozen UNet's blocks to save activation memory.
+        validation: ``{num_images, num_inference_steps, guidance_scale, seed}`` for the sample grid.
+    """
+
+    def __init__(
+        self,
+        backbone: Mapping[str, Any],
+        adapter: Mapping[str, Any],
+        schema: Mapping[str, Any],
+        optimizer: Callable[[Iterable[torch.nn.Parameter]], Optimizer],
+        lr_scheduler: Mapping[str, Any] | None = None,
+        text_dropout: float = 0.05,
+        attribute_dropout: float = 0.05,
+        noise_offset: float = 0.0,
+        gradient_checkpointing: bool = False,
+        validation: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        for name, p in (("text_dropout", text_dropout), ("attribute_dropout", attribute_dropout)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {p}")
+        self.optimizer_factory = optimizer
+        self.schema = AttributeSchema.from_config(schema)
+        self.adapter_config = AdapterConfig(**adapter)
+        self.weight_dtype = parse_dtype(backbone.get("weight_dtype", "fp32"))
+
+        frozen = load_frozen_backbone(**backbone)
+        self.backbone_name, self.backbone_source = frozen.name, frozen.source
+        self.vae, self.text_encoder, self.unet = frozen.vae, frozen.text_encoder, frozen.unet
+        self.tokenizer, self.noise_scheduler = frozen.tokenizer, frozen.noise_scheduler
+
+        cfg = self.adapter_config
+        self.encoder = AttributeEncoder(
+            schema=self.schema.to_config(),
+            embed_dim=cfg.embed_dim,
+            width=cfg.encoder_width,
+            depth=cfg.encoder_depth,
+            fourier_freqs=cfg.fourier_freqs,
+            category_dim=cfg.category_dim,
+        )
+        install_ip_adapter(self.unet, initial_state_dict(self.unet, cfg), scale=cfg.scale)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        # Frozen weights are not in our checkpoints; on_load_checkpoint checks the trainable keys instead.
+        self.strict_loading = False
+
+    # ----------------------------------------------------------------------------------------- state
+    def trainable_parameter_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> LightAdapterModule:
+        super().train(mode)
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = set(self.trainable_parameter_names())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["camouflage"] = {
+            "format": CHECKPOINT_FORMAT,
+            "backbone": self.backbone_name,
+            "backbone_source": str(self.backbone_source),
+            "schema": self.schema.to_config(),
+            "adapter": dict(self.hparams["adapter"]),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected, found = set(self.trainable_parameter_names()), set(checkpoint["state_dict"])
+        if expected != found:
+            raise ValueError(
+                "checkpoint does not match this adapter: "
+                f"missing {sorted(expected - found)[:5]}, unexpected {sorted(found - expected)[:5]} "
+                "(was it trained with a different model.adapter or attributes config?)"
+            )
+
+    # -------------------------------------------------------------------------------------- training
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision.endswith("-true") and precision != "32-true":
+            raise ValueError(
+                f"trainer.precision={precision} would cast the trainable adapter to low precision; "
+                "use bf16-mixed or 16-mixed (the adapter stays fp32, the frozen backbone uses backbone.weight_dtype)"
+            )
+        if self.weight_dtype != torch.float32 and "mixed" not in precision:
+            raise ValueError(
+                f"model.backbone.weight_dtype={self.weight_dtype} needs autocast: set trainer.precision to "
+                "bf16-mixed or 16-mixed, or weight_dtype=fp32"
+            )
+
+    def on_fit_start(self) -> None:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        for logger in self.loggers:
+            logger.log_metrics({"model/trainable_params": trainable, "model/frozen_params": frozen}, step=0)
+        log.info("trainable parameters: %s, frozen: %s", f"{trainable:,}", f"{frozen:,}")
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(ids.to(self.device))[0]
+
+    def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        if prediction_type == "sample":
+            return latents
+        raise ValueError(f"unsupported scheduler prediction_type '{prediction_type}'")
+
+    def diffusion_loss(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None, dropout: bool = False
+    ) -> torch.Tensor:
+        """MSE between the UNet's prediction and the scheduler's target at uniform random timesteps."""
+        pixels = batch["pixel_values"].to(self.device, self.vae.dtype)
+        batch_size = pixels.shape[0]
+        captions = list(batch["caption"])
+        person_mask = batch["person_mask"]
+        if dropout:
+            drop_text = torch.rand(batch_size, generator=generator) < self.hparams.text_dropout
+            captions = ["" if d else c for d, c in zip(drop_text.tolist(), captions, strict=True)]
+            drop_persons = torch.rand(batch_size, generator=generator) < self.hparams.attribute_dropout
+            person_mask = person_mask & ~drop_persons.to(person_mask.device)[:, None]
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.sample(generator) * self.vae.config.scaling_factor
+            text = self.encode_text(captions)
+        noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
+        if self.hparams.noise_offset:
+            offset = torch.randn(
+                (*latents.shape[:2], 1, 1), generator=generator, device=self.device, dtype=latents.dtype
+            )
+            noise = noise + self.hparams.noise_offset * offset
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (batch_size,), generator=generator, device=self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        persons = PersonBatch(batch["boxes"], batch["continuous"], batch["categorical"], person_mask)
+        embeds, masks = adapter_inputs(self.encoder, self.adapter_config, persons, tuple(latents.shape[-2:]))
+        prediction = self.unet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=text,
+            added_cond_kwargs={"image_embeds": [embeds]},
+            cross_attention_kwargs={"ip_adapter_masks": [masks]},
+        ).sample
+        return F.mse_loss(prediction.float(), self._target(latents, noise, timesteps).float())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch, dropout=True)
+        batch_size = batch["pixel_values"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        self.log(
+            "data/persons_dropped",
+            float(batch["persons_dropped"].sum()),
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="sum",
+            batch_size=batch_size,
+        )
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # Seeded per batch, so val/loss moves only when the adapter does.
+        generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
+        loss = self.diffusion_loss(batch, generator=generator)
+        self.log(
+            "val/loss", loss, prog_bar=True, on_epoch=True, batch_size=batch["pixel_values"].shape[0], sync_dist=True
+        )
+        if batch_idx == 0 and not self.trainer.sanity_checking:
+            self.log_samples(batch)
+
+    def log_samples(self, batch: dict[str, Any]) -> None:
+        """Generate from the batch's persons and captions; save a grid (real | generated) and log it."""
+        settings = {"num_images": 4, "num_inference_steps": 25, "guidance_scale": 7.5, "seed": 0}
+        settings.update(self.hparams.validation or {})
+        count = min(int(settings["num_images"]), batch["pixel_values"].shape[0])
+        if count <= 0 or not self.trainer.is_global_zero:
+            return
+        persons = PersonBatch(*(batch[k][:count] for k in ("boxes", "continuous", "categorical", "person_mask")))
+        height, width = batch["pixel_values"].shape[-2:]
+        pipe = build_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, self.noise_scheduler.config)
+        images = generate_light(
+            pipe,
+            self.encoder,
+            self.adapter_config,
+            persons,
+            list(batch["caption"][:count]),
+            height,
+            width,
+            num_inference_steps=int(settings["num_inference_steps"]),
+            guidance_scale=float(settings["guidance_scale"]),
+            seed=int(settings["seed"]),
+        )
+        out_dir = Path(self.trainer.default_root_dir) / "samples"
+        grid = save_sample_grid(batch["pixel_values"][:count], images, out_dir / f"step_{self.global_step:07d}.png")
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="val/samples", images=[grid], step=self.global_step, caption=["real | generated"])
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        spec = self.hparams.lr_scheduler
+        if not spec:
+            return {"optimizer": optimizer}
+        from diffusers.optimization import get_scheduler
+
+        scheduler = get_scheduler(
+            spec.get("name", "constant_with_warmup"),
+            optimizer,
+            num_warmup_steps=int(spec.get("warmup_steps", 0)),
+            num_training_steps=int(self.trainer.estimated_stepping_batches),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
