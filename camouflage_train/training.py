@@ -49,6 +49,26 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def run_validation(cfg: DictConfig) -> dict[str, float]:
+    """Validate a trained adapter (``ckpt_path``) on ``cfg.data``'s val split: seeded loss and a sample grid."""
+    if not cfg.get("ckpt_path"):
+        raise ValueError("evaluate.py needs ckpt_path=<a checkpoint from a training run's checkpoints/ folder>")
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = instantiate(cfg.model)
+    datamodule = instantiate(cfg.data)
+    trainer = instantiate(cfg.trainer, logger=_instantiate_group(cfg.get("logger")), callbacks=[])
+    try:
+        results = trainer.validate(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    finally:
+        _finish_wandb()
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
 def _finish_wandb() -> None:
     import sys
 

@@ -35,6 +35,8 @@ class ContinuousAttribute:
     mirror: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "low", float(self.low))
+        object.__setattr__(self, "high", float(self.high))
         if not self.low < self.high:
             raise ValueError(f"attribute '{self.name}': low ({self.low}) must be < high ({self.high})")
         if self.mirror and not math.isclose(self.low, -self.high):

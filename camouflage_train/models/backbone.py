@@ -120,9 +120,9 @@ def load_frozen_backbone(
             f"tokenizer in '{folder}/tokenizer' has {len(tokenizer)} tokens, expected the CLIP vocabulary of "
             f"{CLIP_VOCAB_SIZE}: its vocab.json/merges.txt (or tokenizer.json) are missing or broken"
         )
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load_kwargs)
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **load_kwargs)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **load_kwargs)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **load_kwargs)
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype, **load_kwargs)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **load_kwargs)
     noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
         raise BackboneUnavailableError(
@@ -132,7 +132,6 @@ def load_frozen_backbone(
     for module in (vae, text_encoder, unet):
         module.requires_grad_(False)
         module.eval()
-        module.to(dtype=dtype)
     return FrozenBackbone(
         vae=vae,
         text_encoder=text_encoder,

@@ -1,0 +1,71 @@
+"""Shared fixtures: offline environment, the tiny SD preset on disk, composed Hydra configs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ.setdefault("PROJECT_ROOT", str(REPO))
+os.environ.setdefault("CAMOUFLAGE_CACHE", str(REPO / ".cache"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from camouflage_train.data.schema import AttributeSchema  # noqa: E402
+from camouflage_train.models.presets import materialize_preset  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    return materialize_preset("tiny")
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose ``configs/train.yaml`` with overrides, writing into ``tmp_path``."""
+
+    def _make(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+            return compose("train.yaml", overrides=[f"paths.output_dir={tmp_path}", *overrides])
+
+    return _make
+
+
+@pytest.fixture
+def demo_cfg(make_cfg: Callable[..., DictConfig]) -> DictConfig:
+    return make_cfg("experiment=demo")
+
+
+@pytest.fixture
+def tiny_module(demo_cfg: DictConfig, tiny_model_dir: Path):
+    return instantiate(demo_cfg.model)
+
+
+@pytest.fixture
+def schema() -> AttributeSchema:
+    return AttributeSchema.from_config(
+        {
+            "max_persons": 3,
+            "continuous": {
+                "age": {"low": 0, "high": 100},
+                "yaw": {"low": -90, "high": 90, "mirror": True},
+                "pitch": {"low": -90, "high": 90},
+                "roll": {"low": -90, "high": 90, "mirror": True},
+            },
+            "categorical": {"gender": ["female", "male"]},
+        }
+    )
+
+
+def person(box: list[float], age: float = 30.0, gender: str = "female", yaw: float = 10.0) -> dict:
+    return {"box": box, "age": age, "gender": gender, "yaw": yaw, "pitch": -5.0, "roll": 3.0}

@@ -1,0 +1,152 @@
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+from camouflage_train.models.attribute_encoder import AttributeEncoder
+from camouflage_train.models.ip_adapter import (
+    AdapterConfig,
+    cross_attention_keys,
+    image_proj_to_original,
+    initial_state_dict,
+    install_ip_adapter,
+    person_region_masks,
+)
+
+
+@pytest.fixture
+def unet(tiny_model_dir):
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    return unet.requires_grad_(False).eval()
+
+
+def _unet_inputs(batch: int = 1):
+    g = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(batch, 4, 32, 32, generator=g),
+        torch.tensor([500] * batch),
+        torch.randn(batch, 77, 32, generator=g),
+    )
+
+
+def test_install_uses_diffusers_processors_initialized_from_unet(unet):
+    config = AdapterConfig(embed_dim=16, tokens_per_person=3, proj_mult=2)
+    keys = cross_attention_keys(unet)
+    assert [k for _, k in keys] == [1, 3, 5, 7, 9, 11]
+    install_ip_adapter(unet.to(torch.bfloat16), initial_state_dict(unet, config))
+    for name, _ in keys:
+        processor = unet.attn_processors[name]
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        assert isinstance(processor, IPAdapterAttnProcessor2_0)
+        assert processor.to_k_ip[0].weight.dtype == torch.float32 and processor.to_k_ip[0].weight.requires_grad
+        torch.testing.assert_close(processor.to_k_ip[0].weight, attn.to_k.weight.float())
+        torch.testing.assert_close(processor.to_v_ip[0].weight, attn.to_v.weight.float())
+    projection = unet.encoder_hid_proj.image_projection_layers[0]
+    assert projection.num_tokens == 3 and projection.ff.net[0].proj.out_features == 32
+    assert unet.config.encoder_hid_dim_type == "ip_image_proj"
+
+
+def test_projection_round_trips_through_original_layout(unet):
+    config = AdapterConfig(embed_dim=16, tokens_per_person=2)
+    state = initial_state_dict(unet, config)
+    assert set(state["image_proj"]) == {
+        "proj.0.weight",
+        "proj.0.bias",
+        "proj.2.weight",
+        "proj.2.bias",
+        "norm.weight",
+        "norm.bias",
+    }
+    install_ip_adapter(unet, state)
+    loaded = unet.encoder_hid_proj.image_projection_layers[0].state_dict()
+    assert image_proj_to_original(loaded).keys() == state["image_proj"].keys()
+    for key, value in image_proj_to_original(loaded).items():
+        torch.testing.assert_close(value, state["image_proj"][key])
+
+
+def _run(unet, embeds, masks, hook_module=None):
+    captured = {}
+    handle = None
+    if hook_module is not None:
+        handle = hook_module.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
+    latents, t, text = _unet_inputs(embeds.shape[0])
+    with torch.no_grad():
+        out = unet(
+            latents,
+            t,
+            encoder_hidden_states=text,
+            added_cond_kwargs={"image_embeds": [embeds]},
+            cross_attention_kwargs={"ip_adapter_masks": [masks]},
+        ).sample
+    if handle:
+        handle.remove()
+    return out, captured.get("out")
+
+
+def test_region_mask_confines_a_person_to_its_region(unet, schema):
+    config = AdapterConfig(embed_dim=16, tokens_per_person=2, region_masks=True, region_expand=1.5)
+    install_ip_adapter(unet, initial_state_dict(unet, config))
+    encoder = AttributeEncoder(schema=schema.to_config(), embed_dim=16, width=32)
+    boxes = torch.tensor([[[0.0, 0.0, 0.3, 0.3], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    person_mask = torch.tensor([[True, False, False]])
+    masks = person_region_masks(boxes, person_mask, (32, 32), config.region_expand)
+    categorical = torch.zeros(1, 3, 1, dtype=torch.long)
+    attn_name = cross_attention_keys(unet)[0][0].removesuffix(".processor")
+    attn = unet.get_submodule(attn_name)
+    outputs = []
+    for value in (0.1, 0.9):
+        embeds = encoder(boxes, torch.full((1, 3, 4), value), categorical)
+        outputs.append(_run(unet, embeds, masks, attn)[1])
+    diff = (outputs[0] - outputs[1]).abs()[0].amax(-1)  # [tokens]
+    side = int(diff.numel() ** 0.5)
+    diff = diff.reshape(side, side)
+    region = int(0.3 * side)
+    assert diff[:region, :region].min() > 0, "the person's attributes must change its own region"
+    far = int(0.6 * side)  # the expanded box ends at 0.375; bicubic downsampling spreads two tokens more
+    assert diff[far:, :].max() == 0 and diff[:, far:].max() == 0, "nothing may change outside the person's region"
+
+
+def test_padded_persons_contribute_nothing(unet, tiny_model_dir, schema):
+    config = AdapterConfig(embed_dim=16, tokens_per_person=2, region_masks=False)
+    reference = _run_plain(tiny_model_dir)
+    install_ip_adapter(unet, initial_state_dict(unet, config))
+    encoder = AttributeEncoder(schema=schema.to_config(), embed_dim=16, width=32)
+    boxes = torch.rand(1, 3, 4).sort(-1).values
+    person_mask = torch.tensor([[True, False, False]])
+    masks = person_region_masks(boxes, person_mask, (32, 32), None)
+    cat = torch.zeros(1, 3, 1, dtype=torch.long)
+    a = _run(unet, encoder(boxes, torch.full((1, 3, 4), 0.2), cat), masks)[0]
+    other = torch.full((1, 3, 4), 0.2)
+    other[:, 1:] = 0.8  # only the padded persons change
+    b = _run(unet, encoder(boxes, other, cat), masks)[0]
+    assert torch.equal(a, b)
+    no_person = _run(unet, encoder(boxes, other, cat), torch.zeros_like(masks))[0]
+    torch.testing.assert_close(no_person, reference, rtol=0, atol=1e-6)
+    assert not torch.allclose(a, reference, atol=1e-4), "a real person must change the output"
+
+
+def _run_plain(tiny_model_dir):
+    plain = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").eval()
+    latents, t, text = _unet_inputs()
+    with torch.no_grad():
+        return plain(latents, t, encoder_hidden_states=text).sample
+
+
+def test_region_masks_shapes_and_padding():
+    boxes = torch.tensor([[[0.25, 0.25, 0.75, 0.75], [0.0, 0.0, 0.5, 0.5]]])
+    masks = person_region_masks(boxes, torch.tensor([[True, False]]), (8, 8), 1.0)
+    assert masks.shape == (1, 2, 8, 8) and masks[0, 1].sum() == 0
+    assert masks[0, 0].sum() == 16 and masks[0, 0, 2:6, 2:6].all()
+    full = person_region_masks(boxes, torch.tensor([[True, False]]), (8, 8), None)
+    assert full[0, 0].all() and full[0, 1].sum() == 0
+
+
+def test_attribute_encoder_save_load_round_trip(tmp_path, schema):
+    encoder = AttributeEncoder(schema=schema.to_config(), embed_dim=8, width=16, depth=3)
+    encoder.save_pretrained(tmp_path / "enc")
+    loaded = AttributeEncoder.from_pretrained(tmp_path / "enc")
+    boxes, cont, cat = torch.rand(2, 3, 4), torch.rand(2, 3, 4), torch.randint(0, 2, (2, 3, 1))
+    assert encoder(boxes, cont, cat).shape == (2, 3, 8)
+    torch.testing.assert_close(loaded(boxes, cont, cat), encoder(boxes, cont, cat))
+    with pytest.raises(ValueError, match="expected 4 continuous"):
+        encoder(boxes, cont[..., :2], cat)

@@ -1,0 +1,158 @@
+import copy
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from camouflage_train.data.datamodule import PersonDataModule
+from camouflage_train.data.sources import SyntheticSource
+
+FROZEN_PREFIXES = ("vae.", "text_encoder.")
+
+
+def _batch(module, size=2, seed=0):
+    source = SyntheticSource(module.schema.to_config(), size, 64, seed=seed)
+    dm = PersonDataModule(source, module.schema.to_config(), 64, val_source=source, batch_size=size, flip_prob=0.0)
+    dm.setup("fit")
+    return next(iter(dm.val_dataloader()))
+
+
+def _trainer(tmp_path, **kwargs):
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def _datamodule(cfg):
+    dm = instantiate(cfg.data)
+    dm.batch_size = 2
+    return dm
+
+
+def test_gradients_reach_only_the_adapter(tiny_module):
+    tiny_module.hparams.text_dropout = tiny_module.hparams.attribute_dropout = 0.0
+    tiny_module.train()
+    loss = tiny_module.diffusion_loss(_batch(tiny_module), dropout=True)
+    loss.backward()
+    trainable = dict(tiny_module.named_parameters())
+    with_grad = {n for n, p in trainable.items() if p.grad is not None}
+    expected = set(tiny_module.trainable_parameter_names())
+    assert with_grad == expected
+    assert all(n.startswith("encoder.") or "_ip." in n or "encoder_hid_proj" in n for n in expected)
+    assert any(n.startswith("encoder.categories") for n in expected)
+    assert all(trainable[n].grad.abs().sum() > 0 for n in expected if "bias" not in n)
+    assert all(p.dtype == torch.float32 for n, p in trainable.items() if n in expected)
+
+
+def test_frozen_parts_stay_in_eval_mode(tiny_module):
+    tiny_module.train()
+    assert tiny_module.training and tiny_module.encoder.training
+    assert not tiny_module.unet.training and not tiny_module.vae.training and not tiny_module.text_encoder.training
+
+
+def test_fixed_batch_loss_falls(tiny_module):
+    """The adapter can fit: same batch, noise and timesteps every step -> the loss must go down."""
+    batch = _batch(tiny_module, size=4)
+    optimizer = torch.optim.AdamW([p for p in tiny_module.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = tiny_module.diffusion_loss(batch, generator=torch.Generator().manual_seed(0))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.97 * losses[0], losses
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 20, losses
+
+
+def test_prediction_type_targets(tiny_module):
+    latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    assert torch.equal(tiny_module._target(latents, noise, t), noise)
+    tiny_module.noise_scheduler.register_to_config(prediction_type="v_prediction")
+    velocity = tiny_module.noise_scheduler.get_velocity(latents, noise, t)
+    assert torch.equal(tiny_module._target(latents, noise, t), velocity)
+    tiny_module.noise_scheduler.register_to_config(prediction_type="flow")
+    with pytest.raises(ValueError, match="unsupported scheduler prediction_type"):
+        tiny_module._target(latents, noise, t)
+
+
+def test_checkpoint_holds_only_trainable_weights_and_resumes(make_cfg, tmp_path, tiny_model_dir):
+    cfg = make_cfg("experiment=demo")
+    module = instantiate(cfg.model)
+    frozen_before = {k: v.clone() for k, v in module.state_dict().items() if k.startswith(FROZEN_PREFIXES)}
+    unet_frozen = {n: p.detach().clone() for n, p in module.unet.named_parameters() if not p.requires_grad}
+    trainer = _trainer(tmp_path, max_steps=3)
+    trainer.fit(module, datamodule=_datamodule(cfg))
+    path = tmp_path / "a.ckpt"
+    trainer.save_checkpoint(path)
+
+    # Frozen weights are bit-identical after training.
+    for k, v in module.state_dict().items():
+        if k in frozen_before:
+            assert torch.equal(v, frozen_before[k]), k
+    for n, p in module.unet.named_parameters():
+        if n in unet_frozen:
+            assert torch.equal(p, unet_frozen[n]), n
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    keys = set(checkpoint["state_dict"])
+    assert keys == set(module.trainable_parameter_names())
+    assert not any(k.startswith(FROZEN_PREFIXES) for k in keys)
+    assert checkpoint["global_step"] == 3 and checkpoint["optimizer_states"]
+    assert checkpoint["camouflage"]["backbone"] == "preset:tiny"
+    frozen_bytes = sum(v.numel() * v.element_size() for v in frozen_before.values())
+    ckpt_bytes = sum(v.numel() * v.element_size() for v in checkpoint["state_dict"].values())
+    assert ckpt_bytes < frozen_bytes / 10
+
+    # A fresh backbone + the checkpoint restores weights, step and optimizer state; training continues.
+    fresh = instantiate(cfg.model)
+    resumed = _trainer(tmp_path, max_steps=3)
+    resumed.fit(fresh, datamodule=_datamodule(cfg), ckpt_path=path)
+    assert resumed.global_step == 3
+    for name in module.trainable_parameter_names():
+        assert torch.equal(dict(fresh.named_parameters())[name], dict(module.named_parameters())[name]), name
+    saved_state = checkpoint["optimizer_states"][0]["state"]
+    restored = resumed.optimizers[0].state_dict()["state"]
+    assert all(torch.equal(saved_state[i]["exp_avg"], restored[i]["exp_avg"]) for i in saved_state)
+    more = _trainer(tmp_path, max_steps=5)
+    more.fit(instantiate(cfg.model), datamodule=_datamodule(cfg), ckpt_path=path)
+    assert more.global_step == 5
+
+
+def test_checkpoint_from_another_adapter_size_is_refused(make_cfg, tmp_path, tiny_model_dir):
+    cfg = make_cfg("experiment=demo")
+    module = instantiate(cfg.model)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, datamodule=_datamodule(cfg))
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    other = instantiate(make_cfg("experiment=demo", "model.adapter.encoder_depth=3").model)
+    with pytest.raises(ValueError, match="checkpoint does not match this adapter"):
+        _trainer(tmp_path, max_steps=2).fit(other, datamodule=_datamodule(cfg), ckpt_path=tmp_path / "a.ckpt")
+
+
+def test_precision_guards(make_cfg, tmp_path, tiny_model_dir):
+    cfg = make_cfg("experiment=demo", "model.backbone.weight_dtype=bf16")
+    module = instantiate(cfg.model)
+    with pytest.raises(ValueError, match="needs autocast"):
+        _trainer(tmp_path, max_steps=1, precision="32-true").fit(module, datamodule=_datamodule(cfg))
+    with pytest.raises(ValueError, match="would cast the trainable adapter"):
+        _trainer(tmp_path, max_steps=1, precision="bf16-true").fit(copy.deepcopy(module), datamodule=_datamodule(cfg))
+
+
+def test_bf16_mixed_training_step_keeps_adapter_fp32(make_cfg, tmp_path, tiny_model_dir):
+    cfg = make_cfg("experiment=demo", "model.backbone.weight_dtype=bf16")
+    module = instantiate(cfg.model)
+    trainer = _trainer(tmp_path, max_steps=2, precision="bf16-mixed")
+    trainer.fit(module, datamodule=_datamodule(cfg))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    for name, p in module.named_parameters():
+        assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name

@@ -1,0 +1,107 @@
+"""End to end: config composition, a tiny train+validate run, the CLI's offline error."""
+
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from camouflage_train.models.backbone import BackboneUnavailableError
+from camouflage_train.training import run_training, run_validation
+from tests.conftest import REPO
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_resolves(make_cfg, experiment):
+    cfg = make_cfg(f"experiment={experiment}")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["task_name"] == experiment
+    for group in ("model", "data", "trainer"):
+        assert "_target_" in resolved[group], group
+    assert resolved["model"]["schema"] == resolved["attributes"]
+
+
+def test_light_celebahq_uses_real_sd15_at_512_bf16(make_cfg):
+    cfg = make_cfg("experiment=light_celebahq")
+    assert cfg.model.backbone.pretrained_model_name_or_path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert cfg.data.resolution == 512 and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.model.backbone.weight_dtype == "bf16"
+    with pytest.raises(InstantiationException) as err:
+        instantiate(cfg.model)
+    assert isinstance(err.value.__cause__, BackboneUnavailableError)
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in str(err.value.__cause__)
+
+
+def test_demo_data_instantiates(demo_cfg):
+    dm = instantiate(demo_cfg.data)
+    dm.setup("fit")
+    assert len(dm.train_set) == demo_cfg.data.train_source.num_samples
+
+
+@pytest.mark.slow
+def test_tiny_train_and_validate_run(make_cfg, tmp_path, tiny_model_dir):
+    cfg = make_cfg(
+        "experiment=demo",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "data.val_source.num_samples=4",
+        "data.batch_size=2",
+    )
+    metrics = run_training(cfg)
+    assert {"train/loss", "val/loss"} <= set(metrics)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [r["step"] for r in rows if r.get("val/loss")] == ["1", "3"]
+    assert sum(1 for r in rows if r.get("train/loss_step")) >= 1
+    assert (tmp_path / "samples" / "step_0000004.png").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.json").is_file()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.slow
+def test_cli_light_celebahq_fails_fast_offline(tmp_path):
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "experiment=light_celebahq", f"paths.log_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Cannot load Stable Diffusion weights 'stable-diffusion-v1-5/stable-diffusion-v1-5'" in output
+    assert "model.backbone.pretrained_model_name_or_path=<folder>" in output
+    assert elapsed < 120, elapsed
+    assert not list(Path(tmp_path).rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_validate_a_checkpoint(make_cfg, tmp_path, tiny_model_dir):
+    cfg = make_cfg(
+        "experiment=demo",
+        "trainer.max_steps=2",
+        "data.batch_size=2",
+        "trainer.limit_val_batches=1",
+        "data.val_source.num_samples=2",
+        "logger=csv",
+    )
+    run_training(cfg)
+    cfg.ckpt_path = str(tmp_path / "checkpoints" / "last.ckpt")
+    metrics = run_validation(cfg)
+    assert set(metrics) == {"val/loss"}
+    with pytest.raises(ValueError, match="needs ckpt_path"):
+        cfg.ckpt_path = None
+        run_validation(cfg)
