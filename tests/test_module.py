@@ -1,4 +1,5 @@
 import copy
+import itertools
 
 import lightning as L
 import pytest
@@ -71,7 +72,7 @@ def test_fixed_batch_loss_falls(tiny_module):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.97 * losses[0], losses
-    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 20, losses
+    assert sum(b < a for a, b in itertools.pairwise(losses)) >= 20, losses
 
 
 def test_prediction_type_targets(tiny_module):
