@@ -1,7 +1,8 @@
 """Random-weight Stable Diffusion stand-ins, saved in the diffusers format.
 
-A preset is written once to ``<cache_dir>/<name>`` (atomically: built in a temporary folder, then
-renamed) and then loaded through exactly the same ``from_pretrained`` calls as the real SD 1.5.
+Presets are component configs kept as data (``models/configs/<name>/*.json``). A preset is written
+once to ``<cache_dir>/<name>`` (atomically: built in a temporary folder, then renamed) and then loaded
+through exactly the same ``from_pretrained`` calls as the real SD 1.5.
 The tokenizer is the real CLIP BPE vocabulary that open_clip ships, so prompts tokenize as in SD 1.5.
 """
 
@@ -12,14 +13,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 PRESET_PREFIX = "preset:"
 CLIP_VOCAB_SIZE = 49408
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "2"
 
 
 def write_clip_tokenizer(folder: Path) -> None:
@@ -47,69 +47,33 @@ def write_clip_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
-def build_tiny(folder: Path) -> None:
-    """A ~4 M parameter SD-1.5-shaped model: VAE downsamples x2, UNet has 6 cross-attention layers."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+CONFIG_ROOT = Path(__file__).parent / "configs"
+
+
+def build_from_configs(config_dir: Path, folder: Path, seed: int = 0) -> None:
+    """Instantiate random weights from the component configs in ``config_dir`` and save a diffusers folder."""
+    import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=2,
-        norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=64,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=5,
-            num_attention_heads=4,
-            vocab_size=CLIP_VOCAB_SIZE,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=32,
-        )
-    )
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    scheduler.save_pretrained(folder / "scheduler")
+    def read(name: str) -> dict:
+        return json.loads((config_dir / f"{name}.json").read_text(encoding="utf-8"))
+
+    torch.manual_seed(seed)
+    for name in ("unet", "vae"):
+        config = read(name)
+        getattr(diffusers, config["_class_name"]).from_config(config).save_pretrained(folder / name)
+    CLIPTextModel(CLIPTextConfig.from_dict(read("text_encoder"))).save_pretrained(folder / "text_encoder")
+    scheduler = read("scheduler")
+    getattr(diffusers, scheduler["_class_name"]).from_config(scheduler).save_pretrained(folder / "scheduler")
     write_clip_tokenizer(folder / "tokenizer")
     model_index = {
         "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
+        "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDPMScheduler"],
+        "scheduler": ["diffusers", scheduler["_class_name"]],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
@@ -118,7 +82,9 @@ def build_tiny(folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
 
 
-PRESETS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny}
+# name -> folder of component configs. `tiny`: ~4 M parameters, VAE downsamples x2, 6 cross-attention layers.
+# `sd15-shape`: the exact SD 1.5 architecture (UNet 860 M, VAE 84 M, CLIP-L text 123 M) with random weights.
+PRESETS: dict[str, Path] = {"tiny": CONFIG_ROOT / "tiny", "sd15-shape": CONFIG_ROOT / "sd15"}
 
 
 def default_cache_dir() -> Path:
@@ -136,7 +102,7 @@ def materialize_preset(name: str, cache_dir: str | Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        PRESETS[name](staging)
+        build_from_configs(PRESETS[name], staging)
         try:
             staging.rename(target)
         except OSError:  # another process finished first; its copy is identical
