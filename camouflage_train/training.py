@@ -21,18 +21,28 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
-def run_training(cfg: DictConfig) -> dict[str, float]:
-    """Fit the model described by ``cfg``; return the final callback metrics (also written to ``metrics.json``)."""
+def _prepare(cfg: DictConfig) -> tuple[Path, L.LightningModule, L.LightningDataModule]:
+    """Seed, create the run folder, then build the model (first: a missing backbone fails before any data
+    is read) and the datamodule."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    # The model first: a missing backbone should fail before any data is read.
-    model = instantiate(cfg.model)
-    datamodule = instantiate(cfg.data)
+    return output_dir, instantiate(cfg.model), instantiate(cfg.data)
+
+
+def _write_metrics(output_dir: Path, metrics: dict[str, Any]) -> dict[str, float]:
+    scalars = {k: float(v) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    (output_dir / "metrics.json").write_text(json.dumps(scalars, indent=2, sort_keys=True))
+    log.info("final metrics: %s", scalars)
+    return scalars
+
+
+def run_training(cfg: DictConfig) -> dict[str, float]:
+    """Fit the model described by ``cfg``; return the final callback metrics (also written to ``metrics.json``)."""
+    output_dir, model, datamodule = _prepare(cfg)
     callbacks = _instantiate_group(cfg.get("callbacks"))
-    loggers = _instantiate_group(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_instantiate_group(cfg.get("logger")))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
@@ -43,30 +53,20 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         for logger in trainer.loggers:
             logger.finalize("success")
         _finish_wandb()
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    log.info("final metrics: %s", metrics)
-    return metrics
+    return _write_metrics(output_dir, trainer.callback_metrics)
 
 
 def run_validation(cfg: DictConfig) -> dict[str, float]:
     """Validate a trained adapter (``ckpt_path``) on ``cfg.data``'s val split: seeded loss and a sample grid."""
     if not cfg.get("ckpt_path"):
         raise ValueError("evaluate.py needs ckpt_path=<a checkpoint from a training run's checkpoints/ folder>")
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model = instantiate(cfg.model)
-    datamodule = instantiate(cfg.data)
+    output_dir, model, datamodule = _prepare(cfg)
     trainer = instantiate(cfg.trainer, logger=_instantiate_group(cfg.get("logger")), callbacks=[])
     try:
         results = trainer.validate(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     finally:
         _finish_wandb()
-    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    return metrics
+    return _write_metrics(output_dir, results[0] if results else {})
 
 
 def _finish_wandb() -> None:

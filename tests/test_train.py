@@ -105,3 +105,18 @@ def test_validate_a_checkpoint(make_cfg, tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="needs ckpt_path"):
         cfg.ckpt_path = None
         run_validation(cfg)
+
+
+def test_wandb_goes_offline_without_key_or_server(monkeypatch, tmp_path):
+    from camouflage_train.utils.loggers import resolve_wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert resolve_wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on loopback port 9
+    assert resolve_wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_wandb_mode("auto") == "disabled"
+    assert resolve_wandb_mode("online") == "online"

@@ -14,8 +14,9 @@ from lightning.pytorch.loggers import WandbLogger
 log = logging.getLogger(__name__)
 
 
-def _wandb_host() -> str:
-    return urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+def _wandb_server() -> tuple[str, int]:
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
 
 
 def _has_wandb_key(host: str) -> bool:
@@ -27,9 +28,9 @@ def _has_wandb_key(host: str) -> bool:
         return False
 
 
-def _reachable(host: str, timeout: float = 3.0) -> bool:
+def _reachable(server: tuple[str, int], timeout: float = 3.0) -> bool:
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection(server, timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -41,11 +42,12 @@ def resolve_wandb_mode(mode: str = "auto") -> str:
         return mode
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    host = _wandb_host()
+    server = _wandb_server()
+    host = server[0]
     if not _has_wandb_key(host):
         log.info("W&B: no API key found, logging offline (sync later with `wandb sync`)")
         return "offline"
-    if not _reachable(host):
+    if not _reachable(server):
         log.warning("W&B: %s is not reachable, logging offline (sync later with `wandb sync`)", host)
         return "offline"
     return "online"
