@@ -69,3 +69,18 @@ def schema() -> AttributeSchema:
 
 def person(box: list[float], age: float = 30.0, gender: str = "female", yaw: float = 10.0) -> dict:
     return {"box": box, "age": age, "gender": gender, "yaw": yaw, "pitch": -5.0, "roll": 3.0}
+
+
+@pytest.fixture(scope="session")
+def tiny_faces_dir() -> Path:
+    from camouflage_train.annotation.tiny_models import build_tiny_face_pack
+
+    return build_tiny_face_pack(Path(os.environ["CAMOUFLAGE_CACHE"]) / "faces-tiny-v1")
+
+
+@pytest.fixture(scope="session")
+def group_photo() -> Path:
+    """The real 6-person photo shipped inside the insightface package."""
+    import insightface
+
+    return Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"

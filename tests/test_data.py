@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from camouflage_train.data.datamodule import PersonDataModule
-from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset
+from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset, Skipped
 from camouflage_train.data.sources import FolderSource, HFDatasetSource, SyntheticSource, read_sidecar
 from camouflage_train.data.synthetic import draw_scene
 from tests.conftest import person
@@ -66,14 +66,19 @@ def test_more_persons_than_max_keeps_largest(tmp_path, schema):
     assert item["boxes"][0, 0] == pytest.approx(0.2)
 
 
-def test_invalid_record_error_names_the_sidecar_line(tmp_path, schema):
+def test_invalid_record_is_skipped_counted_and_named(tmp_path, schema, caplog):
     bad = {**person([0.1, 0.1, 0.3, 0.3]), "age": -4}
     rows = [{"file": "a.png", "persons": [person([0.1, 0.1, 0.3, 0.3])]}, {"file": "a.png", "persons": [bad]}]
     source = _folder(tmp_path, {"a.png": Image.new("RGB", (32, 32))}, rows)
     dataset = PersonImageDataset(source, schema, 32)
-    dataset[0]
-    with pytest.raises(ValueError, match=r"persons.jsonl:2 .*'age' = -4"):
-        dataset[1]
+    assert isinstance(dataset[0], dict)
+    assert dataset[1] == Skipped("invalid person record", "index 1")
+    assert "persons.jsonl:2 (a.png), person 0: 'age' = -4" in caplog.text
+    screened = FolderSource(tmp_path / "img", tmp_path / "persons.jsonl", schema=schema.to_config())
+    assert len(screened) == 1 and screened.skipped == {"invalid person record": 1}
+    with pytest.raises(ValueError, match="no usable rows out of 1"):
+        _folder(tmp_path, {}, [rows[1]], name="bad.jsonl")
+        FolderSource(tmp_path / "img", tmp_path / "bad.jsonl", schema=schema.to_config())
 
 
 def test_malformed_sidecar_names_file_and_line(tmp_path):

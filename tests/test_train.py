@@ -101,7 +101,7 @@ def test_validate_a_checkpoint(make_cfg, tmp_path, tiny_model_dir):
     run_training(cfg)
     cfg.ckpt_path = str(tmp_path / "checkpoints" / "last.ckpt")
     metrics = run_validation(cfg)
-    assert set(metrics) == {"val/loss"}
+    assert set(metrics) == {"val/loss", "data/val_skipped"} and metrics["data/val_skipped"] == 0
     with pytest.raises(ValueError, match="needs ckpt_path"):
         cfg.ckpt_path = None
         run_validation(cfg)

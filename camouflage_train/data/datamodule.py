@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset
+from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset, collate_skipping
 from camouflage_train.data.schema import AttributeSchema, as_schema
 from camouflage_train.data.sources import SampleSource
 
@@ -52,6 +52,7 @@ class PersonDataModule(L.LightningDataModule):
         self.captions = CaptionBuilder(**dict(captions or {}))
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.loader_kwargs = {
+            "collate_fn": collate_skipping,
             "num_workers": num_workers,
             "persistent_workers": persistent_workers and num_workers > 0,
             "pin_memory": pin_memory,

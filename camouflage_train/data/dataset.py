@@ -8,17 +8,39 @@ the one place that knows which attributes change sign. Persons cut off by the cr
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from camouflage_train.data.schema import BOX_KEY, AttributeSchema, keep_largest
+from camouflage_train.data.images import BadSampleError
+from camouflage_train.data.schema import BOX_KEY, AttributeSchema, InvalidRecordError, keep_largest
 from camouflage_train.data.sources import SampleSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Returned instead of a sample that cannot be used; the collate function counts it by reason."""
+
+    reason: str
+    key: str
+
+
+def collate_skipping(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
+    """Collate the usable samples; ``batch["skipped"]`` maps reason -> count, ``batch["size"]`` is what is left."""
+    good = [item for item in items if not isinstance(item, Skipped)]
+    batch: dict[str, Any] = default_collate(good) if good else {}
+    batch["skipped"] = dict(Counter(item.reason for item in items if isinstance(item, Skipped)))
+    batch["size"] = len(good)
+    return batch
 
 
 @dataclass(frozen=True)
@@ -57,11 +79,24 @@ class PersonImageDataset(Dataset):
         self.source, self.schema, self.resolution = source, schema, resolution
         self.random_crop, self.flip_prob, self.min_visible = random_crop, flip_prob, min_visible
         self.captions = captions or CaptionBuilder()
+        self._warned: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+        """A training sample, or :class:`Skipped` with the reason (logged once per reason per process)."""
+        try:
+            return self._load(index)
+        except (BadSampleError, InvalidRecordError) as err:
+            reason = err.reason if isinstance(err, BadSampleError) else "invalid person record"
+            key = getattr(err, "key", f"index {index}")
+            if reason not in self._warned:
+                self._warned.add(reason)
+                log.warning("skipping unusable sample (%s): %s; further ones are only counted", reason, err)
+            return Skipped(reason, key)
+
+    def _load(self, index: int) -> dict[str, Any]:
         sample = self.source[index]
         for i, person in enumerate(sample.persons):
             self.schema.validate(person, f"{sample.key}, person {i}")

@@ -12,15 +12,20 @@ so the dataset, the transforms and the caption logic are written once for all of
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from camouflage_train.data.schema import AttributeSchema, as_schema
+from camouflage_train.data.images import load_rgb
+from camouflage_train.data.schema import AttributeSchema, InvalidRecordError, as_schema
 from camouflage_train.data.synthetic import draw_scene
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,9 +39,45 @@ class RawSample:
 
 
 class SampleSource(Protocol):
+    """Indexable samples; ``skipped`` counts rows left out up front, by reason."""
+
+    skipped: Counter[str]
+
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> RawSample: ...
+
+
+def screen_rows(
+    rows: list[dict[str, Any]], schema: AttributeSchema | Mapping[str, Any] | None, name: str, exists: Any = None
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """Drop sidecar rows that cannot train (annotation skipped them, image missing, invalid person record),
+    counting each reason and logging the first example of each; an empty result is an error."""
+    parsed = as_schema(schema) if schema is not None else None
+    kept, skipped, examples = [], Counter(), {}
+    for row in rows:
+        reason = None
+        if row.get("skipped"):
+            reason = f"annotation: {row['skipped']}"
+        elif exists is not None and not exists(row):
+            reason = "missing file"
+        elif parsed is not None:
+            try:
+                for i, person in enumerate(row["persons"]):
+                    parsed.validate(person, f"{row['_where']}, person {i}")
+            except InvalidRecordError as err:
+                reason = "invalid person record"
+                examples.setdefault(reason, str(err))
+        if reason is None:
+            kept.append(row)
+        else:
+            skipped[reason] += 1
+            examples.setdefault(reason, row["_where"])
+    for reason, count in skipped.items():
+        log.warning("%s: skipping %d row(s): %s (first: %s)", name, count, reason, examples[reason])
+    if not kept:
+        raise ValueError(f"{name}: no usable rows out of {len(rows)} ({dict(skipped)})")
+    return kept, skipped
 
 
 def read_sidecar(path: str | Path) -> list[dict[str, Any]]:
@@ -72,13 +113,6 @@ def read_sidecar(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_rgb(source: Any) -> Image.Image:
-    """Open an image file or take a PIL image, apply its EXIF orientation, and return RGB."""
-    image = source if isinstance(source, Image.Image) else Image.open(source)
-    image = ImageOps.exif_transpose(image)
-    return image.convert("RGB")
-
-
 class SyntheticSource:
     """``num_samples`` scenes drawn from ``seed + index``; deterministic, no files."""
 
@@ -92,6 +126,7 @@ class SyntheticSource:
     ) -> None:
         self.schema = as_schema(schema)
         self.num_samples, self.resolution, self.seed, self.min_persons = num_samples, resolution, seed, min_persons
+        self.skipped: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return self.num_samples
@@ -102,19 +137,31 @@ class SyntheticSource:
 
 
 class FolderSource:
-    """Images under ``root`` listed by a sidecar whose rows are ``{"file", "persons", "caption"?}``."""
+    """Images under ``root`` listed by a sidecar whose rows are ``{"file", "persons", "caption"?}``.
 
-    def __init__(self, root: str | Path, sidecar: str | Path, caption_field: str = "caption") -> None:
+    With ``schema``, rows whose image is missing or whose records are invalid are left out up front
+    and counted in ``skipped``; unreadable images are found (and skipped) when loaded.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        sidecar: str | Path,
+        caption_field: str = "caption",
+        schema: AttributeSchema | Mapping[str, Any] | None = None,
+        min_image_size: int = 8,
+    ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
-        self.rows = read_sidecar(sidecar)
-        self.caption_field = caption_field
-        for row in self.rows:
+        rows = read_sidecar(sidecar)
+        self.caption_field, self.min_image_size = caption_field, min_image_size
+        for row in rows:
             if not isinstance(row.get("file"), str):
                 raise ValueError(f"{row['_where']}: field 'file' (image path relative to {self.root}) is required")
             if Path(row["file"]).is_absolute() or ".." in Path(row["file"]).parts:
                 raise ValueError(f"{row['_where']}: 'file' must stay inside {self.root}, got {row['file']!r}")
+        self.rows, self.skipped = screen_rows(rows, schema, str(sidecar), lambda r: (self.root / r["file"]).is_file())
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -122,7 +169,7 @@ class FolderSource:
     def __getitem__(self, index: int) -> RawSample:
         row = self.rows[index]
         return RawSample(
-            image=load_rgb(self.root / row["file"]),
+            image=load_rgb(self.root / row["file"], self.min_image_size),
             persons=list(row["persons"]),
             caption=row.get(self.caption_field),
             key=f"{row['_where']} ({row['file']})",
@@ -141,6 +188,8 @@ class HFDatasetSource:
         caption_column: str | None = None,
         sidecar: str | Path | None = None,
         revision: str | None = None,
+        schema: AttributeSchema | Mapping[str, Any] | None = None,
+        min_image_size: int = 8,
     ) -> None:
         import datasets
 
@@ -157,13 +206,16 @@ class HFDatasetSource:
         if missing:
             raise ValueError(f"dataset {self.name}: missing column(s) {missing}; it has {sorted(columns)}")
         self.image_column, self.persons_column, self.caption_column = image_column, persons_column, caption_column
-        self.rows: list[Mapping[str, Any]] | None = None
+        self.min_image_size = min_image_size
+        self.rows: list[dict[str, Any]] | None = None
+        self.skipped: Counter[str] = Counter()
         if sidecar is not None:
-            self.rows = read_sidecar(sidecar)
-            for row in self.rows:
+            rows = read_sidecar(sidecar)
+            for row in rows:
                 index = row.get("index")
                 if not isinstance(index, int) or not 0 <= index < len(self.dataset):
                     raise ValueError(f"{row['_where']}: 'index' must be a row number of {self.name}, got {index!r}")
+            self.rows, self.skipped = screen_rows(rows, schema, str(sidecar))
 
     def __len__(self) -> int:
         return len(self.rows) if self.rows is not None else len(self.dataset)
@@ -177,4 +229,5 @@ class HFDatasetSource:
             item = self.dataset[index]
             persons, key = list(item[self.persons_column]), f"{self.name} row {index}"
         caption = item[self.caption_column] if self.caption_column else None
-        return RawSample(image=load_rgb(item[self.image_column]), persons=persons, caption=caption, key=key)
+        image = load_rgb(item[self.image_column], self.min_image_size)
+        return RawSample(image=image, persons=persons, caption=caption, key=key)

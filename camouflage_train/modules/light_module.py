@@ -203,7 +203,14 @@ class LightAdapterModule(L.LightningModule):
         ).sample
         return F.mse_loss(prediction.float(), self._target(latents, noise, timesteps).float())
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def _log_skipped(self, batch: dict[str, Any], stage: str) -> None:
+        skipped = float(sum(batch.get("skipped", {}).values()))
+        self.log(f"data/{stage}_skipped", skipped, on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self._log_skipped(batch, "train")
+        if batch.get("size", 1) == 0:
+            return None  # every sample of this batch was unusable (counted above); no optimizer step
         loss = self.diffusion_loss(batch, dropout=True)
         batch_size = batch["pixel_values"].shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
@@ -218,6 +225,9 @@ class LightAdapterModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._log_skipped(batch, "val")
+        if batch.get("size", 1) == 0:
+            return
         # Seeded per batch, so val/loss moves only when the adapter does.
         generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
         loss = self.diffusion_loss(batch, generator=generator)

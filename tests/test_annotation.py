@@ -1,0 +1,119 @@
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from camouflage_train.annotation.faces import FaceAnnotator, FaceModelUnavailableError
+from camouflage_train.annotation.head_pose import head_pose, project
+from camouflage_train.annotation.run import ImageListing, annotate_dataset
+from camouflage_train.data.dataset import PersonImageDataset
+from camouflage_train.data.schema import AttributeSchema
+from camouflage_train.data.sources import FolderSource
+
+FACE_SCHEMA = {
+    "max_persons": 4,
+    "continuous": {
+        "age": {"low": 0, "high": 100},
+        "yaw": {"low": -90, "high": 90, "mirror": True},
+        "pitch": {"low": -90, "high": 90},
+        "roll": {"low": -90, "high": 90, "mirror": True},
+    },
+    "categorical": {"gender": ["female", "male"]},
+}
+
+
+@pytest.fixture(scope="module")
+def annotator(tiny_faces_dir):
+    return FaceAnnotator(
+        model_name=str(tiny_faces_dir), det_size=(640, 640), ctx_id=-1, providers=["CPUExecutionProvider"]
+    )
+
+
+@pytest.mark.parametrize("pose", [(0, 0, 0), (35, 0, 0), (0, -25, 0), (0, 0, 20), (-30, 15, -10)])
+def test_head_pose_recovers_known_pose_and_mirrors(pose):
+    keypoints = project(*pose, center=(400, 300), distance_mm=700, width=800, height=600)
+    assert head_pose(keypoints, 800, 600) == pytest.approx(pose, abs=0.5)
+    mirrored = keypoints.copy()
+    mirrored[:, 0] = 800 - mirrored[:, 0]
+    mirrored = mirrored[[1, 0, 2, 4, 3]]  # left/right swap places in the mirror
+    yaw, pitch, roll = head_pose(mirrored, 800, 600)
+    assert (yaw, pitch, roll) == pytest.approx((-pose[0], pose[1], -pose[2]), abs=0.5)
+
+
+def test_real_face_analysis_on_group_photo(annotator, group_photo):
+    image = Image.open(group_photo).convert("RGB")
+    records = annotator(image)
+    assert 4 < len(records) < 40
+    schema = AttributeSchema.from_config(FACE_SCHEMA)
+    for i, record in enumerate(records):
+        schema.validate(record, f"t1.jpg person {i}")
+        assert 0 <= record["det_score"] <= 1 and len(record["kps"]) == 5
+    areas = [(r["box"][2] - r["box"][0]) * (r["box"][3] - r["box"][1]) for r in records]
+    assert areas == sorted(areas, reverse=True)
+    assert annotator(Image.new("RGB", (320, 240), (128, 128, 128))) == []
+
+
+def test_missing_model_pack_fails_fast_with_instructions(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(FaceModelUnavailableError, match=r"buffalo_l.*faces\.model_name=<folder"):
+        FaceAnnotator(model_name="buffalo_l", model_root=str(tmp_path), ctx_id=-1)
+    assert time.monotonic() - start < 30
+
+
+def _corpus(folder, group_photo):
+    folder.mkdir()
+    shutil.copy(group_photo, folder / "group.jpg")
+    Image.new("RGB", (200, 160), (90, 120, 200)).save(folder / "empty_room.png")
+    (folder / "zero.jpg").write_bytes(b"")
+    data = group_photo.read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "sub" / "tiny.png")
+
+
+def test_annotation_run_counts_resumes_and_feeds_training(annotator, group_photo, tmp_path):
+    _corpus(tmp_path / "img", group_photo)
+    listing = ImageListing(folder=tmp_path / "img", min_image_size=32)
+    sidecar = tmp_path / "persons.jsonl"
+    summary = annotate_dataset(listing, annotator, sidecar, max_persons=4, batch_size=2, progress=False)
+    assert summary.images == 5 and summary.already_done == 0
+    assert dict(summary.skipped) == {"empty file": 1, "corrupt image": 1, "too small": 1}
+    assert summary.images_without_face == 1 and summary.faces == 4 and summary.faces_dropped_over_max_persons > 0
+    rows = {r["file"]: r for r in map(json.loads, sidecar.read_text().splitlines())}
+    assert rows["group.jpg"]["faces_detected"] == 4 + summary.faces_dropped_over_max_persons
+    assert rows["zero.jpg"]["skipped"] == "empty file" and rows["group.jpg"]["schema_version"] == 1
+    assert json.loads(sidecar.with_suffix(".summary.json").read_text())["images"] == 5
+
+    again = annotate_dataset(listing, annotator, sidecar, max_persons=4, progress=False)
+    assert again.images == 0 and again.already_done == 5
+
+    # A killed run: the last row is half written. The rerun cuts it and redoes only that image.
+    lines = sidecar.read_text().splitlines(keepends=True)
+    sidecar.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    resumed = annotate_dataset(listing, annotator, sidecar, max_persons=4, progress=False)
+    assert resumed.images == 1 and len(sidecar.read_text().splitlines()) == 5
+
+    source = FolderSource(tmp_path / "img", sidecar, schema=FACE_SCHEMA)
+    assert len(source) == 2 and sum(source.skipped.values()) == 3
+    dataset = PersonImageDataset(source, AttributeSchema.from_config(FACE_SCHEMA), 64)
+    items = [dataset[i] for i in range(len(dataset))]
+    # The centre crop of the landscape photo may cut persons away; they are counted, not lost.
+    assert sorted(int(item["person_mask"].sum()) + item["persons_dropped"] for item in items) == [0, 4]
+
+
+def test_annotation_of_a_hf_dataset(annotator, group_photo, tmp_path):
+    import datasets
+
+    images = [Image.open(group_photo).convert("RGB").resize((320, 221)), Image.new("RGB", (64, 64), "white")]
+    datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    listing = ImageListing(dataset=str(tmp_path / "ds"))
+    summary = annotate_dataset(listing, annotator, tmp_path / "p.jsonl", max_persons=4, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1] and summary.images == 2
+    assert rows[1]["persons"] == [] and rows[0]["width"] == 320
+    assert np.all([0 <= v <= 1 for r in rows for p in r["persons"] for v in p["box"]])
