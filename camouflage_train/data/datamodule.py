@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -12,6 +15,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset, collate_skipping
 from camouflage_train.data.schema import AttributeSchema, as_schema
 from camouflage_train.data.sources import SampleSource
+
+log = logging.getLogger(__name__)
 
 
 class PersonDataModule(L.LightningDataModule):
@@ -38,8 +43,14 @@ class PersonDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         pin_memory: bool = False,
         split_seed: int = 0,
+        cache: Mapping[str, Any] | None = None,
     ) -> None:
+        """``cache``: ``{enabled, root, dtype, batch_size, backbone}`` to train from precomputed latents and
+        text embeddings (see :mod:`camouflage_train.data.cache`); ``backbone`` is the model's backbone config."""
         super().__init__()
+        self.cache = dict(cache or {})
+        if self.cache.get("enabled") and random_crop:
+            raise ValueError("data.cache.enabled=true needs data.random_crop=false (cached latents are fixed crops)")
         self.schema = as_schema(schema)
         self.train_source, self.val_source = train_source, val_source
         self.val_fraction, self.split_seed = val_fraction, split_seed
@@ -71,10 +82,48 @@ class PersonDataModule(L.LightningDataModule):
             captions=self.captions,
         )
 
+    def cache_folder(self) -> Path:
+        """Where this data's latent cache lives (its name hashes every setting it depends on)."""
+        from camouflage_train.data.cache import cache_key
+
+        dataset = self._dataset(self.train_source, train=True)
+        key = cache_key(dataset, self.cache["backbone"], self.flip_prob > 0, self.cache.get("dtype", "fp16"))
+        return Path(self.cache["root"]) / key
+
+    def prepare_data(self) -> None:
+        """Build the latent cache if it is enabled and missing (Lightning runs this on one process per node)."""
+        if not self.cache.get("enabled"):
+            return
+        folder = self.cache_folder()
+        if (folder / "meta.json").is_file():
+            log.info("using latent cache %s", folder)
+            return
+        if folder.exists():
+            log.warning("removing incomplete latent cache %s", folder)
+            shutil.rmtree(folder)
+        from camouflage_train.data.cache import build_cache
+        from camouflage_train.models.backbone import load_frozen_backbone
+
+        backbone = load_frozen_backbone(**{**self.cache["backbone"], "with_unet": False})
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        build_cache(
+            self._dataset(self.train_source, train=True),
+            backbone,
+            folder,
+            flip=self.flip_prob > 0,
+            dtype=self.cache.get("dtype", "fp16"),
+            batch_size=int(self.cache.get("batch_size", 16)),
+            device=device,
+        )
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train = self._dataset(self.train_source, train=True)
+        train: Dataset = self._dataset(self.train_source, train=True)
+        if self.cache.get("enabled"):
+            from camouflage_train.data.cache import CachedLatentDataset
+
+            train = CachedLatentDataset(self.cache_folder(), flip_prob=self.flip_prob)
         if self.val_source is not None:
             self.train_set, self.val_set = train, self._dataset(self.val_source, train=False)
             return

@@ -86,8 +86,15 @@ class PersonImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
         """A training sample, or :class:`Skipped` with the reason (logged once per reason per process)."""
+        flip = self.flip_prob > 0 and bool(torch.rand(()) < self.flip_prob)
+        result = self.variants(index, (flip,))
+        return result if isinstance(result, Skipped) else result[0]
+
+    def variants(self, index: int, flips: tuple[bool, ...] = (False, True)) -> list[dict[str, Any]] | Skipped:
+        """The sample once per entry of ``flips`` (the image is read once), or :class:`Skipped`."""
         try:
-            return self._load(index)
+            image, persons, dropped, sample = self._load(index)
+            return [self._finish(image, persons, dropped, sample, flip) for flip in flips]
         except (BadSampleError, InvalidRecordError) as err:
             reason = err.reason if isinstance(err, BadSampleError) else "invalid person record"
             key = getattr(err, "key", f"index {index}")
@@ -96,7 +103,8 @@ class PersonImageDataset(Dataset):
                 log.warning("skipping unusable sample (%s): %s; further ones are only counted", reason, err)
             return Skipped(reason, key)
 
-    def _load(self, index: int) -> dict[str, Any]:
+    def _load(self, index: int) -> tuple[torch.Tensor, list[dict[str, Any]], int, Any]:
+        """Read, resize and crop; return the image, the persons kept, how many were dropped, the raw sample."""
         sample = self.source[index]
         for i, person in enumerate(sample.persons):
             self.schema.validate(person, f"{sample.key}, person {i}")
@@ -130,8 +138,12 @@ class PersonImageDataset(Dataset):
                     continue
                 persons.append({**person, BOX_KEY: box.clamp(0.0, 1.0).tolist()})
         kept = keep_largest(persons, self.schema.max_persons)
-        dropped += len(persons) - len(kept)
-        if self.flip_prob > 0 and torch.rand(()) < self.flip_prob:
+        return image, kept, dropped + len(persons) - len(kept), sample
+
+    def _finish(
+        self, image: torch.Tensor, kept: list[dict[str, Any]], dropped: int, sample: Any, flip: bool
+    ) -> dict[str, Any]:
+        if flip:
             image = TF.horizontal_flip(image)
             kept = [self.schema.mirror(p) for p in kept]
         arrays = self.schema.to_arrays(kept, sample.key)

@@ -39,11 +39,14 @@ class RawSample:
 
 
 class SampleSource(Protocol):
-    """Indexable samples; ``skipped`` counts rows left out up front, by reason."""
+    """Indexable samples; ``skipped`` counts rows left out up front, by reason; ``fingerprint`` identifies
+    the data (for cache keys)."""
 
     skipped: Counter[str]
 
     def __len__(self) -> int: ...
+
+    def fingerprint(self) -> dict[str, Any]: ...
 
     def __getitem__(self, index: int) -> RawSample: ...
 
@@ -78,6 +81,16 @@ def screen_rows(
     if not kept:
         raise ValueError(f"{name}: no usable rows out of {len(rows)} ({dict(skipped)})")
     return kept, skipped
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_sidecar(path: str | Path) -> list[dict[str, Any]]:
@@ -131,6 +144,16 @@ class SyntheticSource:
     def __len__(self) -> int:
         return self.num_samples
 
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "type": "synthetic",
+            "num_samples": self.num_samples,
+            "resolution": self.resolution,
+            "seed": self.seed,
+            "min_persons": self.min_persons,
+            "schema": self.schema.to_config(),
+        }
+
     def __getitem__(self, index: int) -> RawSample:
         image, persons = draw_scene(self.seed + index, self.schema, self.resolution, self.min_persons)
         return RawSample(image=image, persons=persons, caption=None, key=f"synthetic:{self.seed + index}")
@@ -162,6 +185,17 @@ class FolderSource:
             if Path(row["file"]).is_absolute() or ".." in Path(row["file"]).parts:
                 raise ValueError(f"{row['_where']}: 'file' must stay inside {self.root}, got {row['file']!r}")
         self.rows, self.skipped = screen_rows(rows, schema, str(sidecar), lambda r: (self.root / r["file"]).is_file())
+        self.sidecar = Path(sidecar)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "type": "folder",
+            "root": str(self.root.resolve()),
+            "sidecar_sha256": file_sha256(self.sidecar),
+            "rows": len(self.rows),
+            "caption_field": self.caption_field,
+            "min_image_size": self.min_image_size,
+        }
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -216,6 +250,20 @@ class HFDatasetSource:
                 if not isinstance(index, int) or not 0 <= index < len(self.dataset):
                     raise ValueError(f"{row['_where']}: 'index' must be a row number of {self.name}, got {index!r}")
             self.rows, self.skipped = screen_rows(rows, schema, str(sidecar))
+        self.sidecar = Path(sidecar) if sidecar is not None else None
+        self.revision = revision
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "type": "hf",
+            "name": self.name,
+            "revision": self.revision,
+            "data": self.dataset._fingerprint,
+            "sidecar_sha256": file_sha256(self.sidecar) if self.sidecar else None,
+            "rows": len(self),
+            "columns": [self.image_column, self.persons_column, self.caption_column],
+            "min_image_size": self.min_image_size,
+        }
 
     def __len__(self) -> int:
         return len(self.rows) if self.rows is not None else len(self.dataset)

@@ -47,13 +47,14 @@ class FrozenBackbone:
     vae: nn.Module
     text_encoder: nn.Module
     tokenizer: object
-    unet: nn.Module
+    unet: nn.Module | None
     noise_scheduler: object
     name: str
     source: Path
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"vae": self.vae, "text_encoder": self.text_encoder, "unet": self.unet}
+        found = {"vae": self.vae, "text_encoder": self.text_encoder, "unet": self.unet}
+        return {name: module for name, module in found.items() if module is not None}
 
 
 def _hub_patterns(variant: str | None) -> list[str]:
@@ -106,8 +107,12 @@ def load_frozen_backbone(
     variant: str | None = None,
     weight_dtype: str | torch.dtype = "fp32",
     cache_dir: str | Path | None = None,
+    with_unet: bool = True,
 ) -> FrozenBackbone:
-    """Load all five components from one folder, frozen (``requires_grad=False``, eval) in ``weight_dtype``."""
+    """Load the components from one folder, frozen (``requires_grad=False``, eval) in ``weight_dtype``.
+
+    ``with_unet=False`` skips the UNet (latent caching needs only the VAE and the text encoder).
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -122,14 +127,18 @@ def load_frozen_backbone(
         )
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, **load_kwargs)
     text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype, **load_kwargs)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **load_kwargs)
+    unet = (
+        UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, **load_kwargs)
+        if with_unet
+        else None
+    )
     noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+    if unet is not None and unet.config.cross_attention_dim != text_encoder.config.hidden_size:
         raise BackboneUnavailableError(
             f"'{folder}': unet.cross_attention_dim={unet.config.cross_attention_dim} does not match "
             f"text_encoder.hidden_size={text_encoder.config.hidden_size}"
         )
-    for module in (vae, text_encoder, unet):
+    for module in (m for m in (vae, text_encoder, unet) if m is not None):
         module.requires_grad_(False)
         module.eval()
     return FrozenBackbone(

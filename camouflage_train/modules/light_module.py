@@ -170,19 +170,35 @@ class LightAdapterModule(L.LightningModule):
     def diffusion_loss(
         self, batch: dict[str, Any], generator: torch.Generator | None = None, dropout: bool = False
     ) -> torch.Tensor:
-        """MSE between the UNet's prediction and the scheduler's target at uniform random timesteps."""
-        pixels = batch["pixel_values"].to(self.device, self.vae.dtype)
-        batch_size = pixels.shape[0]
-        captions = list(batch["caption"])
+        """MSE between the UNet's prediction and the scheduler's target at uniform random timesteps.
+
+        Takes raw batches (``pixel_values``, ``caption``) or cached ones (``latent_mean``/``latent_std``,
+        ``text_embeds``); both draw the same random numbers in the same order, so they give the same loss.
+        """
+        cached = "latent_mean" in batch
+        batch_size = batch["person_mask"].shape[0]
         person_mask = batch["person_mask"]
+        drop_text = torch.zeros(batch_size, dtype=torch.bool)
         if dropout:
             drop_text = torch.rand(batch_size, generator=generator) < self.hparams.text_dropout
-            captions = ["" if d else c for d, c in zip(drop_text.tolist(), captions, strict=True)]
             drop_persons = torch.rand(batch_size, generator=generator) < self.hparams.attribute_dropout
             person_mask = person_mask & ~drop_persons.to(person_mask.device)[:, None]
         with torch.no_grad():
-            latents = self.vae.encode(pixels).latent_dist.sample(generator) * self.vae.config.scaling_factor
-            text = self.encode_text(captions)
+            if cached:
+                mean = batch["latent_mean"].to(self.device, self.vae.dtype)
+                std = batch["latent_std"].to(self.device, self.vae.dtype)
+                latents = mean + std * torch.randn(
+                    mean.shape, generator=generator, device=self.device, dtype=mean.dtype
+                )
+                text = batch["text_embeds"].to(self.device, self.text_encoder.dtype)
+                if drop_text.any():
+                    text = torch.where(drop_text.to(self.device)[:, None, None], self.encode_text([""]), text)
+            else:
+                pixels = batch["pixel_values"].to(self.device, self.vae.dtype)
+                latents = self.vae.encode(pixels).latent_dist.sample(generator)
+                captions = ["" if d else c for d, c in zip(drop_text.tolist(), batch["caption"], strict=True)]
+                text = self.encode_text(captions)
+            latents = latents * self.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
         if self.hparams.noise_offset:
             offset = torch.randn(
@@ -212,7 +228,7 @@ class LightAdapterModule(L.LightningModule):
         if batch.get("size", 1) == 0:
             return None  # every sample of this batch was unusable (counted above); no optimizer step
         loss = self.diffusion_loss(batch, dropout=True)
-        batch_size = batch["pixel_values"].shape[0]
+        batch_size = batch["person_mask"].shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
         self.log(
             "data/persons_dropped",
