@@ -57,10 +57,21 @@ def main() -> None:
         cached_dm.setup("fit")
         raw = steps_per_second(module, raw_dm.train_dataloader(), steps)
         cached = steps_per_second(module, cached_dm.train_dataloader(), steps)
-    print(json.dumps({"config": args, "batch_size": cfg.data.batch_size, "resolution": cfg.data.resolution,
-                      "images": len(cached_dm.train_set), "cache_build_s": round(build_s, 2),
-                      "raw_steps_per_s": round(raw, 3), "cached_steps_per_s": round(cached, 3),
-                      "speedup": round(cached / raw, 3), "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "config": args,
+                "batch_size": cfg.data.batch_size,
+                "resolution": cfg.data.resolution,
+                "images": len(cached_dm.train_set),
+                "cache_build_s": round(build_s, 2),
+                "raw_steps_per_s": round(raw, 3),
+                "cached_steps_per_s": round(cached, 3),
+                "speedup": round(cached / raw, 3),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from camouflage_train.data.datamodule import PersonDataModule  # noqa: E402
 from camouflage_train.data.sources import SyntheticSource  # noqa: E402
 from camouflage_train.modules.light_module import LightAdapterModule  # noqa: E402
-from camouflage_train.pipelines.sampling import PersonBatch, build_pipeline, generate_light  # noqa: E402
+from camouflage_train.pipelines.light import PersonBatch, build_pipeline, generate_light  # noqa: E402
 
 # Dense bf16 tensor-core peak (no sparsity), from the vendors' spec sheets.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}

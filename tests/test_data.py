@@ -72,7 +72,7 @@ def test_invalid_record_is_skipped_counted_and_named(tmp_path, schema, caplog):
     source = _folder(tmp_path, {"a.png": Image.new("RGB", (32, 32))}, rows)
     dataset = PersonImageDataset(source, schema, 32)
     assert isinstance(dataset[0], dict)
-    assert dataset[1] == Skipped("invalid person record", "index 1")
+    assert dataset[1] == Skipped("invalid person record", "a.png")
     assert "persons.jsonl:2 (a.png), person 0: 'age' = -4" in caplog.text
     screened = FolderSource(tmp_path / "img", tmp_path / "persons.jsonl", schema=schema.to_config())
     assert len(screened) == 1 and screened.skipped == {"invalid person record": 1}

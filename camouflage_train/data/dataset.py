@@ -38,7 +38,9 @@ def collate_skipping(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
     """Collate the usable samples; ``batch["skipped"]`` maps reason -> count, ``batch["size"]`` is what is left."""
     good = [item for item in items if not isinstance(item, Skipped)]
     batch: dict[str, Any] = default_collate(good) if good else {}
-    batch["skipped"] = dict(Counter(item.reason for item in items if isinstance(item, Skipped)))
+    skipped = [item for item in items if isinstance(item, Skipped)]
+    batch["skipped"] = dict(Counter(item.reason for item in skipped))
+    batch["skipped_items"] = [(item.key, item.reason) for item in skipped]
     batch["size"] = len(good)
     return batch
 
@@ -97,7 +99,8 @@ class PersonImageDataset(Dataset):
             return [self._finish(image, persons, dropped, sample, flip) for flip in flips]
         except (BadSampleError, InvalidRecordError) as err:
             reason = err.reason if isinstance(err, BadSampleError) else "invalid person record"
-            key = getattr(err, "key", f"index {index}")
+            name_of = getattr(self.source, "name_of", None)
+            key = name_of(index) if name_of is not None else f"index {index}"
             if reason not in self._warned:
                 self._warned.add(reason)
                 log.warning("skipping unusable sample (%s): %s; further ones are only counted", reason, err)
@@ -156,4 +159,5 @@ class PersonImageDataset(Dataset):
             "person_mask": torch.from_numpy(arrays.mask),
             "persons_dropped": dropped,
             "key": sample.key,
+            "name": sample.name,
         }

@@ -30,12 +30,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RawSample:
-    """One image before any transform; ``key`` names it in errors and logs."""
+    """One image before any transform; ``key`` names it in errors and logs, ``name`` is its stable id
+    (file path relative to the root, or row index) for outputs."""
 
     image: Image.Image
     persons: list[dict[str, Any]]
     caption: str | None
     key: str
+    name: str = ""
 
 
 class SampleSource(Protocol):
@@ -53,11 +55,11 @@ class SampleSource(Protocol):
 
 def screen_rows(
     rows: list[dict[str, Any]], schema: AttributeSchema | Mapping[str, Any] | None, name: str, exists: Any = None
-) -> tuple[list[dict[str, Any]], Counter[str]]:
+) -> tuple[list[dict[str, Any]], Counter[str], list[tuple[dict[str, Any], str]]]:
     """Drop sidecar rows that cannot train (annotation skipped them, image missing, invalid person record),
     counting each reason and logging the first example of each; an empty result is an error."""
     parsed = as_schema(schema) if schema is not None else None
-    kept, skipped, examples = [], Counter(), {}
+    kept, skipped, examples, dropped = [], Counter(), {}, []
     for row in rows:
         reason = None
         if row.get("skipped"):
@@ -75,12 +77,13 @@ def screen_rows(
             kept.append(row)
         else:
             skipped[reason] += 1
+            dropped.append((row, reason))
             examples.setdefault(reason, row["_where"])
     for reason, count in skipped.items():
         log.warning("%s: skipping %d row(s): %s (first: %s)", name, count, reason, examples[reason])
     if not kept:
         raise ValueError(f"{name}: no usable rows out of {len(rows)} ({dict(skipped)})")
-    return kept, skipped
+    return kept, skipped, dropped
 
 
 def file_sha256(path: str | Path) -> str:
@@ -156,7 +159,13 @@ class SyntheticSource:
 
     def __getitem__(self, index: int) -> RawSample:
         image, persons = draw_scene(self.seed + index, self.schema, self.resolution, self.min_persons)
-        return RawSample(image=image, persons=persons, caption=None, key=f"synthetic:{self.seed + index}")
+        return RawSample(
+            image=image,
+            persons=persons,
+            caption=None,
+            key=f"synthetic:{self.seed + index}",
+            name=f"{self.seed + index:08d}.png",
+        )
 
 
 class FolderSource:
@@ -184,8 +193,14 @@ class FolderSource:
                 raise ValueError(f"{row['_where']}: field 'file' (image path relative to {self.root}) is required")
             if Path(row["file"]).is_absolute() or ".." in Path(row["file"]).parts:
                 raise ValueError(f"{row['_where']}: 'file' must stay inside {self.root}, got {row['file']!r}")
-        self.rows, self.skipped = screen_rows(rows, schema, str(sidecar), lambda r: (self.root / r["file"]).is_file())
+        self.rows, self.skipped, dropped = screen_rows(
+            rows, schema, str(sidecar), lambda r: (self.root / r["file"]).is_file()
+        )
+        self.dropped = [(row["file"], reason) for row, reason in dropped]
         self.sidecar = Path(sidecar)
+
+    def name_of(self, index: int) -> str:
+        return self.rows[index]["file"]
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -207,6 +222,7 @@ class FolderSource:
             persons=list(row["persons"]),
             caption=row.get(self.caption_field),
             key=f"{row['_where']} ({row['file']})",
+            name=row["file"],
         )
 
 
@@ -249,7 +265,7 @@ class HFDatasetSource:
                 index = row.get("index")
                 if not isinstance(index, int) or not 0 <= index < len(self.dataset):
                     raise ValueError(f"{row['_where']}: 'index' must be a row number of {self.name}, got {index!r}")
-            self.rows, self.skipped = screen_rows(rows, schema, str(sidecar))
+            self.rows, self.skipped, _ = screen_rows(rows, schema, str(sidecar))
         self.sidecar = Path(sidecar) if sidecar is not None else None
         self.revision = revision
 
@@ -273,9 +289,10 @@ class HFDatasetSource:
             row = self.rows[index]
             item = self.dataset[int(row["index"])]
             persons, key = list(row["persons"]), f"{self.name} row {row['index']} ({row['_where']})"
+            row_index = int(row["index"])
         else:
             item = self.dataset[index]
-            persons, key = list(item[self.persons_column]), f"{self.name} row {index}"
+            persons, key, row_index = list(item[self.persons_column]), f"{self.name} row {index}", index
         caption = item[self.caption_column] if self.caption_column else None
         image = load_rgb(item[self.image_column], self.min_image_size)
-        return RawSample(image=image, persons=persons, caption=caption, key=key)
+        return RawSample(image=image, persons=persons, caption=caption, key=key, name=f"{row_index:08d}.png")

@@ -85,20 +85,59 @@ def resolve_model_folder(
         return local
     if name_or_path.startswith(("/", "./", "../", "~")):
         raise BackboneUnavailableError(f"local model folder '{name_or_path}' does not exist")
+    return download_snapshot(
+        name_or_path,
+        revision,
+        _hub_patterns(variant),
+        "Stable Diffusion weights",
+        "model.backbone.pretrained_model_name_or_path",
+    )
+
+
+def download_snapshot(repo_id: str, revision: str | None, patterns: list[str], what: str, config_key: str) -> Path:
+    """``snapshot_download`` of just ``patterns``; offline or missing -> a clear error within seconds."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=_hub_patterns(variant)))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        include = " ".join(f"'{p}'" for p in patterns)
         raise BackboneUnavailableError(
-            f"Cannot load Stable Diffusion weights '{name_or_path}' (revision={revision}, variant={variant}): "
-            f"it is not in the Hugging Face cache and could not be downloaded "
-            f"({type(err).__name__}: {str(err).splitlines()[0]}). "
-            f"On a machine with internet run `hf download {name_or_path} --include 'model_index.json' "
-            f"'vae/*' 'unet/*' 'text_encoder/*' 'tokenizer/*' 'scheduler/*' --local-dir <folder>`, then pass "
-            f"model.backbone.pretrained_model_name_or_path=<folder> (or point HF_HOME at a cache that has it)."
+            f"Cannot load {what} '{repo_id}' (revision={revision}): it is not in the Hugging Face cache and could "
+            f"not be downloaded ({type(err).__name__}: {str(err).splitlines()[0]}). On a machine with internet run "
+            f"`hf download {repo_id} --include {include} --local-dir <folder>`, then pass "
+            f"{config_key}=<folder> (or point HF_HOME at a cache that has it)."
         ) from err
+
+
+def load_controlnet(
+    name_or_path: str,
+    weight_dtype: str | torch.dtype = "fp32",
+    variant: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    config_key: str = "controlnet",
+) -> nn.Module:
+    """A frozen ``ControlNetModel`` from a hub id, a local folder or ``preset:tiny-controlnet-<seed>``."""
+    from diffusers import ControlNetModel
+
+    if name_or_path.startswith(PRESET_PREFIX):
+        folder = materialize_preset(name_or_path[len(PRESET_PREFIX) :], cache_dir)
+    elif Path(name_or_path).expanduser().is_dir():
+        folder = Path(name_or_path).expanduser()
+    else:
+        suffix = f".{variant}" if variant else ""
+        folder = download_snapshot(
+            name_or_path,
+            revision,
+            ["config.json", f"diffusion_pytorch_model{suffix}.safetensors"],
+            "ControlNet weights",
+            config_key,
+        )
+    kwargs = {"variant": variant} if variant else {}
+    controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=parse_dtype(weight_dtype), **kwargs)
+    return controlnet.requires_grad_(False).eval()
 
 
 def load_frozen_backbone(

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -91,22 +92,46 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CAMOUFLAGE_CACHE", Path.home() / ".cache" / "camouflage_train"))
 
 
+def build_tiny_controlnet(folder: Path, seed: int, cache_dir: str | Path | None = None) -> None:
+    """A ControlNet for the tiny UNet whose output convolutions are random, not zero (so it has an effect)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(materialize_preset("tiny", cache_dir), subfolder="unet")
+    # The conditioning embedding must downsample like the tiny VAE (x2).
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.05)
+    controlnet.save_pretrained(folder)
+
+
 def materialize_preset(name: str, cache_dir: str | Path | None = None) -> Path:
-    """Return the diffusers folder of preset ``name``, building it on first use."""
+    """Return the folder of preset ``name`` (``tiny``, ``sd15-shape``, ``tiny-controlnet-<seed>``), building it
+    on first use."""
+    if name.startswith("tiny-controlnet-") and name.removeprefix("tiny-controlnet-").isdigit():
+        seed = int(name.removeprefix("tiny-controlnet-"))
+        return _materialize(
+            name, cache_dir, "config.json", lambda folder: build_tiny_controlnet(folder, seed, cache_dir)
+        )
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset '{name}'; available: {sorted(PRESETS)}")
+        raise ValueError(f"unknown model preset '{name}'; available: {sorted(PRESETS)} or tiny-controlnet-<seed>")
+    return _materialize(name, cache_dir, "model_index.json", lambda folder: build_from_configs(PRESETS[name], folder))
+
+
+def _materialize(name: str, cache_dir: str | Path | None, marker: str, build: Callable[[Path], None]) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / f"{name}-v{_FORMAT_VERSION}"
-    if (target / "model_index.json").is_file():
+    if (target / marker).is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        build_from_configs(PRESETS[name], staging)
+        build(staging)
         try:
             staging.rename(target)
         except OSError:  # another process finished first; its copy is identical
-            if not (target / "model_index.json").is_file():
+            if not (target / marker).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

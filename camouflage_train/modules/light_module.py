@@ -27,7 +27,7 @@ from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.models.attribute_encoder import AttributeEncoder
 from camouflage_train.models.backbone import load_frozen_backbone, parse_dtype
 from camouflage_train.models.ip_adapter import AdapterConfig, initial_state_dict, install_ip_adapter
-from camouflage_train.pipelines.sampling import PersonBatch, adapter_inputs, build_pipeline, generate_light
+from camouflage_train.pipelines.light import PersonBatch, adapter_inputs, build_pipeline, generate_light
 from camouflage_train.utils.images import save_sample_grid
 
 log = logging.getLogger(__name__)

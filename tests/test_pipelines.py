@@ -1,0 +1,191 @@
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from camouflage_train.data.dataset import PersonImageDataset, collate_skipping
+from camouflage_train.data.sources import SyntheticSource
+from camouflage_train.models.backbone import load_frozen_backbone
+from camouflage_train.pipelines.base import CamouflageBase, build_controls, control_kwargs, stock_controlnet_pipeline
+from camouflage_train.pipelines.controls import CannyEdges, SobelLines
+from camouflage_train.pipelines.light import CamouflageLight, PersonBatch, build_pipeline
+
+STEPS = 3
+CONTROLS = {
+    "canny": {"model": "preset:tiny-controlnet-1", "preprocessor": CannyEdges()},
+    "lines": {"model": "preset:tiny-controlnet-2", "preprocessor": SobelLines(), "scale": 0.5, "end": 0.8},
+}
+RECON = {"enabled": True, "model": "preset:tiny-controlnet-3", "scale": 1.0, "start": 0.0, "end": 1.0}
+
+
+@pytest.fixture
+def scenes(schema):
+    dataset = PersonImageDataset(SyntheticSource(schema.to_config(), 2, 64, seed=4), schema, 64)
+    batch = collate_skipping([dataset[0], dataset[1]])
+    images = [_to_pil(x) for x in batch["pixel_values"]]
+    return images, batch
+
+
+def _to_pil(pixels):
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.to_pil_image((pixels + 1) / 2)
+
+
+def _arrays(images):
+    return np.stack([np.asarray(i, dtype=np.int16) for i in images])
+
+
+def _stock(backbone, controls, images, prompts):
+    pipe = stock_controlnet_pipeline(backbone, [c.controlnet for c in controls])
+    return pipe(
+        prompt=prompts,
+        negative_prompt=[""] * len(images),
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        height=64,
+        width=64,
+        generator=[torch.Generator().manual_seed(s) for s in (7, 8)],
+        output_type="pil",
+        **control_kwargs(controls, images),
+    ).images
+
+
+def _count_calls(module):
+    calls = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_base_without_guidance_is_the_stock_controlnet_pipeline(scenes, tiny_model_dir):
+    images, _ = scenes
+    backbone = load_frozen_backbone("preset:tiny")
+    controls = build_controls(CONTROLS, "fp32", None)
+    prompts = ["a photo of people", "two people"]
+    stock = _stock(backbone, controls, images, prompts)
+    base = CamouflageBase(backbone, controls, {"enabled": False}, guidance_scale=5.0, num_inference_steps=STEPS)
+    assert np.array_equal(_arrays(base(images, seeds=[7, 8], prompts=prompts)), _arrays(stock))
+    # The reconstruction branch at scale 0, or outside its step range, changes nothing either.
+    for anonymization in ({**RECON, "scale": 0.0}, {**RECON, "end": 0.3}):  # 0.3 < 1/3: no step in range
+        off = CamouflageBase(backbone, controls, anonymization, guidance_scale=5.0, num_inference_steps=STEPS)
+        assert np.array_equal(_arrays(off(images, seeds=[7, 8], prompts=prompts)), _arrays(stock))
+
+
+def test_anonymization_guidance_changes_output_with_one_extra_controlnet_pass(scenes, tiny_model_dir):
+    images, batch = scenes
+    backbone = load_frozen_backbone("preset:tiny")
+    controls = build_controls(CONTROLS, "fp32", None)
+    base = CamouflageBase(backbone, controls, RECON, guidance_scale=5.0, num_inference_steps=STEPS)
+    unet_calls, recon_calls = _count_calls(backbone.unet), _count_calls(base.reconstruction.controlnet)
+    structure_calls = [_count_calls(c.controlnet) for c in controls]
+    guided = base(images, seeds=[7, 8])
+    assert len(unet_calls) == STEPS and len(recon_calls) == STEPS
+    assert [len(c) for c in structure_calls] == [STEPS, STEPS]
+    stock = _stock(backbone, controls, images, ["a photo of people"] * 2)
+    assert np.abs(_arrays(guided) - _arrays(stock)).mean() > 1.0
+    # Restricted to empty person regions, the guidance has nothing to act on.
+    base.anonymization["person_regions"] = True
+    empty = torch.zeros(2, 1, 32, 32)
+    assert np.array_equal(_arrays(base(images, seeds=[7, 8], region_masks=empty)), _arrays(stock))
+    with pytest.raises(ValueError, match="guidance_scale > 1"):
+        CamouflageBase(backbone, controls, RECON, guidance_scale=1.0)
+
+
+def test_base_img2img_and_seeds(scenes, tiny_model_dir):
+    images, _ = scenes
+    backbone = load_frozen_backbone("preset:tiny")
+    controls = build_controls(CONTROLS, "fp32", None)
+    base = CamouflageBase(backbone, controls, RECON, guidance_scale=5.0, num_inference_steps=4, strength=0.5)
+    a, b = base(images, seeds=[1, 2]), base(images, seeds=[1, 2])
+    assert np.array_equal(_arrays(a), _arrays(b))
+    assert not np.array_equal(_arrays(a)[0], _arrays(base(images[:1], seeds=[3]))[0])
+
+
+def test_light_at_adapter_scale_zero_is_the_stock_pipeline(scenes, make_cfg, tiny_model_dir):
+    images, batch = scenes
+    module = instantiate(make_cfg("experiment=demo").model)
+    backbone = load_frozen_backbone("preset:tiny")
+    persons = PersonBatch.from_batch(batch)
+    prompts = list(batch["caption"])
+    light = CamouflageLight(
+        _backbone_of(module),
+        module.encoder,
+        module.adapter_config,
+        guidance_scale=5.0,
+        num_inference_steps=STEPS,
+        adapter_scale=0.0,
+    )
+    plain = build_pipeline(
+        backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.unet, backbone.noise_scheduler.config
+    )
+    stock = plain(
+        prompt=prompts,
+        negative_prompt=[""] * 2,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        height=64,
+        width=64,
+        generator=[torch.Generator().manual_seed(s) for s in (7, 8)],
+    ).images
+    assert np.abs(_arrays(light(images, persons, [7, 8], prompts)) - _arrays(stock)).max() <= 1
+    light.set_adapter_scale(1.0)
+    assert np.abs(_arrays(light(images, persons, [7, 8], prompts)) - _arrays(stock)).mean() > 1.0
+
+    controls = build_controls(CONTROLS, "fp32", None)
+    light_cn = CamouflageLight(
+        _backbone_of(module),
+        module.encoder,
+        module.adapter_config,
+        controls=controls,
+        guidance_scale=5.0,
+        num_inference_steps=STEPS,
+        adapter_scale=0.0,
+    )
+    stock_cn = _stock(backbone, controls, images, prompts)
+    assert np.abs(_arrays(light_cn(images, persons, [7, 8], prompts)) - _arrays(stock_cn)).max() <= 1
+
+
+def _backbone_of(module):
+    from camouflage_train.models.backbone import FrozenBackbone
+
+    return FrozenBackbone(
+        module.vae,
+        module.text_encoder,
+        module.tokenizer,
+        module.unet,
+        module.noise_scheduler,
+        module.backbone_name,
+        module.backbone_source,
+    )
+
+
+def test_light_from_training_checkpoint(scenes, make_cfg, tmp_path, tiny_model_dir):
+    import lightning as L
+
+    images, batch = scenes
+    cfg = make_cfg("experiment=demo", "data.batch_size=2")
+    module = instantiate(cfg.model)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    trainer.save_checkpoint(tmp_path / "light.ckpt")
+    loaded = CamouflageLight.from_checkpoint(
+        str(tmp_path / "light.ckpt"), guidance_scale=5.0, num_inference_steps=STEPS
+    )
+    direct = CamouflageLight(
+        _backbone_of(module),
+        module.encoder.eval(),
+        module.adapter_config,
+        guidance_scale=5.0,
+        num_inference_steps=STEPS,
+    )
+    persons, prompts = PersonBatch.from_batch(batch), list(batch["caption"])
+    assert np.array_equal(
+        _arrays(loaded(images, persons, [5, 6], prompts)), _arrays(direct(images, persons, [5, 6], prompts))
+    )
