@@ -72,7 +72,7 @@ def test_base_without_guidance_is_the_stock_controlnet_pipeline(scenes, tiny_mod
 
 
 def test_anonymization_guidance_changes_output_with_one_extra_controlnet_pass(scenes, tiny_model_dir):
-    images, batch = scenes
+    images, _ = scenes
     backbone = load_frozen_backbone("preset:tiny")
     controls = build_controls(CONTROLS, "fp32", None)
     base = CamouflageBase(backbone, controls, RECON, guidance_scale=5.0, num_inference_steps=STEPS)
