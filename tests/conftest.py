@@ -73,9 +73,9 @@ def person(box: list[float], age: float = 30.0, gender: str = "female", yaw: flo
 
 @pytest.fixture(scope="session")
 def tiny_faces_dir() -> Path:
-    from camouflage_train.annotation.tiny_models import build_tiny_face_pack
+    from camouflage_train.utils.resolvers import _tiny_face_pack
 
-    return build_tiny_face_pack(Path(os.environ["CAMOUFLAGE_CACHE"]) / "faces-tiny-v1")
+    return Path(_tiny_face_pack(os.environ["CAMOUFLAGE_CACHE"]))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,20 @@
+"""Anonymize a folder: ``python anonymize.py model=base|light input.folder=<images> output=<folder>``."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+import hydra
+from omegaconf import DictConfig
+
+from camouflage_train.anonymization import run_anonymization
+
+
+@hydra.main(version_base="1.3", config_path="configs/anonymize", config_name="anonymize.yaml")
+def main(cfg: DictConfig) -> None:
+    print(run_anonymization(cfg))
+
+
+if __name__ == "__main__":
+    main()
