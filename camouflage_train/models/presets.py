@@ -92,13 +92,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CAMOUFLAGE_CACHE", Path.home() / ".cache" / "camouflage_train"))
 
 
-def build_tiny_controlnet(folder: Path, seed: int, cache_dir: str | Path | None = None) -> None:
-    """A ControlNet for the tiny UNet whose output convolutions are random, not zero (so it has an effect)."""
+def build_preset_controlnet(folder: Path, base: str, seed: int, cache_dir: str | Path | None = None) -> None:
+    """A ControlNet for preset ``base``'s UNet whose output convolutions are random, not zero (so it acts)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(materialize_preset("tiny", cache_dir), subfolder="unet")
-    # The conditioning embedding must downsample like the tiny VAE (x2).
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    unet = UNet2DConditionModel.from_pretrained(materialize_preset(base, cache_dir), subfolder="unet")
+    # The conditioning embedding must downsample like the VAE: x2 for tiny, x8 (diffusers' default) for SD 1.5.
+    channels = (16, 32) if base == "tiny" else (16, 32, 96, 256)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
@@ -107,15 +108,15 @@ def build_tiny_controlnet(folder: Path, seed: int, cache_dir: str | Path | None 
 
 
 def materialize_preset(name: str, cache_dir: str | Path | None = None) -> Path:
-    """Return the folder of preset ``name`` (``tiny``, ``sd15-shape``, ``tiny-controlnet-<seed>``), building it
-    on first use."""
-    if name.startswith("tiny-controlnet-") and name.removeprefix("tiny-controlnet-").isdigit():
-        seed = int(name.removeprefix("tiny-controlnet-"))
+    """Return the folder of preset ``name`` (``tiny``, ``sd15-shape``, ``<one of them>-controlnet-<seed>``),
+    building it on first use."""
+    base, _, seed = name.rpartition("-controlnet-")
+    if base in PRESETS and seed.isdigit():
         return _materialize(
-            name, cache_dir, "config.json", lambda folder: build_tiny_controlnet(folder, seed, cache_dir)
+            name, cache_dir, "config.json", lambda folder: build_preset_controlnet(folder, base, int(seed), cache_dir)
         )
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset '{name}'; available: {sorted(PRESETS)} or tiny-controlnet-<seed>")
+        raise ValueError(f"unknown model preset '{name}'; available: {sorted(PRESETS)} or <preset>-controlnet-<seed>")
     return _materialize(name, cache_dir, "model_index.json", lambda folder: build_from_configs(PRESETS[name], folder))
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from camouflage_train.models.attribute_encoder import AttributeEncoder
 from camouflage_train.models.backbone import FrozenBackbone
-from camouflage_train.models.ip_adapter import AdapterConfig, person_region_masks
+from camouflage_train.models.ip_adapter import AdapterConfig, adapter_modules, person_region_masks
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,8 @@ class CamouflageLight:
         module = LightAdapterModule.load_from_checkpoint(
             path, map_location="cpu", optimizer=None, backbone=backbone_cfg, weights_only=True
         )
+        for part in adapter_modules(module.unet):  # inference: the adapter runs in the backbone's dtype
+            part.to(module.unet.dtype)
         backbone = FrozenBackbone(
             vae=module.vae,
             text_encoder=module.text_encoder,

@@ -1,0 +1,119 @@
+"""Seconds per image of CAMOUFLaGE-Light vs -Base at equal steps and resolution, in one process.
+
+    python bench/inference_ratio.py      # tiny SD, 5 tiny ControlNets + reconstruction (Base), CPU
+    python bench/inference_ratio.py --preset sd15-shape --resolution 512 --steps 25 --device cuda --dtype bf16
+
+Base = 5 structure ControlNets + the reconstruction branch (the paper's default set); Light = the adapter,
+no ControlNet. Both use classifier-free guidance. Models have random weights in the real architectures
+(speed does not depend on weight values). Ends with one JSON line; the paper reports Light at about half
+of Base's time on SD 1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torchvision.transforms.v2 import functional as TF
+
+from camouflage_train.data.dataset import PersonImageDataset, collate_skipping
+from camouflage_train.data.schema import AttributeSchema
+from camouflage_train.data.sources import SyntheticSource
+from camouflage_train.models.attribute_encoder import AttributeEncoder
+from camouflage_train.models.backbone import load_frozen_backbone
+from camouflage_train.models.ip_adapter import AdapterConfig, initial_state_dict, install_ip_adapter
+from camouflage_train.pipelines.base import CamouflageBase, build_controls
+from camouflage_train.pipelines.controls import CannyEdges, SobelLines
+from camouflage_train.pipelines.light import CamouflageLight, PersonBatch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def timed(fn: Any, repeats: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--preset", default="tiny", help="tiny or sd15-shape")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", help="frozen weights: fp32, bf16 or fp16")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    schema = AttributeSchema.from_config(yaml.safe_load((REPO / "configs/attributes/face.yaml").read_text()))
+    source = SyntheticSource(schema.to_config(), args.batch, args.resolution)
+    dataset = PersonImageDataset(source, schema, args.resolution)
+    batch = collate_skipping([dataset[i] for i in range(args.batch)])
+    images = [TF.to_pil_image((p + 1) / 2) for p in batch["pixel_values"]]
+    seeds, prompts = list(range(args.batch)), list(batch["caption"])
+
+    preprocessors = (CannyEdges(), SobelLines())
+    specs = {
+        f"cn{i}": {"model": f"preset:{args.preset}-controlnet-{i}", "preprocessor": preprocessors[i % 2]}
+        for i in range(1, 6)
+    }
+    recon = {"enabled": True, "model": f"preset:{args.preset}-controlnet-6"}
+    base = CamouflageBase(
+        load_frozen_backbone(f"preset:{args.preset}", weight_dtype=args.dtype),
+        build_controls(specs, args.dtype, None),
+        recon,
+        guidance_scale=5.0,
+        num_inference_steps=args.steps,
+    ).to(device)
+    backbone = load_frozen_backbone(f"preset:{args.preset}", weight_dtype=args.dtype)
+    model_cfg = "configs/model/light_tiny.yaml" if args.preset == "tiny" else "configs/model/light.yaml"
+    adapter = yaml.safe_load((REPO / model_cfg).read_text())["adapter"]
+    if args.preset == "tiny":
+        adapter = {**yaml.safe_load((REPO / "configs/model/light.yaml").read_text())["adapter"], **adapter}
+    config = AdapterConfig(**adapter)
+    install_ip_adapter(backbone.unet, initial_state_dict(backbone.unet, config))
+    encoder = AttributeEncoder(
+        schema=schema.to_config(), embed_dim=config.embed_dim, width=config.encoder_width, depth=config.encoder_depth
+    )
+    light = CamouflageLight(backbone, encoder, config, guidance_scale=5.0, num_inference_steps=args.steps).to(device)
+    persons = PersonBatch.from_batch(batch)
+
+    def run(fn: Any) -> None:
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.dtype != "fp32"):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    base_s = timed(lambda: run(lambda: base(images, seeds, prompts)), args.repeats) / args.batch
+    light_s = timed(lambda: run(lambda: light(images, persons, seeds, prompts)), args.repeats) / args.batch
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "device": str(device),
+                "dtype": args.dtype,
+                "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "resolution": args.resolution,
+                "steps": args.steps,
+                "batch": args.batch,
+                "base_s_per_image": round(base_s, 4),
+                "light_s_per_image": round(light_s, 4),
+                "light_over_base": round(light_s / base_s, 3),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
