@@ -84,3 +84,33 @@ def group_photo() -> Path:
     import insightface
 
     return Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+
+
+def cpu_trainer(tmp_path: Path | None = None, **kwargs):
+    """A quiet CPU Lightning Trainer for tests; ``kwargs`` override the defaults."""
+    import lightning as L
+
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.fixture
+def trained_checkpoint(make_cfg, tmp_path, tiny_model_dir):
+    """(checkpoint path, module) after two demo training steps."""
+    cfg = make_cfg("experiment=demo", "data.batch_size=2")
+    module = instantiate(cfg.model)
+    trainer = cpu_trainer(tmp_path, max_steps=2)
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    path = tmp_path / "light.ckpt"
+    trainer.save_checkpoint(path)
+    return path, module

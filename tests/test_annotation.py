@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from camouflage_train.annotation.faces import FaceAnnotator, FaceModelUnavailableError
@@ -12,17 +13,9 @@ from camouflage_train.annotation.run import ImageListing, annotate_dataset
 from camouflage_train.data.dataset import PersonImageDataset
 from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.data.sources import FolderSource
+from tests.conftest import REPO
 
-FACE_SCHEMA = {
-    "max_persons": 4,
-    "continuous": {
-        "age": {"low": 0, "high": 100},
-        "yaw": {"low": -90, "high": 90, "mirror": True},
-        "pitch": {"low": -90, "high": 90},
-        "roll": {"low": -90, "high": 90, "mirror": True},
-    },
-    "categorical": {"gender": ["female", "male"]},
-}
+FACE_SCHEMA = yaml.safe_load((REPO / "configs" / "attributes" / "face.yaml").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,8 @@
 import json
 import shutil
 
-import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from PIL import Image
 
 from camouflage_train.anonymization import run_anonymization
@@ -62,24 +60,13 @@ def test_base_anonymizes_a_mixed_folder_and_resumes(mixed_folder, tmp_path, tiny
 
 
 @pytest.mark.slow
-def test_light_anonymizes_from_a_training_checkpoint(mixed_folder, tmp_path, make_cfg, tiny_model_dir, tiny_faces_dir):
-    cfg = make_cfg("experiment=demo", "data.batch_size=2")
-    module = instantiate(cfg.model)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=instantiate(cfg.data))
-    trainer.save_checkpoint(tmp_path / "light.ckpt")
+def test_light_anonymizes_from_a_training_checkpoint(mixed_folder, tmp_path, trained_checkpoint, tiny_faces_dir):
+    path, _ = trained_checkpoint
     out = tmp_path / "light_out"
     summary = run_anonymization(
         _cfg(
             "model=light_tiny",
-            f"model.checkpoint={tmp_path / 'light.ckpt'}",
+            f"model.checkpoint={path}",
             f"input.folder={mixed_folder}",
             f"output={out}",
         )

@@ -3,7 +3,6 @@
 import json
 import math
 
-import lightning as L
 import numpy as np
 import pytest
 from hydra.utils import instantiate
@@ -17,7 +16,7 @@ from camouflage_train.data.datamodule import PersonDataModule
 from camouflage_train.data.images import BadSampleError, load_rgb
 from camouflage_train.data.sources import FolderSource
 from camouflage_train.models.backbone import load_frozen_backbone
-from tests.conftest import person
+from tests.conftest import cpu_trainer, person
 
 HANDLED = {
     "cmyk.jpg": (40, 30),
@@ -125,16 +124,8 @@ def test_sidecar_screening_caching_and_training_survive_the_corpus(corpus, tmp_p
 
     module = instantiate(cfg.model)
     monitor = DataHealthMonitor()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=1,
-        val_check_interval=2,
-        check_val_every_n_epoch=None,
-        callbacks=[monitor],
+    trainer = cpu_trainer(
+        max_steps=4, limit_val_batches=1, val_check_interval=2, check_val_every_n_epoch=None, callbacks=[monitor]
     )
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 4 and np.isfinite(float(trainer.callback_metrics["train/loss"]))
@@ -156,14 +147,6 @@ def test_a_fully_bad_dataset_stops_with_a_clear_error(corpus, tmp_path, make_cfg
     with pytest.raises(ValueError, match="no usable sample to cache"):
         dm.setup("fit")
         build_cache(dm.train_set, load_frozen_backbone("preset:tiny", with_unet=False), tmp_path / "c", flip=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=10,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        callbacks=[DataHealthMonitor(3)],
-    )
+    trainer = cpu_trainer(max_steps=10, callbacks=[DataHealthMonitor(3)])
     with pytest.raises(RuntimeError, match="3 consecutive training batches had no usable sample"):
         trainer.fit(instantiate(cfg.model), datamodule=dm)

@@ -1,13 +1,13 @@
 import copy
 import itertools
 
-import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
 
 from camouflage_train.data.datamodule import PersonDataModule
 from camouflage_train.data.sources import SyntheticSource
+from tests.conftest import cpu_trainer
 
 FROZEN_PREFIXES = ("vae.", "text_encoder.")
 
@@ -20,17 +20,7 @@ def _batch(module, size=2, seed=0):
 
 
 def _trainer(tmp_path, **kwargs):
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+    return cpu_trainer(tmp_path, **{"enable_checkpointing": True, **kwargs})
 
 
 def _datamodule(cfg):

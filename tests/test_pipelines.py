@@ -159,25 +159,10 @@ def _backbone_of(module):
     )
 
 
-def test_light_from_training_checkpoint(scenes, make_cfg, tmp_path, tiny_model_dir):
-    import lightning as L
-
+def test_light_from_training_checkpoint(scenes, trained_checkpoint):
     images, batch = scenes
-    cfg = make_cfg("experiment=demo", "data.batch_size=2")
-    module = instantiate(cfg.model)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=instantiate(cfg.data))
-    trainer.save_checkpoint(tmp_path / "light.ckpt")
-    loaded = CamouflageLight.from_checkpoint(
-        str(tmp_path / "light.ckpt"), guidance_scale=5.0, num_inference_steps=STEPS
-    )
+    path, module = trained_checkpoint
+    loaded = CamouflageLight.from_checkpoint(str(path), guidance_scale=5.0, num_inference_steps=STEPS)
     direct = CamouflageLight(
         _backbone_of(module),
         module.encoder.eval(),
