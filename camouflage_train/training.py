@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 
-def _instantiate_group(group: DictConfig | None) -> list[Any]:
+def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a callbacks/logger group that has a ``_target_``."""
     if not group:
         return []
@@ -41,8 +41,8 @@ def _write_metrics(output_dir: Path, metrics: dict[str, Any]) -> dict[str, float
 def run_training(cfg: DictConfig) -> dict[str, float]:
     """Fit the model described by ``cfg``; return the final callback metrics (also written to ``metrics.json``)."""
     output_dir, model, datamodule = _prepare(cfg)
-    callbacks = _instantiate_group(cfg.get("callbacks"))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_instantiate_group(cfg.get("logger")))
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
@@ -54,19 +54,6 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             logger.finalize("success")
         _finish_wandb()
     return _write_metrics(output_dir, trainer.callback_metrics)
-
-
-def run_validation(cfg: DictConfig) -> dict[str, float]:
-    """Validate a trained adapter (``ckpt_path``) on ``cfg.data``'s val split: seeded loss and a sample grid."""
-    if not cfg.get("ckpt_path"):
-        raise ValueError("evaluate.py needs ckpt_path=<a checkpoint from a training run's checkpoints/ folder>")
-    output_dir, model, datamodule = _prepare(cfg)
-    trainer = instantiate(cfg.trainer, logger=_instantiate_group(cfg.get("logger")), callbacks=[])
-    try:
-        results = trainer.validate(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    finally:
-        _finish_wandb()
-    return _write_metrics(output_dir, results[0] if results else {})
 
 
 def _finish_wandb() -> None:

@@ -65,12 +65,16 @@ class FaceAnnotator:
         self.app.prepare(ctx_id=ctx_id, det_size=tuple(det_size), det_thresh=det_thresh)
         self.model_name = model_name
 
+    def detect(self, image: Image.Image) -> tuple[np.ndarray, list[Any]]:
+        """The BGR array insightface works on and its ``Face`` objects (pixel boxes, keypoints, gender, age)."""
+        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+        return bgr, self.app.get(bgr)
+
     def __call__(self, image: Image.Image) -> list[dict[str, Any]]:
         """Person records for an RGB image, largest face first."""
         width, height = image.size
-        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
         records = []
-        for face in self.app.get(bgr):
+        for face in self.detect(image)[1]:
             x0, y0, x1, y1 = (float(v) for v in face.bbox)
             box = [
                 min(max(x0 / width, 0.0), 1.0),

@@ -143,6 +143,10 @@ class PersonDataModule(L.LightningDataModule):
             self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, **self.loader_kwargs
         )
 
+    def test_dataloader(self) -> DataLoader:
+        """The validation split, in order: evaluation sees every image once, deterministically."""
+        return self.val_dataloader()
+
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"
         return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, **self.loader_kwargs)

@@ -1,0 +1,169 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from torch import nn
+from torchmetrics.image import FrechetInceptionDistance, KernelInceptionDistance
+
+from camouflage_train.data.datamodule import PersonDataModule
+from camouflage_train.data.sources import FolderSource
+from camouflage_train.evaluation import run_evaluation
+from camouflage_train.metrics.attributes import AttributePreservation
+from camouflage_train.metrics.clip import ClipScorer, WeightsUnavailableError
+from camouflage_train.metrics.faces import FaceAnalyzer, FaceModelUnavailableError
+from camouflage_train.metrics.reid import ReIdentification, match_faces
+from camouflage_train.modules.evaluation_module import JointEvaluationModule, blur_persons, identity_row
+from tests.conftest import REPO, cpu_trainer
+
+
+def test_reid_maths_on_hand_made_embeddings():
+    e = torch.eye(4)
+    metric = ReIdentification(threshold=0.5)
+    originals = e[:3]
+    anonymized = torch.stack([e[0], e[0], 0.6 * e[2] + 0.8 * e[0]])
+    metric.update(originals, anonymized, unmatched_original=e[3:])
+    out = metric.compute()
+    assert out["rank1"] == pytest.approx(1 / 3)  # only the first is nearest to its own original
+    assert out["verification"] == pytest.approx(2 / 3)  # own cosines 1, 0, 0.6 against 0.5
+    assert out["cosine"] == pytest.approx((1 + 0 + 0.6) / 3)
+    assert out["detection_rate"] == pytest.approx(3 / 4) and out["n"] == 3
+
+
+def test_face_matching_by_box_overlap():
+    original = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], dtype=float)
+    output = np.array([[21, 21, 31, 31], [1, 0, 11, 10], [80, 80, 90, 90]], dtype=float)
+    assert sorted(match_faces(original, output)) == [(0, 1), (1, 0)]
+    assert match_faces(original, np.zeros((0, 4))) == []
+
+
+def test_attribute_preservation_maths():
+    metric = AttributePreservation()
+    metric.update(
+        torch.tensor([[30.0, 40.0], [50.0, 48.0]]),
+        torch.tensor([[1, 1], [0, 1]]),
+        torch.tensor([[[10.0, 0, 0], [16.0, 3, 0]], [[0.0, 0, 0], [0.0, 0, 0]]]),
+    )
+    out = metric.compute()
+    assert out["age_mae"] == pytest.approx(6.0) and out["gender_agreement"] == pytest.approx(0.5)
+    assert out["pose_mae"] == pytest.approx((9 / 3 + 0) / 2)
+
+
+class Flatten(nn.Module):
+    num_features = 3
+
+    def forward(self, x):
+        return x.flatten(1).double()
+
+
+def test_fid_and_kid_on_known_gaussians():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, 1, 1, generator=g)
+    shift = torch.tensor([1.0, 2.0, 0.0]).view(1, 3, 1, 1)
+    b = torch.randn(4000, 3, 1, 1, generator=g) + shift
+    fid = FrechetInceptionDistance(feature=Flatten())
+    fid.update(a, real=True)
+    fid.update(b, real=False)
+    assert float(fid.compute()) == pytest.approx(5.0, abs=0.25)  # |mu|^2 = 1 + 4, equal covariances
+    same = FrechetInceptionDistance(feature=Flatten())
+    same.update(a, real=True)
+    same.update(a, real=False)
+    assert abs(float(same.compute())) < 1e-6
+    kid = KernelInceptionDistance(feature=Flatten(), subset_size=500)
+    kid.update(a[:2000], real=True)
+    kid.update(torch.randn(2000, 3, 1, 1, generator=g), real=False)
+    assert abs(float(kid.compute()[0])) < 0.01
+
+
+def test_blur_baseline_blurs_only_person_regions():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    out = blur_persons([image], torch.tensor([[[0.0, 0.0, 0.25, 0.25]]]), torch.tensor([[True]]), expand=1.0)[0]
+    a, b = np.asarray(image).astype(int), np.asarray(out).astype(int)
+    assert np.abs(a[:16, :16] - b[:16, :16]).mean() > 10 and np.array_equal(a[20:, 20:], b[20:, 20:])
+
+
+def test_missing_weights_name_the_metric(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="CLIP scores"):
+        ClipScorer("ViT-B-32", "openai")
+    with pytest.raises(FaceModelUnavailableError, match="re-identification"):
+        from camouflage_train.metrics.faces import _load_recogniser
+
+        _load_recogniser(str(tmp_path / "missing.onnx"), str(tmp_path), -1, None)
+    from camouflage_train.modules.evaluation_module import _fid_metrics
+
+    with pytest.raises(WeightsUnavailableError, match="FID/KID"):
+        _fid_metrics(2048, 10)
+
+
+def test_identity_row_reidentifies_every_real_face(tmp_path, group_photo, tiny_faces_dir):
+    photos = group_photo.parent
+    rows = []
+    for name in ("t1.jpg", "Tom_Hanks_54745.png", "mask_white.jpg", "mask_blue.jpg"):
+        Image.open(photos / name).convert("RGB").save(tmp_path / f"{name}.png")
+        rows.append({"file": f"{name}.png", "persons": []})
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    schema = {"max_persons": 2, "continuous": {}, "categorical": {}}
+    source = FolderSource(tmp_path, tmp_path / "p.jsonl", schema=schema)
+    dm = PersonDataModule(source, schema, 256, val_source=source, batch_size=2, random_crop=False)
+    detector = {"model_name": str(tiny_faces_dir), "providers": ["CPUExecutionProvider"], "ctx_id": -1}
+    faces = FaceAnalyzer(detector, {"tiny": {"model": str(tiny_faces_dir / "w600k_tiny.onnx"), "threshold": 0.3}})
+    module = JointEvaluationModule(
+        {"identity": identity_row},
+        faces,
+        ClipScorer("tiny-clip", None),
+        fid_feature=_Features(),
+        kid_subset_size=2,
+        output_dir=str(tmp_path / "out"),
+    )
+    cpu_trainer(tmp_path).test(module, datamodule=dm)
+    (identity,) = module.results
+    assert identity["reid/tiny/n"] > 4 and identity["reid/tiny/rank1"] == 1.0
+    assert identity["reid/tiny/verification"] == 1.0 and identity["reid/tiny/detection_rate"] == 1.0
+    # 4 images, 8 features: the covariance is singular, so the matrix square root is only accurate to ~1e-3.
+    assert identity["fid"] == pytest.approx(0.0, abs=1e-2) and identity["clip/clip_i"] == pytest.approx(100.0)
+    assert identity["attr/age_mae"] == 0.0 and identity["attr/gender_agreement"] == 1.0
+    assert (tmp_path / "out" / "results.md").read_text().startswith("| model |")
+
+
+class _Features(nn.Module):
+    num_features = 8
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d((2, 1))
+
+    def forward(self, x):
+        return torch.cat([self.pool(x.float()).flatten(1), x.float().std(dim=(2, 3))[:, :2]], dim=1)[:, :8]
+
+
+@pytest.mark.slow
+def test_eval_demo_end_to_end(tmp_path, trained_checkpoint, tiny_faces_dir):
+    path, _ = trained_checkpoint
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(
+            "evaluate.yaml",
+            overrides=[
+                "experiment=eval_demo",
+                f"light_checkpoint={path}",
+                f"paths.output_dir={tmp_path / 'eval'}",
+                "logger=csv",
+            ],
+        )
+    results = run_evaluation(cfg)
+    assert [r["model"] for r in results] == ["identity", "blur", "base", "light"]
+    identity = results[0]
+    assert identity["fid"] == pytest.approx(0.0, abs=1e-2) and identity["reid/tiny_arcface/verification"] == 1.0
+    assert all(math.isfinite(r["fid"]) for r in results) and results[2]["fid"] > 0
+    out = tmp_path / "eval"
+    for name in ("results.md", "results.csv", "results.json", "config.yaml", "samples/batch_000.png"):
+        assert (out / name).is_file(), name
+    grid = Image.open(out / "samples" / "batch_000.png")
+    assert grid.size[0] > 4 * 64  # original + 4 rows side by side
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        no_ckpt = compose("evaluate.yaml", overrides=["experiment=eval_demo", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="light_checkpoint"):
+        run_evaluation(no_ckpt)
