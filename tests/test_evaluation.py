@@ -167,3 +167,39 @@ def test_eval_demo_end_to_end(tmp_path, trained_checkpoint, tiny_faces_dir):
         no_ckpt = compose("evaluate.yaml", overrides=["experiment=eval_demo", f"paths.output_dir={tmp_path}"])
     with pytest.raises(ValueError, match="light_checkpoint"):
         run_evaluation(no_ckpt)
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_equals_one_process(tmp_path, tiny_faces_dir, tiny_model_dir):
+    """DDP on 2 CPU processes (gloo) gives the one-process numbers; KID draws random subsets, so it is left out."""
+    import subprocess
+    import sys
+
+    def run(devices: int) -> list[dict]:
+        out = tmp_path / f"devices{devices}"
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "evaluate.py"),
+                "experiment=eval_demo",
+                "rows=[identity,blur,base]",
+                f"trainer.devices={devices}",
+                f"trainer.strategy={'ddp' if devices > 1 else 'auto'}",
+                "logger=csv",
+                f"paths.output_dir={out}",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
+        return json.loads((out / "results.json").read_text())
+
+    one, two = run(1), run(2)
+    assert [r["model"] for r in two] == ["identity", "blur", "base"] and two[0]["n_images"] == 8
+    for a, b in zip(one, two, strict=True):
+        for key, value in a.items():
+            if key == "model" or key.startswith("kid"):
+                continue
+            assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-4), (a["model"], key)

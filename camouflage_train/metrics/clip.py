@@ -70,4 +70,4 @@ class ClipScores(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         count = self.count.clamp(min=1)
-        return {"clip_t": self.clip_t / count, "clip_i": self.clip_i / count}
+        return {"clip_t": self.clip_t / count, "clip_i": self.clip_i / count, "n": self.count}

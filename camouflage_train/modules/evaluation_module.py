@@ -179,8 +179,9 @@ class JointEvaluationModule(L.LightningModule):
                 for key, value in metric.compute().items():
                     result[f"reid/{rec}/{key}"] = float(value)
             result.update({f"attr/{k}": float(v) for k, v in self.attributes[row].compute().items()})
-            result.update({f"clip/{k}": float(v) for k, v in self.clip_scores[row].compute().items()})
-            result["n_images"] = int(self.fid[row].fake_features_num_samples)
+            clip = self.clip_scores[row].compute()
+            result["clip/clip_t"], result["clip/clip_i"] = float(clip["clip_t"]), float(clip["clip_i"])
+            result["n_images"] = int(clip["n"])  # synchronized across processes
             result["fid"] = float(self.fid[row].compute())
             kid_mean, kid_std = self.kid[row].compute()
             result["kid_mean"], result["kid_std"] = float(kid_mean), float(kid_std)
