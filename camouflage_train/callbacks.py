@@ -59,3 +59,28 @@ class DataHealthMonitor(L.Callback):
             raise RuntimeError(f"no usable training sample in a whole epoch: {dict(self.epoch_skipped)}")
         self.epoch_skipped.clear()
         self.epoch_used = 0
+
+
+class ExportAdapter(L.Callback):
+    """Opt-in: at the end of training, write the export folder (see :mod:`camouflage_train.export`) from the
+    final weights. Only rank 0 writes."""
+
+    def __init__(
+        self, output: str, enabled: bool = False, base_model: str | None = None, overwrite: bool = False
+    ) -> None:
+        self.output, self.enabled, self.base_model, self.overwrite = output, enabled, base_model, overwrite
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.enabled:
+            return
+        import tempfile
+        from pathlib import Path
+
+        from camouflage_train.export import export_adapter
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = Path(tmp) / "final.ckpt"
+            trainer.save_checkpoint(checkpoint)  # collective: every rank calls it
+            if trainer.is_global_zero:
+                export_adapter(checkpoint, self.output, base_model=self.base_model, overwrite=self.overwrite)
+                log.info("exported the adapter to %s", self.output)

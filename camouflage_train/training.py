@@ -53,7 +53,8 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         for logger in trainer.loggers:
             logger.finalize("success")
         _finish_wandb()
-    return _write_metrics(output_dir, trainer.callback_metrics)
+    sizes = {"model/trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return _write_metrics(output_dir, {**trainer.callback_metrics, **sizes})
 
 
 def _finish_wandb() -> None:

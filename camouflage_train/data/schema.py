@@ -105,22 +105,31 @@ class AttributeSchema:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> AttributeSchema:
-        """Build from ``{max_persons, continuous: {name: {low, high, mirror}}, categorical: {name: [classes]}}``."""
+        """Build from ``{max_persons, continuous: {name: {low, high, mirror}}, categorical: {name: [classes]}}``
+        (the Hydra form) or the list form of :meth:`to_config`. Attribute order is the encoder's input order."""
         unknown = set(config) - {"max_persons", "continuous", "categorical"}
         if unknown:
             raise ValueError(f"attribute schema: unknown keys {sorted(unknown)}")
-        continuous = tuple(ContinuousAttribute(name=k, **dict(v)) for k, v in (config.get("continuous") or {}).items())
+
+        def items(group: Any) -> list[tuple[str, Any]]:
+            if isinstance(group, Mapping):
+                return list(group.items())
+            return [(entry["name"], {k: v for k, v in entry.items() if k != "name"}) for entry in group or []]
+
+        continuous = tuple(ContinuousAttribute(name=k, **dict(v)) for k, v in items(config.get("continuous")))
         categorical = tuple(
-            CategoricalAttribute(name=k, classes=tuple(v)) for k, v in (config.get("categorical") or {}).items()
+            CategoricalAttribute(name=k, classes=tuple(v["classes"] if isinstance(v, Mapping) else v))
+            for k, v in items(config.get("categorical"))
         )
         return cls(max_persons=int(config["max_persons"]), continuous=continuous, categorical=categorical)
 
     def to_config(self) -> dict[str, Any]:
-        """The inverse of :meth:`from_config`, for checkpoints and exports."""
+        """The inverse of :meth:`from_config`, for checkpoints and exports. Lists keep the attribute order even
+        through JSON writers that sort keys (diffusers' config files do)."""
         return {
             "max_persons": self.max_persons,
-            "continuous": {a.name: {"low": a.low, "high": a.high, "mirror": a.mirror} for a in self.continuous},
-            "categorical": {a.name: list(a.classes) for a in self.categorical},
+            "continuous": [{"name": a.name, "low": a.low, "high": a.high, "mirror": a.mirror} for a in self.continuous],
+            "categorical": [{"name": a.name, "classes": list(a.classes)} for a in self.categorical],
         }
 
     @property

@@ -27,14 +27,15 @@ class FourierFeatures(nn.Module):
 
     def __init__(self, num_freqs: int) -> None:
         super().__init__()
-        self.register_buffer("freqs", (2.0 ** torch.arange(num_freqs)) * math.pi, persistent=False)
+        self.num_freqs = num_freqs  # no buffer: nothing to save, nothing for lazy (meta-device) loading to lose
 
     @property
     def multiplier(self) -> int:
-        return 1 + 2 * self.freqs.numel()
+        return 1 + 2 * self.num_freqs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        angles = x.unsqueeze(-1) * self.freqs.to(x.dtype)
+        freqs = (2.0 ** torch.arange(self.num_freqs, device=x.device, dtype=x.dtype)) * math.pi
+        angles = x.unsqueeze(-1) * freqs
         features = torch.cat([x.unsqueeze(-1), angles.sin(), angles.cos()], dim=-1)
         return features.flatten(-2)
 

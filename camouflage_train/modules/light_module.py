@@ -13,6 +13,8 @@ grid), ``configure_optimizers``, ``on_fit_start`` (log parameter counts), ``on_s
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -26,7 +28,12 @@ from torch.optim import Optimizer
 from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.models.attribute_encoder import AttributeEncoder
 from camouflage_train.models.backbone import load_frozen_backbone, parse_dtype
-from camouflage_train.models.ip_adapter import AdapterConfig, initial_state_dict, install_ip_adapter
+from camouflage_train.models.ip_adapter import (
+    AdapterConfig,
+    cross_attention_keys,
+    initial_state_dict,
+    install_ip_adapter,
+)
 from camouflage_train.pipelines.light import PersonBatch, adapter_inputs, build_pipeline, generate_light
 from camouflage_train.utils.images import save_sample_grid
 
@@ -108,12 +115,18 @@ class LightAdapterModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = set(self.trainable_parameter_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        hparams = {k: v for k, v in self.hparams.items()}
         checkpoint["camouflage"] = {
             "format": CHECKPOINT_FORMAT,
             "backbone": self.backbone_name,
             "backbone_source": str(self.backbone_source),
             "schema": self.schema.to_config(),
             "adapter": dict(self.hparams["adapter"]),
+            # What export needs without rebuilding the UNet: processor name -> IP-Adapter key id.
+            "ip_adapter_keys": dict(cross_attention_keys(self.unet)),
+            "resolution": getattr(datamodule, "resolution", None),
+            "config_hash": hashlib.sha256(json.dumps(hparams, sort_keys=True, default=str).encode()).hexdigest()[:16],
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

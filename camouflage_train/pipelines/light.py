@@ -9,6 +9,7 @@ attribute dropout.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,7 @@ def generate_light(
     seed: int = 0,
     seeds: Sequence[int] | None = None,
     negative_prompt: str | None = None,
+    output_type: str = "pil",
     **pipe_kwargs: Any,
 ) -> list[Image.Image]:
     """One image per prompt; image ``i`` uses ``seeds[i]`` (default ``seed + i``) whatever the batch.
@@ -105,7 +107,7 @@ def generate_light(
         generator=[torch.Generator(device=device).manual_seed(int(s)) for s in seeds],
         ip_adapter_image_embeds=[embeds.to(pipe.unet.dtype)],
         cross_attention_kwargs={"ip_adapter_masks": [masks]},
-        output_type="pil",
+        output_type=output_type,
         **pipe_kwargs,
     ).images
 
@@ -154,9 +156,11 @@ class CamouflageLight:
 
         hparams = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]
         backbone_cfg = dict(hparams["backbone"], **({"weight_dtype": weight_dtype} if weight_dtype else {}))
-        module = LightAdapterModule.load_from_checkpoint(
-            path, map_location="cpu", optimizer=None, backbone=backbone_cfg, weights_only=True
-        )
+        with warnings.catch_warnings():  # frozen weights are not in our checkpoints, by design
+            warnings.filterwarnings("ignore", message=".*are in the model state dict but not in the checkpoint.*")
+            module = LightAdapterModule.load_from_checkpoint(
+                path, map_location="cpu", optimizer=None, backbone=backbone_cfg, weights_only=True
+            )
         for part in adapter_modules(module.unet):  # inference: the adapter runs in the backbone's dtype
             part.to(module.unet.dtype)
         backbone = FrozenBackbone(

@@ -1,0 +1,133 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from camouflage_train.data.synthetic import draw_scene
+from camouflage_train.export import ExportError, export_adapter
+from camouflage_train.inference import load_attribute_encoder, person_inputs
+from camouflage_train.pipelines.base import build_controls, control_kwargs
+from camouflage_train.pipelines.controls import CannyEdges
+from camouflage_train.pipelines.light import CamouflageLight, PersonBatch, generate_light
+
+
+def _records(schema):
+    scenes = [draw_scene(seed, schema, 64) for seed in (11, 12)]
+    return [image for image, _ in scenes], [persons for _, persons in scenes]
+
+
+def _stock_images(pipe, folder, records, weight_name, seeds, **kwargs):
+    pipe.load_ip_adapter(str(folder), subfolder="", weight_name=weight_name, image_encoder_folder=None)
+    pipe.set_progress_bar_config(disable=True)
+    embeds, attention = person_inputs(
+        load_attribute_encoder(folder),
+        records,
+        64,
+        64,
+        guidance=True,
+        vae_scale_factor=pipe.vae_scale_factor,
+        folder=folder,
+    )
+    return pipe(
+        ["a photo of people"] * len(records),
+        negative_prompt=[""] * len(records),
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        ip_adapter_image_embeds=embeds,
+        cross_attention_kwargs=attention,
+        **kwargs,
+    ).images
+
+
+def _ours(checkpoint, records, schema, seeds, controls=()):
+    """The project's Light path: a training checkpoint loaded by CamouflageLight, generating through
+    ``generate_light`` (masks and embeddings built by the training code)."""
+    light = CamouflageLight.from_checkpoint(str(checkpoint), controls=controls)
+    light.pipe.set_progress_bar_config(disable=True)
+    arrays = [schema.to_arrays(persons, "x") for persons in records]
+    persons = PersonBatch(
+        *(
+            torch.from_numpy(np.stack([getattr(a, f) for a in arrays]))
+            for f in ("boxes", "continuous", "categorical", "mask")
+        )
+    )
+    extra = control_kwargs(controls, _records(schema)[0]) if controls else {}
+    return generate_light(
+        light.pipe,
+        light.encoder,
+        light.adapter_config,
+        persons,
+        ["a photo of people"] * 2,
+        64,
+        64,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        seeds=seeds,
+        negative_prompt="",
+        output_type="np",
+        **extra,
+    )
+
+
+def test_export_round_trip_with_stock_diffusers(trained_checkpoint, tmp_path, schema, tiny_model_dir):
+    checkpoint, module = trained_checkpoint
+    folder = export_adapter(checkpoint, tmp_path / "export", base_model="preset:tiny")
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [
+        "README.md",
+        "attribute_encoder",
+        "config.json",
+        "ip-adapter_camouflage.bin",
+        "ip-adapter_camouflage.safetensors",
+    ]
+    flat = load_file(folder / "ip-adapter_camouflage.safetensors")
+    keys = sorted({k.split(".")[1] for k in flat if k.startswith("ip_adapter.")}, key=int)
+    assert keys == ["1", "3", "5", "7", "9", "11"] and "image_proj.proj.0.weight" in flat
+    config = json.loads((folder / "config.json").read_text())
+    assert config["base_model"] == "preset:tiny" and config["max_persons"] == 4 and config["tokens_per_person"] == 2
+    assert (folder / "README.md").read_text().startswith("---\nbase_model: preset:tiny")
+
+    face_schema = module.schema
+    _, records = _records(face_schema)
+    seeds = [3, 4]
+    ours = np.stack(_ours(checkpoint, records, face_schema, seeds))
+    for weight_name in ("ip-adapter_camouflage.safetensors", "ip-adapter_camouflage.bin"):
+        pipe = StableDiffusionPipeline.from_pretrained(
+            tiny_model_dir, safety_checker=None, requires_safety_checker=False
+        )
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        stock = _stock_images(pipe, folder, records, weight_name, seeds)
+        assert np.abs(stock - ours).max() <= 1e-5, weight_name
+
+    controls = build_controls(
+        {"canny": {"model": "preset:tiny-controlnet-1", "preprocessor": CannyEdges()}}, "fp32", None
+    )
+    ours_cn = np.stack(_ours(checkpoint, records, face_schema, seeds, controls))
+    images, _ = _records(face_schema)
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        tiny_model_dir, controlnet=[c.controlnet for c in controls], safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    stock_cn = _stock_images(
+        pipe, folder, records, "ip-adapter_camouflage.safetensors", seeds, **control_kwargs(controls, images)
+    )
+    assert np.abs(stock_cn - ours_cn).max() <= 1e-5
+
+
+def test_export_refuses_overwrite_and_foreign_base(trained_checkpoint, tmp_path):
+    checkpoint, _ = trained_checkpoint
+    with pytest.raises(ExportError, match="trained on the frozen base 'preset:tiny'"):
+        export_adapter(checkpoint, tmp_path / "e", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert not (tmp_path / "e").exists()
+    export_adapter(checkpoint, tmp_path / "e")
+    with pytest.raises(ExportError, match="exists"):
+        export_adapter(checkpoint, tmp_path / "e")
+    export_adapter(checkpoint, tmp_path / "e", overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".e-")], "no staging folder may be left"
