@@ -18,8 +18,6 @@ Everything is written to a temporary folder and renamed at the end; an existing 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from safetensors.torch import save_file
 
 from camouflage_train.models.attribute_encoder import AttributeEncoder
 from camouflage_train.models.ip_adapter import image_proj_to_original
+from camouflage_train.utils.atomic import atomic_folder
 
 WEIGHT_NAME = "ip-adapter_camouflage"
 _PROJ_PREFIX = "unet.encoder_hid_proj.image_projection_layers.0."
@@ -153,18 +152,11 @@ def export_adapter(
         "weight_name": f"{WEIGHT_NAME}.safetensors",
         "dataset": dataset,
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    with atomic_folder(output, replace=True) as staging:
         flat = {f"{group}.{k}": v for group, tensors in state.items() for k, v in tensors.items()}
         save_file(flat, str(staging / f"{WEIGHT_NAME}.safetensors"), metadata={"format": "pt"})
         torch.save(state, staging / f"{WEIGHT_NAME}.bin")
         encoder.save_pretrained(staging / "attribute_encoder")
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         (staging / "README.md").write_text(_model_card(config))
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output

@@ -15,14 +15,14 @@ Outputs are deterministic, meaningless as face analysis, and exercise every line
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from camouflage_train.utils.atomic import atomic_folder
 
 STRIDES = (8, 16, 32)
 NUM_ANCHORS = 2
@@ -101,17 +101,10 @@ def build_tiny_face_pack(folder: str | Path, seed: int = 0) -> Path:
     names = ("det_tiny.onnx", "genderage_tiny.onnx", "w600k_tiny.onnx")
     if all((folder / n).is_file() for n in names):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".faces-", dir=folder.parent))
-    try:
+    with atomic_folder(folder, replace=True) as staging:
         torch.manual_seed(seed)
         det_outputs = [f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in STRIDES]
         _export(SkinBlobDetector(), torch.zeros(1, 3, 640, 640), staging / names[0], det_outputs, dynamic_hw=True)
         _export(TinyConvHead(3, sigmoid_tail=1), torch.zeros(1, 3, 96, 96), staging / names[1], ["fc1"], False)
         _export(TinyConvHead(512), torch.zeros(1, 3, 112, 112), staging / names[2], ["embedding"], False)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder

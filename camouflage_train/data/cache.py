@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +28,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from camouflage_train.data.dataset import PersonImageDataset, Skipped
+from camouflage_train.utils.atomic import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +75,7 @@ def build_cache(
     vae, text_encoder, tokenizer = backbone.vae.to(device), backbone.text_encoder.to(device), backbone.tokenizer
     latent_hw = dataset.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
     channels, text_dim = vae.config.latent_channels, text_encoder.config.hidden_size
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as staging:
         arrays: dict[str, np.ndarray] = {}
 
         def array(name: str, shape: tuple[int, ...], np_type: Any) -> np.ndarray:
@@ -146,9 +143,6 @@ def build_cache(
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
         arrays.clear()  # close the memory maps before the rename
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("latent cache written to %s (%d images, %d skipped)", folder, n, len(reasons))
     return folder
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from camouflage_train.utils.atomic import atomic_folder
 
 PRESET_PREFIX = "preset:"
 CLIP_VOCAB_SIZE = 49408
@@ -123,17 +123,7 @@ def materialize_preset(name: str, cache_dir: str | Path | None = None) -> Path:
 def _materialize(name: str, cache_dir: str | Path | None, marker: str, build: Callable[[Path], None]) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / f"{name}-v{_FORMAT_VERSION}"
-    if (target / marker).is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
-        build(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first; its copy is identical
-            if not (target / marker).is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if not (target / marker).is_file():
+        with atomic_folder(target) as staging:  # a concurrent builder's identical copy may win
+            build(staging)
     return target
