@@ -82,9 +82,6 @@ class PersonArrays:
     categorical: np.ndarray  # [P, K] int64 class indices
     mask: np.ndarray  # [P] bool, True for real persons
 
-    def as_dict(self) -> dict[str, np.ndarray]:
-        return {"boxes": self.boxes, "continuous": self.continuous, "categorical": self.categorical, "mask": self.mask}
-
 
 @dataclass(frozen=True)
 class AttributeSchema:

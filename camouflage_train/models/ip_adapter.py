@@ -16,7 +16,6 @@ contribute exactly nothing; without region masks a real person's mask is the who
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -110,12 +109,6 @@ def install_ip_adapter(
     for processor in modules[1:]:
         processor.scale = [scale]
     return modules
-
-
-def adapter_parameters(unet: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """Named trainable parameters inside the UNet (names as in ``unet.named_parameters()``)."""
-    trainable = {id(p) for m in adapter_modules(unet) for p in m.parameters()}
-    return ((n, p) for n, p in unet.named_parameters() if id(p) in trainable)
 
 
 def person_region_masks(
