@@ -86,8 +86,8 @@ def group_photo() -> Path:
     return Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
 
 
-def cpu_trainer(tmp_path: Path | None = None, **kwargs):
-    """A quiet CPU Lightning Trainer for tests; ``kwargs`` override the defaults."""
+def cpu_trainer(tmp_path: Path, **kwargs):
+    """A quiet CPU Lightning Trainer writing under ``tmp_path`` (never the repository); ``kwargs`` override."""
     import lightning as L
 
     defaults = dict(

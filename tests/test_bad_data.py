@@ -125,7 +125,12 @@ def test_sidecar_screening_caching_and_training_survive_the_corpus(corpus, tmp_p
     module = instantiate(cfg.model)
     monitor = DataHealthMonitor()
     trainer = cpu_trainer(
-        max_steps=4, limit_val_batches=1, val_check_interval=2, check_val_every_n_epoch=None, callbacks=[monitor]
+        tmp_path,
+        max_steps=4,
+        limit_val_batches=1,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        callbacks=[monitor],
     )
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 4 and np.isfinite(float(trainer.callback_metrics["train/loss"]))
@@ -147,6 +152,6 @@ def test_a_fully_bad_dataset_stops_with_a_clear_error(corpus, tmp_path, make_cfg
     with pytest.raises(ValueError, match="no usable sample to cache"):
         dm.setup("fit")
         build_cache(dm.train_set, load_frozen_backbone("preset:tiny", with_unet=False), tmp_path / "c", flip=False)
-    trainer = cpu_trainer(max_steps=10, callbacks=[DataHealthMonitor(3)])
+    trainer = cpu_trainer(tmp_path, max_steps=10, callbacks=[DataHealthMonitor(3)])
     with pytest.raises(RuntimeError, match="3 consecutive training batches had no usable sample"):
         trainer.fit(instantiate(cfg.model), datamodule=dm)
