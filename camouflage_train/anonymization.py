@@ -71,11 +71,14 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # anything else is written as PNG
+
+
 def _save(image: Any, path: Path) -> None:
     """Write atomically: a killed run never leaves a half-written image under its final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG" if path.suffix.lower() != ".webp" else "WEBP"
+    fmt = _FORMATS.get(path.suffix.lower(), "PNG")
     image.save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     os.replace(tmp, path)
 

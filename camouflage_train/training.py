@@ -21,26 +21,14 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
-def _prepare(cfg: DictConfig) -> tuple[Path, L.LightningModule, L.LightningDataModule]:
-    """Seed, create the run folder, then build the model (first: a missing backbone fails before any data
-    is read) and the datamodule."""
+def run_training(cfg: DictConfig) -> dict[str, float]:
+    """Fit the model described by ``cfg``; return the final callback metrics (also written to ``metrics.json``)."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir, instantiate(cfg.model), instantiate(cfg.data)
-
-
-def _write_metrics(output_dir: Path, metrics: dict[str, Any]) -> dict[str, float]:
-    scalars = {k: float(v) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-    (output_dir / "metrics.json").write_text(json.dumps(scalars, indent=2, sort_keys=True))
-    log.info("final metrics: %s", scalars)
-    return scalars
-
-
-def run_training(cfg: DictConfig) -> dict[str, float]:
-    """Fit the model described by ``cfg``; return the final callback metrics (also written to ``metrics.json``)."""
-    output_dir, model, datamodule = _prepare(cfg)
+    model = instantiate(cfg.model)  # first: a missing backbone fails before any data is read
+    datamodule = instantiate(cfg.data)
     callbacks = instantiate_group(cfg.get("callbacks"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")))
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -53,8 +41,11 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         for logger in trainer.loggers:
             logger.finalize("success")
         _finish_wandb()
-    sizes = {"model/trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    return _write_metrics(output_dir, {**trainer.callback_metrics, **sizes})
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics["model/trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    log.info("final metrics: %s", metrics)
+    return metrics
 
 
 def _finish_wandb() -> None:

@@ -25,6 +25,7 @@ from torchmetrics.image import FrechetInceptionDistance, KernelInceptionDistance
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import make_grid
 
+from camouflage_train.anonymization import image_seed
 from camouflage_train.metrics.attributes import AttributePreservation
 from camouflage_train.metrics.clip import ClipScorer, ClipScores, WeightsUnavailableError
 from camouflage_train.metrics.faces import FaceAnalyzer, FaceSet
@@ -146,8 +147,6 @@ class JointEvaluationModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if batch.get("size", 1) == 0:
             return
-        from camouflage_train.anonymization import image_seed
-
         originals = [TF.to_pil_image((p.float().cpu() + 1) / 2) for p in batch["pixel_values"]]
         seeds = [image_seed(self.seed, name) for name in batch["name"]]
         original_faces = [self.faces(image) for image in originals]

@@ -170,6 +170,13 @@ class LightAdapterModule(L.LightningModule):
         ).input_ids
         return self.text_encoder(ids.to(self.device))[0]
 
+    def _empty_text(self) -> torch.Tensor:
+        """The frozen encoder's output for "" (text dropout on cached batches), computed once per device."""
+        cached = getattr(self, "_empty_text_cache", None)
+        if cached is None or cached.device != self.device:
+            cached = self._empty_text_cache = self.encode_text([""])
+        return cached
+
     def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -205,7 +212,7 @@ class LightAdapterModule(L.LightningModule):
                 )
                 text = batch["text_embeds"].to(self.device, self.text_encoder.dtype)
                 if drop_text.any():
-                    text = torch.where(drop_text.to(self.device)[:, None, None], self.encode_text([""]), text)
+                    text = torch.where(drop_text.to(self.device)[:, None, None], self._empty_text(), text)
             else:
                 pixels = batch["pixel_values"].to(self.device, self.vae.dtype)
                 latents = self.vae.encode(pixels).latent_dist.sample(generator)
@@ -245,7 +252,7 @@ class LightAdapterModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
         self.log(
             "data/persons_dropped",
-            float(batch["persons_dropped"].sum()),
+            batch["persons_dropped"].sum().float(),
             on_step=False,
             on_epoch=True,
             reduce_fx="sum",

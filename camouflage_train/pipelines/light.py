@@ -21,6 +21,7 @@ from PIL import Image
 from camouflage_train.models.attribute_encoder import AttributeEncoder
 from camouflage_train.models.backbone import FrozenBackbone
 from camouflage_train.models.ip_adapter import AdapterConfig, adapter_modules, person_region_masks
+from camouflage_train.pipelines.base import control_kwargs, stock_controlnet_pipeline
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,6 @@ class CamouflageLight:
             negative_prompt,
         )
         if self.controls:
-            from camouflage_train.pipelines.base import stock_controlnet_pipeline
-
             self.pipe = stock_controlnet_pipeline(backbone, [c.controlnet for c in self.controls])
         else:
             self.pipe = build_pipeline(
@@ -188,8 +187,6 @@ class CamouflageLight:
     def __call__(
         self, images: Sequence[Image.Image], persons: PersonBatch, seeds: Sequence[int], prompts: Sequence[str]
     ) -> list[Image.Image]:
-        from camouflage_train.pipelines.base import control_kwargs
-
         width, height = images[0].size
         device = self.pipe._execution_device
         persons = PersonBatch(
