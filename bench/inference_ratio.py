@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,9 @@ import torch
 import yaml
 from torchvision.transforms.v2 import functional as TF
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed one
+
+from bench.common import adapter_config, timed
 from camouflage_train.data.dataset import PersonImageDataset, collate_skipping
 from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.data.sources import SyntheticSource
@@ -36,14 +39,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def timed(fn: Any, repeats: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=64)
@@ -53,6 +48,8 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", help="tiny or sd15-shape")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", help="frozen weights: fp32, bf16 or fp16")
+    parser.add_argument("--autocast", action="store_true", help="run under autocast instead of natively in --dtype")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON line here")
     args = parser.parse_args()
     device = torch.device(args.device)
     schema = AttributeSchema.from_config(yaml.safe_load((REPO / "configs/attributes/face.yaml").read_text()))
@@ -76,11 +73,7 @@ def main() -> None:
         num_inference_steps=args.steps,
     ).to(device)
     backbone = load_frozen_backbone(f"preset:{args.preset}", weight_dtype=args.dtype)
-    model_cfg = "configs/model/light_tiny.yaml" if args.preset == "tiny" else "configs/model/light.yaml"
-    adapter = yaml.safe_load((REPO / model_cfg).read_text())["adapter"]
-    if args.preset == "tiny":
-        adapter = {**yaml.safe_load((REPO / "configs/model/light.yaml").read_text())["adapter"], **adapter}
-    config = AdapterConfig(**adapter)
+    config = AdapterConfig(**adapter_config(args.preset))
     install_ip_adapter(backbone.unet, initial_state_dict(backbone.unet, config))
     encoder = AttributeEncoder(
         schema=schema.to_config(), embed_dim=config.embed_dim, width=config.encoder_width, depth=config.encoder_depth
@@ -89,30 +82,36 @@ def main() -> None:
     persons = PersonBatch.from_batch(batch)
 
     def run(fn: Any) -> None:
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.dtype != "fp32"):
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.autocast):
             fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    base_s = timed(lambda: run(lambda: base(images, seeds, prompts)), args.repeats) / args.batch
-    light_s = timed(lambda: run(lambda: light(images, persons, seeds, prompts)), args.repeats) / args.batch
-    print(
-        json.dumps(
-            {
-                "preset": args.preset,
-                "device": str(device),
-                "dtype": args.dtype,
-                "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                "resolution": args.resolution,
-                "steps": args.steps,
-                "batch": args.batch,
-                "base_s_per_image": round(base_s, 4),
-                "light_s_per_image": round(light_s, 4),
-                "light_over_base": round(light_s / base_s, 3),
-                "threads": torch.get_num_threads(),
-            }
-        )
+    def per_image(fn: Any) -> float:
+        run(fn)  # warm-up
+        return timed(lambda: run(fn), args.repeats, device) / args.batch
+
+    base_s = per_image(lambda: base(images, seeds, prompts))
+    light_s = per_image(lambda: light(images, persons, seeds, prompts))
+    line = json.dumps(
+        {
+            "preset": args.preset,
+            "device": str(device),
+            "dtype": args.dtype,
+            "autocast": args.autocast,
+            "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "resolution": args.resolution,
+            "steps": args.steps,
+            "batch": args.batch,
+            "base_s_per_image": round(base_s, 4),
+            "light_s_per_image": round(light_s, 4),
+            "light_over_base": round(light_s / base_s, 3),
+            "threads": torch.get_num_threads(),
+        }
     )
+    if args.out:
+        args.out.write_text(line + "\n")
+    print(line)
 
 
 if __name__ == "__main__":

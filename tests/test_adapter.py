@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -6,6 +8,7 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from camouflage_train.models.attribute_encoder import AttributeEncoder
 from camouflage_train.models.ip_adapter import (
     AdapterConfig,
+    ComputeDtypeLinear,
     cross_attention_keys,
     image_proj_to_original,
     initial_state_dict,
@@ -150,3 +153,29 @@ def test_attribute_encoder_save_load_round_trip(tmp_path, schema):
     torch.testing.assert_close(loaded(boxes, cont, cat), encoder(boxes, cont, cat))
     with pytest.raises(ValueError, match="expected 4 continuous"):
         encoder(boxes, cont[..., :2], cat)
+
+
+def test_adapter_computes_in_the_frozen_dtype_with_fp32_master_weights(unet):
+    """A bf16 UNet runs with autocast off; to_k_ip/to_v_ip keep fp32 weights, get fp32 gradients, and keep
+    nn.Linear's state-dict names; the output is close to the fp32 model's."""
+    config = AdapterConfig(embed_dim=16, tokens_per_person=2)
+    reference = copy.deepcopy(unet)
+    install_ip_adapter(reference, initial_state_dict(reference, config))
+    install_ip_adapter(unet.to(torch.bfloat16), initial_state_dict(unet, config))
+    unet.load_state_dict(reference.state_dict())  # same adapter weights (the UNet's are cast to bf16)
+    assert {k for k in unet.state_dict() if "to_k_ip" in k} == {k for k in reference.state_dict() if "to_k_ip" in k}
+    sample, timestep, text = _unet_inputs(2)
+    embeds = torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(1))
+    kwargs = {"added_cond_kwargs": {"image_embeds": [embeds]}}
+    expected = reference(sample, timestep, text, **kwargs).sample
+    with torch.autocast("cpu", enabled=False):
+        out = unet(sample.bfloat16(), timestep, text.bfloat16(), **kwargs).sample
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.05)
+    out.float().square().mean().backward()
+    layer = next(p for p in unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)).to_k_ip[0]
+    assert isinstance(layer, ComputeDtypeLinear)
+    assert layer.weight.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    assert layer.weight.grad.abs().sum() > 0
+    unet.to(torch.float32)  # the compute dtype follows the frozen weights
+    assert unet(sample, timestep, text, **kwargs).sample.dtype == torch.float32

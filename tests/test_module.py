@@ -133,8 +133,14 @@ def test_checkpoint_from_another_adapter_size_is_refused(make_cfg, tmp_path, tin
 def test_precision_guards(make_cfg, tmp_path, tiny_model_dir):
     cfg = make_cfg("experiment=demo", "model.backbone.weight_dtype=bf16")
     module = instantiate(cfg.model)
+    autocast = instantiate(
+        make_cfg("experiment=demo", "model.backbone.weight_dtype=bf16", "model.frozen_autocast=true").model
+    )
     with pytest.raises(ValueError, match="needs autocast"):
-        _trainer(tmp_path, max_steps=1, precision="32-true").fit(module, datamodule=_datamodule(cfg))
+        _trainer(tmp_path, max_steps=1, precision="32-true").fit(autocast, datamodule=_datamodule(cfg))
+    fp16 = instantiate(make_cfg("experiment=demo", "model.backbone.weight_dtype=fp16").model)
+    with pytest.raises(ValueError, match=r"fp16 needs trainer\.precision=16-mixed"):
+        _trainer(tmp_path, max_steps=1, precision="bf16-mixed").fit(fp16, datamodule=_datamodule(cfg))
     with pytest.raises(ValueError, match="would cast the trainable adapter"):
         _trainer(tmp_path, max_steps=1, precision="bf16-true").fit(copy.deepcopy(module), datamodule=_datamodule(cfg))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterFaceIDImageProjection
 from torch import nn
@@ -97,17 +98,46 @@ def adapter_modules(unet: nn.Module) -> list[nn.Module]:
     return [unet.encoder_hid_proj, *processors]
 
 
+class ComputeDtypeLinear(nn.Linear):
+    """A bias-free ``nn.Linear`` whose fp32 (master) weight is applied in the frozen attention's dtype.
+
+    The frozen UNet can then run natively in bf16/fp16 with autocast off (no fp32 group norms, no cast of
+    every activation), while the trainable ``to_k_ip``/``to_v_ip`` keep fp32 weights and get fp32
+    gradients through the cast. The dtype follows the frozen ``to_k`` weight of the same layer, so
+    ``unet.to(dtype)`` keeps both in step. Parameter names are those of ``nn.Linear``.
+    """
+
+    def __init__(self, linear: nn.Linear, frozen: nn.Linear) -> None:
+        if linear.bias is not None:
+            raise ValueError("IP-Adapter projections have no bias")
+        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
+        self.weight = linear.weight
+        self._frozen_weight = (frozen.weight,)  # a tuple: not registered, not in the state dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._frozen_weight[0].dtype
+        return F.linear(x.to(dtype), self.weight.to(dtype))
+
+
 def install_ip_adapter(
     unet: nn.Module, state_dict: dict[str, dict[str, torch.Tensor]], scale: float = 1.0
 ) -> list[nn.Module]:
-    """Install the adapter through diffusers' loader, keep it fp32 and trainable; return its modules."""
+    """Install the adapter through diffusers' loader, keep it fp32 and trainable; return its modules.
+
+    ``to_k_ip``/``to_v_ip`` compute in the UNet's dtype (:class:`ComputeDtypeLinear`), so a bf16 UNet
+    needs no autocast; the projection ``encoder_hid_proj`` computes in fp32 (a few tokens per person).
+    """
     unet._load_ip_adapter_weights([state_dict], low_cpu_mem_usage=False)
     modules = adapter_modules(unet)
     for module in modules:
         module.to(torch.float32)
         module.requires_grad_(True)
-    for processor in modules[1:]:
-        processor.scale = [scale]
+    for name, _ in cross_attention_keys(unet):
+        attn = _attention_module(unet, name)
+        attn.processor.scale = [scale]
+        for layers, frozen in ((attn.processor.to_k_ip, attn.to_k), (attn.processor.to_v_ip, attn.to_v)):
+            for index, layer in enumerate(layers):
+                layers[index] = ComputeDtypeLinear(layer, frozen)
     return modules
 
 

@@ -13,6 +13,7 @@ grid), ``configure_optimizers``, ``on_fit_start`` (log parameter counts), ``on_s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -56,6 +57,12 @@ class LightAdapterModule(L.LightningModule):
             unconditional branch, exactly what sampling uses as the negative).
         noise_offset: offset-noise strength (0 disables).
         gradient_checkpointing: checkpoint the frozen UNet's blocks to save activation memory.
+        frozen_autocast: run a bf16/fp16 frozen backbone under the trainer's autocast instead of natively in
+            its own dtype. Native (the default) skips autocast's fp32 group norms and per-op casts; the
+            adapter keeps fp32 weights either way (see ``bench/train_step.py`` for the measured difference).
+        channels_last: keep the UNet's weights and input in channels-last memory format (faster
+            convolutions on tensor-core GPUs).
+        compile_unet: ``torch.compile`` the frozen UNet in place (parameter names unchanged).
         validation: ``{num_images, num_inference_steps, guidance_scale, seed}`` for the sample grid.
     """
 
@@ -70,6 +77,9 @@ class LightAdapterModule(L.LightningModule):
         attribute_dropout: float = 0.05,
         noise_offset: float = 0.0,
         gradient_checkpointing: bool = False,
+        frozen_autocast: bool = False,
+        channels_last: bool = False,
+        compile_unet: bool = False,
         validation: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -99,6 +109,11 @@ class LightAdapterModule(L.LightningModule):
         install_ip_adapter(self.unet, initial_state_dict(self.unet, cfg), scale=cfg.scale)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if compile_unet:
+            self.unet.compile()
         # Frozen weights are not in our checkpoints; on_load_checkpoint checks the trainable keys instead.
         self.strict_loading = False
 
@@ -146,10 +161,15 @@ class LightAdapterModule(L.LightningModule):
                 f"trainer.precision={precision} would cast the trainable adapter to low precision; "
                 "use bf16-mixed or 16-mixed (the adapter stays fp32, the frozen backbone uses backbone.weight_dtype)"
             )
-        if self.weight_dtype != torch.float32 and "mixed" not in precision:
+        if self.weight_dtype != torch.float32 and self.hparams.frozen_autocast and "mixed" not in precision:
             raise ValueError(
                 f"model.backbone.weight_dtype={self.weight_dtype} needs autocast: set trainer.precision to "
                 "bf16-mixed or 16-mixed, or weight_dtype=fp32"
+            )
+        if self.weight_dtype == torch.float16 and precision != "16-mixed":
+            raise ValueError(
+                "model.backbone.weight_dtype=fp16 needs trainer.precision=16-mixed: gradients through a frozen "
+                "fp16 UNet underflow without the loss scaling it brings"
             )
 
     def on_fit_start(self) -> None:
@@ -177,6 +197,12 @@ class LightAdapterModule(L.LightningModule):
             cached = self._empty_text_cache = self.encode_text([""])
         return cached
 
+    def _frozen_compute(self) -> contextlib.AbstractContextManager:
+        """Autocast off around the frozen backbone when it is stored in low precision (see ``frozen_autocast``)."""
+        if self.weight_dtype == torch.float32 or self.hparams.frozen_autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
+
     def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
@@ -203,7 +229,8 @@ class LightAdapterModule(L.LightningModule):
             drop_text = torch.rand(batch_size, generator=generator) < self.hparams.text_dropout
             drop_persons = torch.rand(batch_size, generator=generator) < self.hparams.attribute_dropout
             person_mask = person_mask & ~drop_persons.to(person_mask.device)[:, None]
-        with torch.no_grad():
+        persons = PersonBatch(batch["boxes"], batch["continuous"], batch["categorical"], person_mask)
+        with torch.no_grad(), self._frozen_compute():
             if cached:
                 mean = batch["latent_mean"].to(self.device, self.vae.dtype)
                 std = batch["latent_std"].to(self.device, self.vae.dtype)
@@ -228,15 +255,15 @@ class LightAdapterModule(L.LightningModule):
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (batch_size,), generator=generator, device=self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        persons = PersonBatch(batch["boxes"], batch["continuous"], batch["categorical"], person_mask)
         embeds, masks = adapter_inputs(self.encoder, self.adapter_config, persons, tuple(latents.shape[-2:]))
-        prediction = self.unet(
-            noisy,
-            timesteps,
-            encoder_hidden_states=text,
-            added_cond_kwargs={"image_embeds": [embeds]},
-            cross_attention_kwargs={"ip_adapter_masks": [masks]},
-        ).sample
+        with self._frozen_compute():
+            prediction = self.unet(
+                noisy.to(self.weight_dtype, memory_format=self.memory_format),
+                timesteps,
+                encoder_hidden_states=text.to(self.weight_dtype),
+                added_cond_kwargs={"image_embeds": [embeds.float()]},  # the fp32 projection
+                cross_attention_kwargs={"ip_adapter_masks": [masks]},
+            ).sample
         return F.mse_loss(prediction.float(), self._target(latents, noise, timesteps).float())
 
     def _log_skipped(self, batch: dict[str, Any], stage: str) -> None:

@@ -106,7 +106,8 @@ def generate_light(
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         generator=[torch.Generator(device=device).manual_seed(int(s)) for s in seeds],
-        ip_adapter_image_embeds=[embeds.to(pipe.unet.dtype)],
+        # In the projection's dtype: fp32 for a trained adapter on a bf16 UNet (no autocast needed).
+        ip_adapter_image_embeds=[embeds.to(next(pipe.unet.encoder_hid_proj.parameters()).dtype)],
         cross_attention_kwargs={"ip_adapter_masks": [masks]},
         output_type=output_type,
         **pipe_kwargs,

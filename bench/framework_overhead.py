@@ -1,0 +1,135 @@
+"""Lightning's cost per training step: ``Trainer.fit`` vs a bare PyTorch loop, same model, maths and batches.
+
+    python bench/framework_overhead.py                                  # tiny preset, 64², CPU
+    python bench/framework_overhead.py --preset sd15-shape --resolution 512 --device cuda --batch-size 16
+
+Both loops iterate the same prefetched batches (already on the device, so data loading is not measured)
+and run ``LightAdapterModule.diffusion_loss`` + backward + AdamW. The Lightning side is the real
+``training_step`` under a ``Trainer`` configured like ``configs/trainer/default.yaml`` (logging every 10
+steps to CSV, gradient clipping, bf16-mixed for low-precision backbones; no validation or checkpoints,
+which are periodic costs). The two alternate ``--rounds`` times; medians are compared. Ends with one JSON
+line whose ``lightning_over_bare`` is the overhead ratio (target ≤ 1.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import build_module, card_name, datamodule, sync, to_device
+
+
+class StepTimer(L.Callback):
+    """Wall time from the start of step ``warmup`` to the end of the last step."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end = warmup, 0.0, 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, index: int) -> None:
+        if index == self.warmup:
+            sync(module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        sync(module.device)
+        self.end = time.perf_counter()
+
+
+def lightning_seconds(module, batches, steps: int, warmup: int, device: torch.device, precision: str) -> float:
+    timer = StepTimer(warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            precision=precision,
+            max_steps=warmup + steps,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            log_every_n_steps=10,
+            gradient_clip_val=1.0,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            logger=L.pytorch.loggers.CSVLogger(tmp, name="", version=""),
+            callbacks=[timer],
+            default_root_dir=tmp,
+        )
+        loader = [batches[i % len(batches)] for i in range(warmup + steps)]
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(loader, batch_size=None))
+    return (timer.end - timer.start) / steps
+
+
+def bare_seconds(module, batches, steps: int, warmup: int, device: torch.device) -> float:
+    """The same maths as one Lightning step: autocast, loss, backward, clip, AdamW step, zero grad."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = module.configure_optimizers()["optimizer"]
+    low = module.weight_dtype
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        with torch.autocast(device.type, low if low != torch.float32 else torch.bfloat16, enabled=low != torch.float32):
+            loss = module.diffusion_loss(batches[i % len(batches)], dropout=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default=None, help="frozen weights; default bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[dtype]
+    module = build_module(args.preset, dtype).to(device)
+    dm = datamodule(module, 2 * args.batch_size, args.resolution, args.batch_size)
+    batches = [to_device(b, device) for b in dm.train_dataloader()][:2]
+    lightning, bare = [], []
+    for _ in range(args.rounds):
+        bare.append(bare_seconds(module.train(), batches, args.steps, args.warmup, device))
+        lightning.append(lightning_seconds(module, batches, args.steps, args.warmup, device, precision))
+    ratio = statistics.median(lightning) / statistics.median(bare)
+    result = {
+        "bench": "framework_overhead",
+        "preset": args.preset,
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "dtype": dtype,
+        "device": card_name(device),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "bare_step_s": [round(s, 4) for s in bare],
+        "lightning_step_s": [round(s, 4) for s in lightning],
+        "lightning_over_bare": round(ratio, 4),
+    }
+    line = json.dumps(result)
+    if args.out:
+        args.out.write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()

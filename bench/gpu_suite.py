@@ -1,0 +1,165 @@
+"""The GPU benchmark: training step, framework overhead and Light/Base inference on SD 1.5 shapes, < 10 min.
+
+For an air-gapped GPU machine with torch, lightning and transformers installed; diffusers, open_clip,
+ftfy, wcwidth (and PyYAML if missing) travel as wheels, Hydra/wandb/datasets are not needed:
+
+    python bench/gpu_suite.py --out bench/results/gpu.json             # sd15-shape, 512², bf16
+    python bench/gpu_suite.py --preset tiny --resolution 64 --device cpu --train-batch-sizes 2 --quick  # smoke
+
+Runs, in this order and within ``--budget-s`` (what does not fit is reported as skipped):
+1. ``bench/train_step.py`` rows: ``bf16`` (native bf16 frozen backbone) at each ``--train-batch-sizes``,
+   and at the middle batch size the other modes (autocast, cached latents, checkpointing, fp32,
+   channels-last, eager attention, torch.compile, all fastest options together); images/s, peak memory,
+   TFLOP/step, MFU against the card's dense bf16 peak.
+2. ``bench/framework_overhead.py`` at the middle batch size.
+3. ``bench/inference_ratio.py``: Light vs Base seconds per image, 25 steps, batch 4.
+Ends with one JSON line holding every result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+SECOND_MODES = (
+    "bf16-autocast",
+    "bf16-cached",
+    "bf16-ckpt",
+    "fp32",
+    "bf16-channels-last",
+    "bf16-compile",
+    "fastest",
+    "bf16-eager-attention",
+)
+
+
+def run_json(command: list[str], timeout: float) -> dict[str, Any]:
+    """Run a bench script; its last stdout line is its JSON result."""
+    if timeout <= 5:
+        return {"skipped": "time budget spent"}
+    try:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH.parent), os.environ.get("PYTHONPATH")])),
+        }
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=BENCH.parent, env=env)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"timed out after {timeout:.0f} s"}
+    sys.stderr.write(done.stderr[-3000:])
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="sd15-shape")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--train-batch-sizes", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="stop starting new parts after this")
+    parser.add_argument("--quick", action="store_true", help="fewer steps (smoke runs)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    start = time.perf_counter()
+
+    def left() -> float:
+        return args.budget_s - (time.perf_counter() - start)
+
+    steps, infer_steps = ("2", "2") if args.quick else ("6", "25")
+    common = ["--preset", args.preset, "--resolution", str(args.resolution), "--device", args.device]
+    sizes = args.train_batch_sizes
+    middle = sizes[len(sizes) // 2]
+    plan = [("bf16", size) for size in sizes] + [(mode, middle) for mode in SECOND_MODES]
+    # Materialise the presets once (first load builds them), so no timed part pays for it.
+    results: dict[str, Any] = {
+        "bench": "gpu_suite",
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device,
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "resolution": args.resolution,
+    }
+    prepare = [
+        sys.executable,
+        "-c",
+        "from camouflage_train.models.presets import materialize_preset as m; "
+        + "; ".join(f"m('{name}')" for name in [args.preset] + [f"{args.preset}-controlnet-{i}" for i in range(1, 7)])
+        + "; print('{}')",
+    ]
+    results["prepare"] = run_json(prepare, left())
+    rows = []
+    for mode, size in plan:
+        row = run_json(
+            [
+                sys.executable,
+                str(BENCH / "train_step.py"),
+                *common,
+                "--modes",
+                mode,
+                "--batch-sizes",
+                str(size),
+                "--steps",
+                steps,
+                "--warmup",
+                "2",
+            ],
+            left(),
+        )
+        rows.extend(row.get("rows", [{"mode": mode, "batch_size": size, **row}]))
+        print(json.dumps(rows[-1]), flush=True)
+    sys.path.insert(0, str(BENCH.parent))
+    from bench.train_step import ratios
+
+    results["train_step"] = {"rows": rows, "ratios": ratios(rows)}
+    results["framework_overhead"] = run_json(
+        [
+            sys.executable,
+            str(BENCH / "framework_overhead.py"),
+            *common,
+            "--batch-size",
+            str(middle),
+            "--dtype",
+            "bf16",
+            "--steps",
+            "10" if not args.quick else "3",
+            "--rounds",
+            "2",
+        ],
+        left(),
+    )
+    print(json.dumps({"framework_overhead": results["framework_overhead"]}), flush=True)
+    results["inference"] = run_json(
+        [
+            sys.executable,
+            str(BENCH / "inference_ratio.py"),
+            *common,
+            "--dtype",
+            "bf16",
+            "--steps",
+            infer_steps,
+            "--batch",
+            "4",
+            "--repeats",
+            "1",
+        ],
+        left(),
+    )
+    results["wall_s"] = round(time.perf_counter() - start, 1)
+    line = json.dumps(results)
+    if args.out:
+        args.out.write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()

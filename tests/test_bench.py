@@ -1,0 +1,44 @@
+"""The benchmark scripts run end to end on the tiny preset (numbers are not checked, their shape is)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _run(script: str, *args: str, tmp_path) -> dict:
+    out = tmp_path / "result.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == result  # the last stdout line is the result
+    return result
+
+
+def test_train_step_bench_rows_and_ratios(tmp_path, tiny_model_dir):
+    result = _run(
+        "train_step.py",
+        *("--modes", "fp32", "fp32-cached", "--batch-sizes", "2", "--steps", "1", "--warmup", "1"),
+        tmp_path=tmp_path,
+    )
+    online, cached = result["rows"]
+    assert (online["mode"], cached["mode"]) == ("fp32", "fp32-cached")
+    for row in (online, cached):
+        assert "error" not in row, row
+        assert row["images_per_s"] > 0 and row["peak_mem_gib"] > 0
+    # The cached step skips the VAE encoder and the text encoder: fewer FLOPs, counted, not assumed.
+    assert 0 < cached["tflop_per_step"] < online["tflop_per_step"]
+    assert set(result["ratios"]) == {"cached_over_online_fp32@2"}
+
+
+def test_framework_overhead_bench(tmp_path, tiny_model_dir):
+    result = _run("framework_overhead.py", *("--batch-size", "2", "--steps", "2", "--rounds", "1"), tmp_path=tmp_path)
+    assert result["lightning_over_bare"] > 0
+    assert len(result["bare_step_s"]) == len(result["lightning_step_s"]) == 1
