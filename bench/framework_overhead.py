@@ -7,8 +7,9 @@ Both loops iterate the same prefetched batches (already on the device, so data l
 and run ``LightAdapterModule.diffusion_loss`` + backward + AdamW. The Lightning side is the real
 ``training_step`` under a ``Trainer`` configured like ``configs/trainer/default.yaml`` (logging every 10
 steps to CSV, gradient clipping, bf16-mixed for low-precision backbones; no validation or checkpoints,
-which are periodic costs). The two alternate ``--rounds`` times; medians are compared. Ends with one JSON
-line whose ``lightning_over_bare`` is the overhead ratio (target ≤ 1.05).
+which are periodic costs). The two alternate ``--rounds`` times; each step is timed from its start to the
+next step's start, and the medians over all timed steps are compared (robust to bursts of load on a shared
+machine). Ends with one JSON line whose ``lightning_over_bare`` is the overhead ratio (target ≤ 1.05).
 """
 
 from __future__ import annotations
@@ -31,22 +32,24 @@ from bench.common import build_module, card_name, datamodule, sync, to_device
 
 
 class StepTimer(L.Callback):
-    """Wall time from the start of step ``warmup`` to the end of the last step."""
+    """Time between consecutive step starts (everything Lightning does per step), after ``warmup`` steps."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.end = warmup, 0.0, 0.0
+        self.warmup, self.starts = warmup, []
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, index: int) -> None:
-        if index == self.warmup:
-            sync(module.device)
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         sync(module.device)
-        self.end = time.perf_counter()
+        self.starts.append(time.perf_counter())
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        sync(module.device)
+        self.starts.append(time.perf_counter())
+
+    def durations(self) -> list[float]:
+        return [b - a for a, b in zip(self.starts[self.warmup : -1], self.starts[self.warmup + 1 :], strict=True)]
 
 
-def lightning_seconds(module, batches, steps: int, warmup: int, device: torch.device, precision: str) -> float:
+def lightning_steps(module, batches, steps: int, warmup: int, device: torch.device, precision: str) -> list[float]:
     timer = StepTimer(warmup)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
@@ -67,18 +70,18 @@ def lightning_seconds(module, batches, steps: int, warmup: int, device: torch.de
         )
         loader = [batches[i % len(batches)] for i in range(warmup + steps)]
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(loader, batch_size=None))
-    return (timer.end - timer.start) / steps
+    return timer.durations()
 
 
-def bare_seconds(module, batches, steps: int, warmup: int, device: torch.device) -> float:
+def bare_steps(module, batches, steps: int, warmup: int, device: torch.device) -> list[float]:
     """The same maths as one Lightning step: autocast, loss, backward, clip, AdamW step, zero grad."""
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = module.configure_optimizers()["optimizer"]
     low = module.weight_dtype
+    starts = []
     for i in range(warmup + steps):
-        if i == warmup:
-            sync(device)
-            start = time.perf_counter()
+        sync(device)
+        starts.append(time.perf_counter())
         with torch.autocast(device.type, low if low != torch.float32 else torch.bfloat16, enabled=low != torch.float32):
             loss = module.diffusion_loss(batches[i % len(batches)], dropout=True)
         loss.backward()
@@ -86,7 +89,8 @@ def bare_seconds(module, batches, steps: int, warmup: int, device: torch.device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     sync(device)
-    return (time.perf_counter() - start) / steps
+    starts.append(time.perf_counter())
+    return [b - a for a, b in zip(starts[warmup:-1], starts[warmup + 1 :], strict=True)]
 
 
 def main() -> None:
@@ -109,8 +113,8 @@ def main() -> None:
     batches = [to_device(b, device) for b in dm.train_dataloader()][:2]
     lightning, bare = [], []
     for _ in range(args.rounds):
-        bare.append(bare_seconds(module.train(), batches, args.steps, args.warmup, device))
-        lightning.append(lightning_seconds(module, batches, args.steps, args.warmup, device, precision))
+        bare += bare_steps(module.train(), batches, args.steps, args.warmup, device)
+        lightning += lightning_steps(module, batches, args.steps, args.warmup, device, precision)
     ratio = statistics.median(lightning) / statistics.median(bare)
     result = {
         "bench": "framework_overhead",
@@ -121,8 +125,11 @@ def main() -> None:
         "device": card_name(device),
         "torch": torch.__version__,
         "lightning": L.__version__,
-        "bare_step_s": [round(s, 4) for s in bare],
-        "lightning_step_s": [round(s, 4) for s in lightning],
+        "steps_timed": len(bare),
+        "bare_step_s_median": round(statistics.median(bare), 5),
+        "lightning_step_s_median": round(statistics.median(lightning), 5),
+        "bare_step_s_min": round(min(bare), 5),
+        "lightning_step_s_min": round(min(lightning), 5),
         "lightning_over_bare": round(ratio, 4),
     }
     line = json.dumps(result)

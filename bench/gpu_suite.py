@@ -7,12 +7,12 @@ ftfy, wcwidth (and PyYAML if missing) travel as wheels, Hydra/wandb/datasets are
     python bench/gpu_suite.py --preset tiny --resolution 64 --device cpu --train-batch-sizes 2 --quick  # smoke
 
 Runs, in this order and within ``--budget-s`` (what does not fit is reported as skipped):
-1. ``bench/train_step.py`` rows: ``bf16`` (native bf16 frozen backbone) at each ``--train-batch-sizes``,
-   and at the middle batch size the other modes (autocast, cached latents, checkpointing, fp32,
-   channels-last, eager attention, torch.compile, all fastest options together); images/s, peak memory,
-   TFLOP/step, MFU against the card's dense bf16 peak.
-2. ``bench/framework_overhead.py`` at the middle batch size.
-3. ``bench/inference_ratio.py``: Light vs Base seconds per image, 25 steps, batch 4.
+1. ``bench/train_step.py``: ``bf16`` (native bf16 frozen backbone) at each ``--train-batch-sizes``;
+   images/s, peak memory, TFLOP/step, MFU against the card's dense bf16 peak.
+2. ``bench/inference_ratio.py``: Light vs Base seconds per image, 25 steps, batch 4.
+3. ``bench/framework_overhead.py`` at the middle batch size.
+4. ``bench/train_step.py`` at the middle batch size for ``--modes`` (default: autocast, cached latents,
+   checkpointing, fp32, channels-last, torch.compile, all fastest options, eager attention).
 Ends with one JSON line holding every result.
 """
 
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--train-batch-sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--modes", nargs="+", default=list(SECOND_MODES), help="modes run at the middle batch size")
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop starting new parts after this")
     parser.add_argument("--quick", action="store_true", help="fewer steps (smoke runs)")
     parser.add_argument("--out", type=Path, default=None)
@@ -80,7 +81,6 @@ def main() -> None:
     common = ["--preset", args.preset, "--resolution", str(args.resolution), "--device", args.device]
     sizes = args.train_batch_sizes
     middle = sizes[len(sizes) // 2]
-    plan = [("bf16", size) for size in sizes] + [(mode, middle) for mode in SECOND_MODES]
     # Materialise the presets once (first load builds them), so no timed part pays for it.
     results: dict[str, Any] = {
         "bench": "gpu_suite",
@@ -97,63 +97,33 @@ def main() -> None:
         + "; print('{}')",
     ]
     results["prepare"] = run_json(prepare, left())
-    rows = []
-    for mode, size in plan:
-        row = run_json(
-            [
-                sys.executable,
-                str(BENCH / "train_step.py"),
-                *common,
-                "--modes",
-                mode,
-                "--batch-sizes",
-                str(size),
-                "--steps",
-                steps,
-                "--warmup",
-                "2",
-            ],
-            left(),
-        )
-        rows.extend(row.get("rows", [{"mode": mode, "batch_size": size, **row}]))
-        print(json.dumps(rows[-1]), flush=True)
+
+    def train_rows(plan: list[tuple[str, int]]) -> list[dict[str, Any]]:
+        rows = []
+        for mode, size in plan:
+            command = [sys.executable, str(BENCH / "train_step.py"), *common, "--modes", mode]
+            command += ["--batch-sizes", str(size), "--steps", steps, "--warmup", "2"]
+            row = run_json(command, left())
+            rows.extend(row.get("rows", [{"mode": mode, "batch_size": size, **row}]))
+            print(json.dumps(rows[-1]), flush=True)
+        return rows
+
+    # In order of importance, so a slow machine drops the least important parts: the bf16 step over batch
+    # sizes, Light/Base inference, Lightning's overhead, then the other modes at the middle batch size.
+    rows = train_rows([("bf16", size) for size in sizes])
+    inference = [sys.executable, str(BENCH / "inference_ratio.py"), *common, "--dtype", "bf16"]
+    inference += ["--steps", infer_steps, "--batch", "4", "--repeats", "1"]
+    results["inference"] = run_json(inference, left())
+    print(json.dumps({"inference": results["inference"]}), flush=True)
+    overhead = [sys.executable, str(BENCH / "framework_overhead.py"), *common, "--batch-size", str(middle)]
+    overhead += ["--dtype", "bf16", "--steps", "10" if not args.quick else "3", "--rounds", "2"]
+    results["framework_overhead"] = run_json(overhead, left())
+    print(json.dumps({"framework_overhead": results["framework_overhead"]}), flush=True)
+    rows += train_rows([(mode, middle) for mode in args.modes])
     sys.path.insert(0, str(BENCH.parent))
     from bench.train_step import ratios
 
     results["train_step"] = {"rows": rows, "ratios": ratios(rows)}
-    results["framework_overhead"] = run_json(
-        [
-            sys.executable,
-            str(BENCH / "framework_overhead.py"),
-            *common,
-            "--batch-size",
-            str(middle),
-            "--dtype",
-            "bf16",
-            "--steps",
-            "10" if not args.quick else "3",
-            "--rounds",
-            "2",
-        ],
-        left(),
-    )
-    print(json.dumps({"framework_overhead": results["framework_overhead"]}), flush=True)
-    results["inference"] = run_json(
-        [
-            sys.executable,
-            str(BENCH / "inference_ratio.py"),
-            *common,
-            "--dtype",
-            "bf16",
-            "--steps",
-            infer_steps,
-            "--batch",
-            "4",
-            "--repeats",
-            "1",
-        ],
-        left(),
-    )
     results["wall_s"] = round(time.perf_counter() - start, 1)
     line = json.dumps(results)
     if args.out:

@@ -185,7 +185,7 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     for name, top, bottom, field in RATIOS:
         for (mode, size), row in table.items():
             other = table.get((bottom, size))
-            if mode == top and other and other.get(field):
+            if mode == top and other and other.get(field) and row.get(field):
                 out[f"{name}@{size}"] = round(row[field] / other[field], 3)
     return out
 

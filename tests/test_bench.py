@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from tests.conftest import REPO
 
 
 def _run(script: str, *args: str, tmp_path) -> dict:
@@ -40,5 +40,5 @@ def test_train_step_bench_rows_and_ratios(tmp_path, tiny_model_dir):
 
 def test_framework_overhead_bench(tmp_path, tiny_model_dir):
     result = _run("framework_overhead.py", *("--batch-size", "2", "--steps", "2", "--rounds", "1"), tmp_path=tmp_path)
-    assert result["lightning_over_bare"] > 0
-    assert len(result["bare_step_s"]) == len(result["lightning_step_s"]) == 1
+    assert result["lightning_over_bare"] > 0 and result["steps_timed"] == 2
+    assert result["bare_step_s_median"] > 0 and result["lightning_step_s_median"] > 0
