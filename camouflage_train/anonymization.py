@@ -32,6 +32,7 @@ from camouflage_train.models.backbone import load_frozen_backbone
 from camouflage_train.models.ip_adapter import person_region_masks
 from camouflage_train.pipelines.base import CamouflageBase, build_controls
 from camouflage_train.pipelines.light import CamouflageLight, PersonBatch
+from camouflage_train.utils.paths import UnsafePathError, inside
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,14 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
             for name, seed, image, count in zip(
                 batch["name"], seeds, outputs, persons.mask.sum(1).tolist(), strict=True
             ):
-                _save(image, output / "images" / name)
+                try:
+                    target = inside(output / "images", name)
+                except UnsafePathError as error:
+                    log.warning("%s: not written", error)
+                    record({"file": name, "status": "skipped", "reason": "unsafe output name"})
+                    summary["skipped"]["unsafe output name"] += 1
+                    continue
+                _save(image, target)
                 record({"file": name, "status": "done", "seed": seed, "persons": int(count)})
                 summary["done"] += 1
     summary["skipped"] = dict(summary["skipped"])

@@ -20,9 +20,11 @@ from camouflage_train.modules.evaluation_module import (
     light_row,
 )
 from camouflage_train.training import instantiate_group
+from camouflage_train.utils.config_checks import validate_config
 
 
 def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
+    validate_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

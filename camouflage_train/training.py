@@ -11,6 +11,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from camouflage_train.utils.checkpoints import resolve_checkpoint
+from camouflage_train.utils.config_checks import validate_config
+
 log = logging.getLogger(__name__)
 
 
@@ -23,6 +26,7 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def run_training(cfg: DictConfig) -> dict[str, float]:
     """Fit the model described by ``cfg``; return the final callback metrics (also written to ``metrics.json``)."""
+    validate_config(cfg)  # before anything is built or written
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -34,16 +38,21 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if trainer.is_global_zero:
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    callback = trainer.checkpoint_callback
+    checkpoint_dir = Path(callback.dirpath) if callback is not None and callback.dirpath else output_dir / "checkpoints"
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), checkpoint_dir)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         for logger in trainer.loggers:
             logger.finalize("success")
         _finish_wandb()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["model/trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    if trainer.is_global_zero:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     log.info("final metrics: %s", metrics)
     return metrics
 

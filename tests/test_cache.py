@@ -64,9 +64,16 @@ def test_cache_refuses_random_crop_and_incomplete_folders(make_cfg, tmp_path, ti
     folder = dm.cache_folder()
     folder.mkdir(parents=True)
     (folder / "latent_mean.npy").write_bytes(b"half")
-    with pytest.raises(FileNotFoundError, match="not a complete latent cache"):
+    with pytest.raises(ValueError, match=r"not a usable latent cache: no meta\.json"):
         CachedLatentDataset(folder)
     dm.prepare_data()  # the leftover is replaced by a complete cache
+    assert len(CachedLatentDataset(folder)) == 6
+    # A complete cache whose array was truncated afterwards is never read as valid: refused, then rebuilt.
+    text = folder / "text.npy"
+    text.write_bytes(text.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"text\.npy is 1000 bytes, \d+ were written"):
+        CachedLatentDataset(folder)
+    dm.prepare_data()
     assert len(CachedLatentDataset(folder)) == 6
 
 

@@ -153,3 +153,48 @@ def test_bf16_mixed_training_step_keeps_adapter_fp32(make_cfg, tmp_path, tiny_mo
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     for name, p in module.named_parameters():
         assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
+
+
+def _fit_on(module, batches, root, **kwargs):
+    trainer = cpu_trainer(root, max_epochs=1, logger=False, **kwargs)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return trainer
+
+
+def _trainable(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_nonfinite_loss_steps_are_skipped_and_counted(make_cfg, tmp_path, tiny_model_dir):
+    # No LR schedule: Lightning still counts a skipped step (optimizer/scheduler counters advance, no weights move).
+    cfg = make_cfg("experiment=demo", "data.batch_size=2", "model.nonfinite_patience=2", "model.lr_scheduler=null")
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    good = list(itertools.islice(dm.train_dataloader(), 3))
+    poisoned = {**good[0], "pixel_values": torch.full_like(good[0]["pixel_values"], float("nan"))}
+    module = instantiate(cfg.model)
+    reference = copy.deepcopy(module)
+    trainer = _fit_on(module, [good[0], poisoned, good[1], good[2]], tmp_path / "a")
+    assert float(trainer.callback_metrics["train/nonfinite_skipped"]) == 1.0
+    _fit_on(reference, good, tmp_path / "b")
+    expected = _trainable(reference)
+    for name, value in _trainable(module).items():  # the NaN step changed nothing
+        assert torch.equal(value, expected[name]), name
+
+
+def test_consecutive_nonfinite_losses_save_the_last_good_state_and_stop(make_cfg, tmp_path, tiny_model_dir):
+    from camouflage_train.modules.light_module import NonFiniteLossError
+
+    cfg = make_cfg("experiment=demo", "data.batch_size=2", "model.nonfinite_patience=2")
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    good = next(iter(dm.train_dataloader()))
+    poisoned = {**good, "pixel_values": torch.full_like(good["pixel_values"], float("nan"))}
+    module = instantiate(cfg.model)
+    with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite losses") as error:
+        _fit_on(module, [good, poisoned, poisoned, good], tmp_path)
+    saved = tmp_path / "nonfinite-stop.ckpt"
+    assert str(saved) in str(error.value)
+    state = torch.load(saved, map_location="cpu", weights_only=True)
+    for name, value in _trainable(module).items():  # weights after the one good step
+        assert torch.equal(state["state_dict"][name], value), name

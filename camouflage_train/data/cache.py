@@ -28,11 +28,12 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from camouflage_train.data.dataset import PersonImageDataset, Skipped
+from camouflage_train.data.sampling import SampleKey, split_key
 from camouflage_train.utils.atomic import atomic_folder
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: meta.json records every array's byte size
 _PERSON_KEYS = ("boxes", "continuous", "categorical", "person_mask")
 _NP_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
@@ -133,6 +134,7 @@ def build_cache(
             raise ValueError(f"no usable sample to cache: {dict(Counter(reasons.values()))}")
         for a in arrays.values():
             a.flush()
+        arrays.clear()  # close the memory maps before measuring and renaming
         meta = {
             "format": CACHE_FORMAT,
             "size": n,
@@ -140,11 +142,27 @@ def build_cache(
             "dtype": dtype,
             "skipped": {str(i): r for i, r in reasons.items()},
             "skipped_counts": dict(Counter(reasons.values())),
+            "sizes": {p.name: p.stat().st_size for p in sorted(staging.glob("*.npy"))},
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        arrays.clear()  # close the memory maps before the rename
     log.info("latent cache written to %s (%d images, %d skipped)", folder, n, len(reasons))
     return folder
+
+
+def cache_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete, intact cache (``None`` when it is): a missing ``meta.json`` (the build
+    never finished), another format, or an array whose size differs from the one recorded (truncated)."""
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        return "no meta.json (incomplete build)"
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != CACHE_FORMAT:
+        return f"cache format {meta.get('format')}, expected {CACHE_FORMAT}"
+    for name, size in meta["sizes"].items():
+        actual = (folder / name).stat().st_size if (folder / name).is_file() else None
+        if actual != size:
+            return f"{name} is {actual} bytes, {size} were written"
+    return None
 
 
 class CachedLatentDataset(Dataset):
@@ -152,12 +170,10 @@ class CachedLatentDataset(Dataset):
 
     def __init__(self, folder: str | Path, flip_prob: float = 0.0) -> None:
         self.folder = Path(folder)
-        meta_path = self.folder / "meta.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{self.folder} is not a complete latent cache (no meta.json)")
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != CACHE_FORMAT:
-            raise ValueError(f"{self.folder}: cache format {self.meta.get('format')}, expected {CACHE_FORMAT}")
+        problem = cache_problem(self.folder)
+        if problem is not None:
+            raise ValueError(f"{self.folder} is not a usable latent cache: {problem}")
+        self.meta = json.loads((self.folder / "meta.json").read_text())
         self.flip_prob = flip_prob if len(self.meta["flips"]) == 2 else 0.0
         self.skipped = {int(k): r for k, r in self.meta["skipped"].items()}
         self._arrays: dict[str, np.ndarray] | None = None
@@ -171,10 +187,13 @@ class CachedLatentDataset(Dataset):
     def __len__(self) -> int:
         return int(self.meta["size"])
 
-    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any] | Skipped:
+        """Like :meth:`PersonImageDataset.__getitem__`: the flip variant comes from the key's seed when given."""
+        index, generator = split_key(key)
         if index in self.skipped:
             return Skipped(self.skipped[index], f"cache row {index}")
-        return self.item(index, int(self.flip_prob > 0 and bool(torch.rand(()) < self.flip_prob)))
+        item = self.item(index, int(self.flip_prob > 0 and bool(torch.rand((), generator=generator) < self.flip_prob)))
+        return {**item, "sample_seed": key[1]} if isinstance(key, tuple) else item
 
     def item(self, index: int, variant: int) -> dict[str, Any]:
         """Row ``index`` as stored for flip variant ``variant`` (0: as is, 1: mirrored)."""

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset, collate_skipping
+from camouflage_train.data.sampling import KeyedSubset, ResumableLoader, ResumableSampler
 from camouflage_train.data.schema import AttributeSchema, as_schema
 from camouflage_train.data.sources import SampleSource
 
@@ -44,9 +45,12 @@ class PersonDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         split_seed: int = 0,
         cache: Mapping[str, Any] | None = None,
+        seed: int = 0,
     ) -> None:
         """``cache``: ``{enabled, root, dtype, batch_size, backbone}`` to train from precomputed latents and
-        text embeddings (see :mod:`camouflage_train.data.cache`); ``backbone`` is the model's backbone config."""
+        text embeddings (see :mod:`camouflage_train.data.cache`); ``backbone`` is the model's backbone config.
+        ``seed``: the training order and every sample's randomness derive from it (see
+        :mod:`camouflage_train.data.sampling`)."""
         super().__init__()
         self.cache = dict(cache or {})
         if self.cache.get("enabled") and random_crop:
@@ -62,6 +66,7 @@ class PersonDataModule(L.LightningDataModule):
         )
         self.captions = CaptionBuilder(**dict(captions or {}))
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.seed = seed
         self.loader_kwargs = {
             "collate_fn": collate_skipping,
             "num_workers": num_workers,
@@ -94,14 +99,16 @@ class PersonDataModule(L.LightningDataModule):
         """Build the latent cache if it is enabled and missing (Lightning runs this on one process per node)."""
         if not self.cache.get("enabled"):
             return
+        from camouflage_train.data.cache import build_cache, cache_problem
+
         folder = self.cache_folder()
-        if (folder / "meta.json").is_file():
+        problem = cache_problem(folder) if folder.exists() else "missing"
+        if problem is None:
             log.info("using latent cache %s", folder)
             return
         if folder.exists():
-            log.warning("removing incomplete latent cache %s", folder)
+            log.warning("rebuilding latent cache %s: %s", folder, problem)
             shutil.rmtree(folder)
-        from camouflage_train.data.cache import build_cache
         from camouflage_train.models.backbone import load_frozen_backbone
 
         backbone = load_frozen_backbone(**{**self.cache["backbone"], "with_unet": False})
@@ -134,13 +141,26 @@ class PersonDataModule(L.LightningDataModule):
                 "set data.val_fraction or give data.val_source"
             )
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
-        self.train_set = Subset(train, order[n_val:])
+        self.train_set = KeyedSubset(train, order[n_val:])
         self.val_set = Subset(self._dataset(self.train_source, train=False), order[:n_val])
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled per epoch from ``seed``, sharded over ranks; resumes mid-epoch where a checkpoint left off."""
         assert self.train_set is not None, "call setup() first"
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, **self.loader_kwargs
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(len(self.train_set), self.seed, num_replicas=world, rank=rank, drop_last=True)
+        if trainer is not None:
+            # Lightning restores the loop progress before asking for the loader: continue that epoch exactly.
+            # "processed", not "completed": a checkpoint written in on_train_batch_end (ModelCheckpoint's
+            # every_n_train_steps) is saved after the batch was trained but before it counts as completed.
+            sampler.set_epoch(trainer.current_epoch)
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if 0 < done * self.batch_size < sampler.num_samples:
+                log.info("resuming epoch %d after %d batches", trainer.current_epoch, done)
+                sampler.start_at(done * self.batch_size)
+        return ResumableLoader(
+            self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, **self.loader_kwargs
         )
 
     def test_dataloader(self) -> DataLoader:

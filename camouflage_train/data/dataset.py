@@ -20,6 +20,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 from camouflage_train.data.images import BadSampleError
+from camouflage_train.data.sampling import SampleKey, split_key
 from camouflage_train.data.schema import BOX_KEY, AttributeSchema, InvalidRecordError, keep_largest
 from camouflage_train.data.sources import SampleSource
 
@@ -37,7 +38,10 @@ class Skipped:
 def collate_skipping(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
     """Collate the usable samples; ``batch["skipped"]`` maps reason -> count, ``batch["size"]`` is what is left."""
     good = [item for item in items if not isinstance(item, Skipped)]
+    seeds = [item.pop("sample_seed") for item in good if "sample_seed" in item]
     batch: dict[str, Any] = default_collate(good) if good else {}
+    if seeds:
+        batch["sample_seed"] = seeds  # a list: stays on the host, read without a device sync
     skipped = [item for item in items if isinstance(item, Skipped)]
     batch["skipped"] = dict(Counter(item.reason for item in skipped))
     batch["skipped_items"] = [(item.key, item.reason) for item in skipped]
@@ -86,16 +90,25 @@ class PersonImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
-        """A training sample, or :class:`Skipped` with the reason (logged once per reason per process)."""
-        flip = self.flip_prob > 0 and bool(torch.rand(()) < self.flip_prob)
-        result = self.variants(index, (flip,))
-        return result if isinstance(result, Skipped) else result[0]
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any] | Skipped:
+        """A training sample, or :class:`Skipped` with the reason (logged once per reason per process).
 
-    def variants(self, index: int, flips: tuple[bool, ...] = (False, True)) -> list[dict[str, Any]] | Skipped:
+        ``key`` is an index, or ``(index, sample_seed)`` from :class:`~camouflage_train.data.sampling.ResumableSampler`:
+        then crop and flip come from the seed, and the item carries it for the training step's randomness.
+        """
+        index, generator = split_key(key)
+        flip = self.flip_prob > 0 and bool(torch.rand((), generator=generator) < self.flip_prob)
+        result = self.variants(index, (flip,), generator)
+        if isinstance(result, Skipped):
+            return result
+        return {**result[0], "sample_seed": key[1]} if isinstance(key, tuple) else result[0]
+
+    def variants(
+        self, index: int, flips: tuple[bool, ...] = (False, True), generator: torch.Generator | None = None
+    ) -> list[dict[str, Any]] | Skipped:
         """The sample once per entry of ``flips`` (the image is read once), or :class:`Skipped`."""
         try:
-            image, persons, dropped, sample = self._load(index)
+            image, persons, dropped, sample = self._load(index, generator)
             return [self._finish(image, persons, dropped, sample, flip) for flip in flips]
         except (BadSampleError, InvalidRecordError) as err:
             reason = err.reason if isinstance(err, BadSampleError) else "invalid person record"
@@ -106,7 +119,9 @@ class PersonImageDataset(Dataset):
                 log.warning("skipping unusable sample (%s): %s; further ones are only counted", reason, err)
             return Skipped(reason, key)
 
-    def _load(self, index: int) -> tuple[torch.Tensor, list[dict[str, Any]], int, Any]:
+    def _load(
+        self, index: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, list[dict[str, Any]], int, Any]:
         """Read, resize and crop; return the image, the persons kept, how many were dropped, the raw sample."""
         sample = self.source[index]
         for i, person in enumerate(sample.persons):
@@ -116,8 +131,8 @@ class PersonImageDataset(Dataset):
         scale = res / min(width, height)
         new_h, new_w = max(res, round(height * scale)), max(res, round(width * scale))
         if self.random_crop:
-            top = int(torch.randint(0, new_h - res + 1, ()).item())
-            left = int(torch.randint(0, new_w - res + 1, ()).item())
+            top = int(torch.randint(0, new_h - res + 1, (), generator=generator).item())
+            left = int(torch.randint(0, new_w - res + 1, (), generator=generator).item())
         else:
             top, left = (new_h - res) // 2, (new_w - res) // 2
 

@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -43,6 +43,21 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN/inf losses ``nonfinite_patience`` times in a row."""
+
+
+class StepNoise(NamedTuple):
+    """The random numbers of one training step (see :meth:`LightAdapterModule._draw`)."""
+
+    drop_text: torch.Tensor  # [B] bool, host
+    drop_persons: torch.Tensor  # [B] bool, host
+    timesteps: torch.Tensor  # [B] long
+    latent: torch.Tensor  # [B, C, h, w]: samples the VAE posterior
+    noise: torch.Tensor  # [B, C, h, w]
+    offset: torch.Tensor  # [B, C, 1, 1]: offset noise
+
+
 class LightAdapterModule(L.LightningModule):
     """Train the Light adapter with the standard noise-prediction objective.
 
@@ -63,6 +78,10 @@ class LightAdapterModule(L.LightningModule):
         channels_last: keep the UNet's weights and input in channels-last memory format (faster
             convolutions on tensor-core GPUs).
         compile_unet: ``torch.compile`` the frozen UNet in place (parameter names unchanged).
+        nonfinite_patience: a step whose loss is NaN/inf is skipped (no backward; no weight or AdamW moment
+            changes, though Lightning still counts the step) and counted in ``train/nonfinite_skipped``; this
+            many in a row save ``nonfinite-stop.ckpt`` (the last good weights) and stop the run with
+            :class:`NonFiniteLossError`.
         validation: ``{num_images, num_inference_steps, guidance_scale, seed}`` for the sample grid.
     """
 
@@ -80,6 +99,7 @@ class LightAdapterModule(L.LightningModule):
         frozen_autocast: bool = False,
         channels_last: bool = False,
         compile_unet: bool = False,
+        nonfinite_patience: int = 5,
         validation: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -116,6 +136,9 @@ class LightAdapterModule(L.LightningModule):
             self.unet.compile()
         # Frozen weights are not in our checkpoints; on_load_checkpoint checks the trainable keys instead.
         self.strict_loading = False
+        if nonfinite_patience < 1:
+            raise ValueError(f"model.nonfinite_patience must be >= 1, got {nonfinite_patience}")
+        self._nonfinite_streak = 0
 
     # ----------------------------------------------------------------------------------------- state
     def trainable_parameter_names(self) -> list[str]:
@@ -213,58 +236,99 @@ class LightAdapterModule(L.LightningModule):
             return latents
         raise ValueError(f"unsupported scheduler prediction_type '{prediction_type}'")
 
+    def _draw(
+        self,
+        batch: dict[str, Any],
+        latent_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        generator: torch.Generator | None,
+    ) -> StepNoise:
+        """Everything random in one step, in a fixed order.
+
+        With ``batch["sample_seed"]`` (training batches from :class:`ResumableSampler`) and no ``generator``, each
+        sample's numbers come from its own seed, so they do not depend on the batch composition, the rank layout
+        or what ran before: a resumed run and a DDP run draw exactly what one uninterrupted process draws.
+        Otherwise they come from ``generator`` (validation) or the global RNG.
+        """
+        n, device = batch["person_mask"].shape[0], self.device
+        steps = self.noise_scheduler.config.num_train_timesteps
+        seeds = batch.get("sample_seed") if generator is None else None
+        if seeds is not None:
+            host = [torch.Generator().manual_seed(s) for s in seeds]
+            # A different stream on the device (on CPU the same seed would repeat the host numbers).
+            dev = [torch.Generator(device=device).manual_seed((s + 1) % 2**63) for s in seeds]
+            uniform = torch.stack([torch.rand(2, generator=g) for g in host])
+            timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g, device=device) for g in dev])
+            normal = torch.stack(
+                [torch.randn((2, *latent_shape), generator=g, device=device, dtype=dtype) for g in dev]
+            )
+            offset = torch.stack(
+                [torch.randn((latent_shape[0], 1, 1), generator=g, device=device, dtype=dtype) for g in dev]
+            )
+        else:
+            where = generator.device if generator is not None else "cpu"
+            uniform = torch.rand((n, 2), generator=generator, device=where).cpu()
+            timesteps = torch.randint(0, steps, (n,), generator=generator, device=device)
+            normal = torch.randn((n, 2, *latent_shape), generator=generator, device=device, dtype=dtype)
+            offset = torch.randn((n, latent_shape[0], 1, 1), generator=generator, device=device, dtype=dtype)
+        return StepNoise(
+            drop_text=uniform[:, 0] < self.hparams.text_dropout,
+            drop_persons=uniform[:, 1] < self.hparams.attribute_dropout,
+            timesteps=timesteps,
+            latent=normal[:, 0],
+            noise=normal[:, 1],
+            offset=offset,
+        )
+
     def diffusion_loss(
         self, batch: dict[str, Any], generator: torch.Generator | None = None, dropout: bool = False
     ) -> torch.Tensor:
         """MSE between the UNet's prediction and the scheduler's target at uniform random timesteps.
 
         Takes raw batches (``pixel_values``, ``caption``) or cached ones (``latent_mean``/``latent_std``,
-        ``text_embeds``); both draw the same random numbers in the same order, so they give the same loss.
+        ``text_embeds``); both use the same random numbers (:meth:`_draw`), so they give the same loss.
         """
         cached = "latent_mean" in batch
-        batch_size = batch["person_mask"].shape[0]
+        if cached:
+            latent_shape = tuple(batch["latent_mean"].shape[1:])
+        else:
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            height, width = batch["pixel_values"].shape[-2:]
+            latent_shape = (self.vae.config.latent_channels, height // factor, width // factor)
+        draw = self._draw(batch, latent_shape, self.vae.dtype, generator)
         person_mask = batch["person_mask"]
-        drop_text = torch.zeros(batch_size, dtype=torch.bool)
+        drop_text = draw.drop_text if dropout else torch.zeros_like(draw.drop_text)
         if dropout:
-            drop_text = torch.rand(batch_size, generator=generator) < self.hparams.text_dropout
-            drop_persons = torch.rand(batch_size, generator=generator) < self.hparams.attribute_dropout
-            person_mask = person_mask & ~drop_persons.to(person_mask.device)[:, None]
+            person_mask = person_mask & ~draw.drop_persons.to(person_mask.device)[:, None]
         persons = PersonBatch(batch["boxes"], batch["continuous"], batch["categorical"], person_mask)
         with torch.no_grad(), self._frozen_compute():
             if cached:
                 mean = batch["latent_mean"].to(self.device, self.vae.dtype)
                 std = batch["latent_std"].to(self.device, self.vae.dtype)
-                latents = mean + std * torch.randn(
-                    mean.shape, generator=generator, device=self.device, dtype=mean.dtype
-                )
                 text = batch["text_embeds"].to(self.device, self.text_encoder.dtype)
                 if drop_text.any():
                     text = torch.where(drop_text.to(self.device)[:, None, None], self._empty_text(), text)
             else:
                 pixels = batch["pixel_values"].to(self.device, self.vae.dtype)
-                latents = self.vae.encode(pixels).latent_dist.sample(generator)
+                dist = self.vae.encode(pixels).latent_dist
+                mean, std = dist.mean, dist.std
                 captions = ["" if d else c for d, c in zip(drop_text.tolist(), batch["caption"], strict=True)]
                 text = self.encode_text(captions)
-            latents = latents * self.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
+            latents = (mean + std * draw.latent) * self.vae.config.scaling_factor
+        noise = draw.noise
         if self.hparams.noise_offset:
-            offset = torch.randn(
-                (*latents.shape[:2], 1, 1), generator=generator, device=self.device, dtype=latents.dtype
-            )
-            noise = noise + self.hparams.noise_offset * offset
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (batch_size,), generator=generator, device=self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            noise = noise + self.hparams.noise_offset * draw.offset
+        noisy = self.noise_scheduler.add_noise(latents, noise, draw.timesteps)
         embeds, masks = adapter_inputs(self.encoder, self.adapter_config, persons, tuple(latents.shape[-2:]))
         with self._frozen_compute():
             prediction = self.unet(
                 noisy.to(self.weight_dtype, memory_format=self.memory_format),
-                timesteps,
+                draw.timesteps,
                 encoder_hidden_states=text.to(self.weight_dtype),
                 added_cond_kwargs={"image_embeds": [embeds.float()]},  # the fp32 projection
                 cross_attention_kwargs={"ip_adapter_masks": [masks]},
             ).sample
-        return F.mse_loss(prediction.float(), self._target(latents, noise, timesteps).float())
+        return F.mse_loss(prediction.float(), self._target(latents, noise, draw.timesteps).float())
 
     def _log_skipped(self, batch: dict[str, Any], stage: str) -> None:
         skipped = float(sum(batch.get("skipped", {}).values()))
@@ -276,6 +340,14 @@ class LightAdapterModule(L.LightningModule):
             return None  # every sample of this batch was unusable (counted above); no optimizer step
         loss = self.diffusion_loss(batch, dropout=True)
         batch_size = batch["person_mask"].shape[0]
+        # One decision for all ranks (a rank skipping alone would hang DDP's gradient all-reduce).
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        self.log(
+            "train/nonfinite_skipped", float(not finite), on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1
+        )
+        if not finite:
+            return self._skip_nonfinite(loss)
+        self._nonfinite_streak = 0
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
         self.log(
             "data/persons_dropped",
@@ -286,6 +358,31 @@ class LightAdapterModule(L.LightningModule):
             batch_size=batch_size,
         )
         return loss
+
+    def _skip_nonfinite(self, loss: torch.Tensor) -> None:
+        """Skip this step; after ``nonfinite_patience`` in a row, save the (untouched) weights and stop."""
+        self._nonfinite_streak += 1
+        patience = self.hparams.nonfinite_patience
+        log.warning(
+            "non-finite loss %s at step %d (%d in a row, stop at %d): step skipped",
+            loss.item(),
+            self.global_step,
+            self._nonfinite_streak,
+            patience,
+        )
+        if self._nonfinite_streak < patience:
+            return None
+        callback = self.trainer.checkpoint_callback
+        folder = (
+            Path(callback.dirpath) if callback is not None and callback.dirpath else Path(self.trainer.default_root_dir)
+        )
+        path = folder / "nonfinite-stop.ckpt"
+        self.trainer.save_checkpoint(path)  # every rank calls it (it synchronises); rank 0 writes
+        raise NonFiniteLossError(
+            f"{patience} consecutive non-finite losses up to step {self.global_step}; the last good state is in "
+            f"'{path}'. Lower model.optimizer.lr, check trainer.precision (fp16 overflows) and the data "
+            "(data/train_skipped), then resume with ckpt_path=<that file>"
+        )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._log_skipped(batch, "val")

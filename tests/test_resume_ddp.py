@@ -1,0 +1,166 @@
+"""Crash/resume and multi-process training through the real ``train.py`` (subprocesses, CPU, gloo)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+# Small and deterministic: 16 images, batch 2 -> 8 steps per epoch, so step 12 is in the second epoch and
+# a kill after step 6 lands mid-epoch. Checkpoints every 3 steps, no validation (it never touches weights).
+COMMON = (
+    "experiment=demo",
+    "logger=csv",
+    "data.train_source.num_samples=16",
+    "trainer.limit_val_batches=0",
+    "trainer.deterministic=true",
+    "callbacks.model_checkpoint.every_n_train_steps=3",
+)
+
+
+def _command(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), *COMMON, f"hydra.run.dir={run_dir}", *overrides]
+
+
+def _run(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(_command(run_dir, *overrides), capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def _adapter(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+
+
+RESUME_STEPS = ("trainer.max_steps=12", "data.batch_size=2")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """An uninterrupted 12-step run (the reference for resuming, and checkpoints to corrupt)."""
+    run = tmp_path_factory.mktemp("straight")
+    _run(run, *RESUME_STEPS)
+    return run
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, tiny_model_dir) -> Path:
+    run = tmp_path_factory.mktemp("one")
+    _run(run, "trainer.max_steps=4", "data.batch_size=4")
+    return run
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, straight_run):
+    steps = RESUME_STEPS
+    expected = _adapter(straight_run / "checkpoints/last.ckpt")
+
+    crashed = tmp_path / "crashed"
+    process = subprocess.Popen(
+        _command(crashed, *steps), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    marker = crashed / "checkpoints/step_0000006.ckpt"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (crashed / "checkpoints/step_0000012.ckpt").exists()
+
+    start = time.perf_counter()
+    _run(crashed, *steps)  # same command: ckpt_path=auto picks the newest loadable checkpoint
+    print(f"resumed run took {time.perf_counter() - start:.1f} s")
+    log = (crashed / "train.log").read_text()
+    assert "resuming epoch 0 after" in log  # mid-epoch: the epoch is continued, not restarted
+    assert not list((crashed / "checkpoints").glob(".*.tmp-*"))  # a save torn by the kill was cleaned up
+    got = _adapter(crashed / "checkpoints/last.ckpt")
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_as_slurm_tasks(run_dir: Path, *overrides: str) -> None:
+    """Two tasks the way ``srun``/submitit starts them on two nodes: SLURM variables, one process each."""
+    port, processes = _free_port(), []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NAME": "camouflage",
+            "SLURM_NTASKS": "2",
+            "SLURM_NTASKS_PER_NODE": "1",
+            "SLURM_NNODES": "2",
+            "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": "0",
+            "SLURM_NODEID": str(rank),
+            "SLURM_NODELIST": "127.0.0.1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        processes.append(
+            subprocess.Popen(
+                _command(run_dir, *overrides),
+                cwd=REPO,
+                env=env,
+                stderr=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                text=True,
+            )
+        )
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-4000:]
+
+
+@pytest.mark.parametrize("launch", ["lightning-ddp", "slurm-2-nodes"])
+def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path, one_process_run, launch):
+    steps = ("trainer.max_steps=4",)
+    ddp_dir = tmp_path / "two"
+    if launch == "lightning-ddp":  # Lightning starts the second process (re-running train.py)
+        _run(ddp_dir, *steps, "data.batch_size=2", "trainer.strategy=ddp", "trainer.devices=2")
+    else:
+        _launch_as_slurm_tasks(ddp_dir, *steps, "data.batch_size=2", "trainer.strategy=ddp", "trainer.num_nodes=2")
+    one, two = _adapter(one_process_run / "checkpoints/last.ckpt"), _adapter(ddp_dir / "checkpoints/last.ckpt")
+    assert one.keys() == two.keys()
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    print(f"{launch}: largest |w_1proc - w_ddp| after 4 AdamW steps: {worst:.3g}")
+    assert worst <= 1e-5
+    # One output folder, written by rank 0 only: no second run folder, checkpoint set, config or metrics.
+    assert [p.name for p in tmp_path.iterdir()] == ["two"]
+    assert sorted(p.name for p in (ddp_dir / "checkpoints").iterdir()) == ["last.ckpt", "step_0000003.ckpt"]
+    assert len(list(ddp_dir.rglob(".hydra"))) == 1 and len(list(ddp_dir.glob("*.json"))) == 1  # metrics.json
+    assert not (REPO / ".hydra").exists() and not (REPO / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(tmp_path, straight_run, damage, caplog):
+    from camouflage_train.utils.checkpoints import CheckpointError, resolve_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(straight_run / "checkpoints", folder)
+    for age, name in enumerate(["step_0000003", "step_0000006", "step_0000009", "step_0000012", "last"]):
+        os.utime(folder / f"{name}.ckpt", (1000 + age, 1000 + age))  # written in this order
+    last = folder / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2] if damage == "truncate" else os.urandom(len(data)))
+    os.utime(last, (2000, 2000))
+    assert resolve_checkpoint("auto", folder) == str(folder / "step_0000012.ckpt")
+    assert "last.ckpt' is unreadable" in caplog.text and "falling back to step_0000012.ckpt" in caplog.text
+    with pytest.raises(CheckpointError, match=r"last\.ckpt' is unreadable"):
+        resolve_checkpoint(last, folder)
+    assert resolve_checkpoint("auto", tmp_path / "empty") is None
+    with pytest.raises(CheckpointError, match="no loadable checkpoint"):
+        resolve_checkpoint("last", tmp_path / "empty")
