@@ -164,3 +164,20 @@ def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(tmp_path, straig
     assert resolve_checkpoint("auto", tmp_path / "empty") is None
     with pytest.raises(CheckpointError, match="no loadable checkpoint"):
         resolve_checkpoint("last", tmp_path / "empty")
+
+
+def test_cluster_configs_compose_and_build(tmp_path):
+    """The SLURM launcher (submitit) and the DDP/FSDP strategies resolve and construct (no cluster/GPU needed)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    overrides = [f"paths.output_dir={tmp_path}", "hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2"]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train.yaml", overrides=overrides, return_hydra_config=True)
+        fsdp = compose("train.yaml", overrides=[f"paths.output_dir={tmp_path}", "trainer=fsdp"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+    assert isinstance(instantiate(cfg.trainer.strategy), DDPStrategy)
+    assert isinstance(instantiate(fsdp.trainer.strategy), FSDPStrategy)
