@@ -7,6 +7,7 @@ GPU machine where the last two travel as wheels.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import threading
 import time
@@ -96,6 +97,14 @@ def datamodule(
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def emit(result: dict[str, Any], out: Path | None) -> None:
+    """Print the result as the script's last stdout line (and write it to ``out`` when given)."""
+    line = json.dumps(result)
+    if out is not None:
+        out.write_text(line + "\n")
+    print(line)
 
 
 def sync(device: torch.device) -> None:

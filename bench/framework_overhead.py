@@ -15,7 +15,6 @@ machine). Ends with one JSON line whose ``lightning_over_bare`` is the overhead 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import build_module, card_name, datamodule, sync, to_device
+from bench.common import build_module, card_name, datamodule, emit, sync, to_device
 
 
 class StepTimer(L.Callback):
@@ -132,10 +131,7 @@ def main() -> None:
         "lightning_step_s_min": round(min(lightning), 5),
         "lightning_over_bare": round(ratio, 4),
     }
-    line = json.dumps(result)
-    if args.out:
-        args.out.write_text(line + "\n")
-    print(line)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

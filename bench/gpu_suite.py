@@ -30,6 +30,10 @@ from typing import Any
 import torch
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+
+from bench.common import emit  # noqa: E402
+
 SECOND_MODES = (
     "bf16-autocast",
     "bf16-cached",
@@ -120,15 +124,11 @@ def main() -> None:
     results["framework_overhead"] = run_json(overhead, left())
     print(json.dumps({"framework_overhead": results["framework_overhead"]}), flush=True)
     rows += train_rows([(mode, middle) for mode in args.modes])
-    sys.path.insert(0, str(BENCH.parent))
     from bench.train_step import ratios
 
     results["train_step"] = {"rows": rows, "ratios": ratios(rows)}
     results["wall_s"] = round(time.perf_counter() - start, 1)
-    line = json.dumps(results)
-    if args.out:
-        args.out.write_text(line + "\n")
-    print(line)
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ of Base's time on SD 1.5.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not an installed one
 
-from bench.common import adapter_config, timed
+from bench.common import adapter_config, emit, timed
 from camouflage_train.data.dataset import PersonImageDataset, collate_skipping
 from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.data.sources import SyntheticSource
@@ -93,7 +92,7 @@ def main() -> None:
 
     base_s = per_image(lambda: base(images, seeds, prompts))
     light_s = per_image(lambda: light(images, persons, seeds, prompts))
-    line = json.dumps(
+    emit(
         {
             "preset": args.preset,
             "device": str(device),
@@ -107,11 +106,9 @@ def main() -> None:
             "light_s_per_image": round(light_s, 4),
             "light_over_base": round(light_s / base_s, 3),
             "threads": torch.get_num_threads(),
-        }
+        },
+        args.out,
     )
-    if args.out:
-        args.out.write_text(line + "\n")
-    print(line)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from bench.common import (
     card_name,
     count_flops,
     datamodule,
+    emit,
     peak_tflops,
     sync,
     timed,
@@ -232,10 +233,7 @@ def main() -> None:
         "rows": rows,
         "ratios": ratios(rows),
     }
-    line = json.dumps(result)
-    if args.out:
-        args.out.write_text(line + "\n")
-    print(line)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
