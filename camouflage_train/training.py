@@ -11,7 +11,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from camouflage_train.utils.checkpoints import resolve_checkpoint
+from camouflage_train.utils.checkpoints import checkpoint_folder, resolve_checkpoint
 from camouflage_train.utils.config_checks import validate_config
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(resolved)
     if trainer.is_global_zero:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    callback = trainer.checkpoint_callback
-    checkpoint_dir = Path(callback.dirpath) if callback is not None and callback.dirpath else output_dir / "checkpoints"
-    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), checkpoint_dir)
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), checkpoint_folder(trainer, output_dir / "checkpoints"))
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:

@@ -1,6 +1,7 @@
 """Config validation, secrets, safe loading and output paths."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,7 @@ def test_secrets_are_refused_in_configs_and_never_written(tmp_path, make_cfg, ti
         validate_config(make_cfg("experiment=demo", "+data.train_source.hf_token=abc"))
     # Tokens in the environment (where they belong) appear in no log, saved config or W&B file.
     sentinel = "sk-camouflage-sentinel-3141592653"
-    env = {**__import__("os").environ, "WANDB_API_KEY": sentinel, "HF_TOKEN": sentinel, "WANDB_MODE": "offline"}
+    env = {**os.environ, "WANDB_API_KEY": sentinel, "HF_TOKEN": sentinel, "WANDB_MODE": "offline"}
     run = tmp_path / "run"
     done = _train(
         "experiment=demo", "trainer.max_steps=2", "trainer.limit_val_batches=0", f"hydra.run.dir={run}", env=env
@@ -77,14 +78,20 @@ def test_secrets_are_refused_in_configs_and_never_written(tmp_path, make_cfg, ti
 
 
 def test_every_torch_load_is_weights_only_and_no_remote_code():
+    loads = []
     for path in (REPO / "camouflage_train").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch.load", "load_from_checkpoint"):
-                kwargs = {k.arg: ast.unparse(k.value) for k in node.keywords}
-                assert kwargs.get("weights_only") == "True", f"{path}:{node.lineno}"
+            if isinstance(node, ast.Call):
+                func = ast.unparse(node.func)
+                if func == "torch.load" or func.endswith(".load_from_checkpoint"):
+                    kwargs = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                    assert kwargs.get("weights_only") == "True", f"{path}:{node.lineno}"
+                    loads.append(func)
             if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
                 raise AssertionError(f"{path}:{node.lineno} passes trust_remote_code")
+    # The scan saw the package's loads (export, Light pipeline, checkpoint IO), so it can fail.
+    assert loads.count("torch.load") >= 3 and any(f.endswith(".load_from_checkpoint") for f in loads), loads
 
 
 class _Payload:

@@ -36,6 +36,7 @@ from camouflage_train.models.ip_adapter import (
     install_ip_adapter,
 )
 from camouflage_train.pipelines.light import PersonBatch, adapter_inputs, build_pipeline, generate_light
+from camouflage_train.utils.checkpoints import checkpoint_folder
 from camouflage_train.utils.images import save_sample_grid
 
 log = logging.getLogger(__name__)
@@ -372,11 +373,7 @@ class LightAdapterModule(L.LightningModule):
         )
         if self._nonfinite_streak < patience:
             return None
-        callback = self.trainer.checkpoint_callback
-        folder = (
-            Path(callback.dirpath) if callback is not None and callback.dirpath else Path(self.trainer.default_root_dir)
-        )
-        path = folder / "nonfinite-stop.ckpt"
+        path = checkpoint_folder(self.trainer, Path(self.trainer.default_root_dir)) / "nonfinite-stop.ckpt"
         self.trainer.save_checkpoint(path)  # every rank calls it (it synchronises); rank 0 writes
         raise NonFiniteLossError(
             f"{patience} consecutive non-finite losses up to step {self.global_step}; the last good state is in "

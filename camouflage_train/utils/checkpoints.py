@@ -72,6 +72,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
+def checkpoint_folder(trainer: Any, fallback: Path) -> Path:
+    """Where ``trainer`` writes checkpoints: its ``ModelCheckpoint``'s folder, else ``fallback``."""
+    callback = trainer.checkpoint_callback
+    return Path(callback.dirpath) if callback is not None and callback.dirpath else fallback
+
+
 def resolve_checkpoint(ckpt_path: str | Path | None, checkpoint_dir: Path) -> str | None:
     """The checkpoint file to resume from.
 

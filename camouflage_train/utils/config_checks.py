@@ -16,7 +16,7 @@ import inspect
 import re
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,37 @@ def _signature(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any
     return parameters, hints, variadic
 
 
+def _field_problems(
+    node: DictConfig,
+    accepted: Collection[str],
+    hints: Mapping[str, Any],
+    variadic: bool,
+    owner: str,
+    path: str,
+    schemas: Mapping[str, type],
+) -> Iterator[tuple[str, str]]:
+    """Unknown keys and wrong types of ``node`` against ``accepted`` names with ``hints``; recurses into
+    plain-dict fields that have a known schema (``<owner>.<key>`` in ``schemas``)."""
+    for key in node:
+        if key in _SPECIAL_KEYS:
+            continue
+        where = f"{path}.{key}" if path else str(key)
+        if key not in accepted:
+            if not variadic:
+                yield where, f"unknown key for {owner} (accepted: {', '.join(sorted(accepted))})"
+            continue
+        try:
+            value = node[key]
+        except Exception:
+            continue
+        if value is not None and key in hints and not _matches(value, hints[key]):  # null: "not set here"
+            yield where, f"{value!r} is not a valid {_type_name(hints[key])} for {owner}"
+        schema = schemas.get(f"{owner}.{key}")
+        if schema is not None and isinstance(value, DictConfig):
+            fields = [f.name for f in dataclasses.fields(schema)]
+            yield from _field_problems(value, fields, typing.get_type_hints(schema), False, schema.__name__, where, {})
+
+
 def _problems(cfg: DictConfig) -> Iterator[tuple[str, str]]:
     schemas = _dict_schemas()
     for path, node in _walk(cfg):
@@ -122,34 +153,8 @@ def _problems(cfg: DictConfig) -> Iterator[tuple[str, str]]:
             yield f"{path}._target_", f"cannot import '{node._target_}' ({error})"
             continue
         parameters, hints, variadic = _signature(target)
-        name = f"{target.__module__}.{target.__qualname__}"
-        for key in node:
-            if key in _SPECIAL_KEYS:
-                continue
-            where = f"{path}.{key}" if path else str(key)
-            if key not in parameters:
-                if not variadic:
-                    yield where, f"unknown key for {name} (accepted: {', '.join(sorted(parameters))})"
-                continue
-            try:
-                value = node[key]
-            except Exception:
-                continue
-            if value is not None and key in hints and not _matches(value, hints[key]):  # null: "not set here"
-                yield where, f"{value!r} is not a valid {_type_name(hints[key])} for {name}"
-            schema = schemas.get(f"{name}.{key}")
-            if schema is not None and isinstance(value, DictConfig):
-                yield from _dataclass_problems(value, schema, where)
-
-
-def _dataclass_problems(node: DictConfig, schema: type, path: str) -> Iterator[tuple[str, str]]:
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    hints = typing.get_type_hints(schema)
-    for key in node:
-        if key not in fields:
-            yield f"{path}.{key}", f"unknown key for {schema.__name__} (accepted: {', '.join(fields)})"
-        elif not _matches(node[key], hints[key]):
-            yield f"{path}.{key}", f"{node[key]!r} is not a valid {_type_name(hints[key])} for {schema.__name__}"
+        owner = f"{target.__module__}.{target.__qualname__}"
+        yield from _field_problems(node, parameters, hints, variadic, owner, path, schemas)
 
 
 def _type_name(annotation: Any) -> str:
@@ -184,8 +189,8 @@ def _config_files() -> list[tuple[Path, str]]:
     return sorted(files, key=lambda item: item[0].parent.name == "experiment")
 
 
-def _source_of(key: str) -> str:
-    """The command-line override or the last config file that sets ``key``."""
+def _source_of(key: str, files: list[tuple[Path, dict[str, Any], str]]) -> str:
+    """The command-line override or the last of ``files`` (path, parsed YAML, package) that sets ``key``."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
@@ -193,13 +198,12 @@ def _source_of(key: str) -> str:
             if override.lstrip("+~").split("=", 1)[0] == key:
                 return f"command-line override '{override}'"
     source = "the composed config"
-    for file, package in _config_files():
-        data = yaml.safe_load(file.read_text()) or {}
+    for file, data, package in files:
         relative = key.removeprefix(f"{package}.") if package else key
         if package and not key.startswith(f"{package}."):
             continue
         node: Any = data
-        for part in re.split(r"\.", relative):
+        for part in relative.split("."):
             if not isinstance(node, dict) or part not in node:
                 break
             node = node[part]
@@ -210,6 +214,9 @@ def _source_of(key: str) -> str:
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` listing every problem as ``<source>: <key>: <why>``."""
-    problems = [f"{_source_of(key)}: {key}: {why}" for key, why in _problems(cfg)]
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    found = list(_problems(cfg))
+    if not found:
+        return
+    files = [(file, yaml.safe_load(file.read_text()) or {}, package) for file, package in _config_files()]
+    problems = [f"{_source_of(key, files)}: {key}: {why}" for key, why in found]
+    raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
