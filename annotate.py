@@ -6,26 +6,16 @@ from pathlib import Path
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from camouflage_train.annotation.run import ImageListing, annotate_dataset
+from camouflage_train.annotation.run import run_annotation
+from camouflage_train.cli import main_with_key_help, run_task
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="annotate.yaml")
 def main(cfg: DictConfig) -> None:
-    listing = ImageListing(**cfg.input)
-    annotator = instantiate(cfg.faces)
-    summary = annotate_dataset(
-        listing,
-        annotator,
-        cfg.output,
-        cfg.attributes.max_persons,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-    )
-    print(summary.as_dict())
+    print(run_task(run_annotation, cfg).as_dict())
 
 
 if __name__ == "__main__":
-    main()
+    main_with_key_help(main, Path(__file__).parent / "configs", "annotate.yaml")

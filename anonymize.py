@@ -9,12 +9,13 @@ import hydra
 from omegaconf import DictConfig
 
 from camouflage_train.anonymization import run_anonymization
+from camouflage_train.cli import main_with_key_help, run_task
 
 
 @hydra.main(version_base="1.3", config_path="configs/anonymize", config_name="anonymize.yaml")
 def main(cfg: DictConfig) -> None:
-    print(run_anonymization(cfg))
+    print(run_task(run_anonymization, cfg))
 
 
 if __name__ == "__main__":
-    main()
+    main_with_key_help(main, Path(__file__).parent / "configs" / "anonymize", "anonymize.yaml")

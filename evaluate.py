@@ -9,13 +9,14 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 import hydra
 from omegaconf import DictConfig
 
+from camouflage_train.cli import main_with_key_help, run_task
 from camouflage_train.evaluation import run_evaluation
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate.yaml")
 def main(cfg: DictConfig) -> None:
-    run_evaluation(cfg)
+    run_task(run_evaluation, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    main_with_key_help(main, Path(__file__).parent / "configs", "evaluate.yaml")

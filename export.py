@@ -8,18 +8,14 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 import hydra
 from omegaconf import DictConfig
 
-from camouflage_train.export import export_adapter
+from camouflage_train.cli import main_with_key_help, run_task
+from camouflage_train.export import run_export
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="export.yaml")
 def main(cfg: DictConfig) -> None:
-    folder = export_adapter(
-        cfg.checkpoint, cfg.output, base_model=cfg.base_model, overwrite=cfg.overwrite, dataset=cfg.dataset
-    )
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            print(f"{path.stat().st_size:>12,d}  {path.relative_to(folder)}")
+    run_task(run_export, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    main_with_key_help(main, Path(__file__).parent / "configs", "export.yaml")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +21,47 @@ from camouflage_train.modules.evaluation_module import (
     light_row,
 )
 from camouflage_train.training import instantiate_group
-from camouflage_train.utils.config_checks import validate_config
+from camouflage_train.utils.config_checks import ConfigError, validate_config
+from camouflage_train.utils.paths import check_input_paths
+
+
+@dataclass
+class EvaluateConfig:
+    """The top-level keys of ``configs/evaluate.yaml`` (``evaluate.py``)."""
+
+    rows: list
+    seed: int = 0
+    light_checkpoint: str | None = None
+    blur: Any = None
+    region_expand: float = 1.5
+    grid_batches: int = 2
+    metrics: Any = None
+    trainer: Any = None
+    task_name: str = "evaluate"
+    attributes: Any = None
+    data: Any = None
+    faces: Any = None
+    recognisers: Any = None
+    base: Any = None
+    light: Any = None
+    logger: Any = None
+    paths: Any = None
 
 
 def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
-    validate_config(cfg)
+    validate_config(cfg, EvaluateConfig)
+    unknown = set(cfg.rows) - {"identity", "blur", "base", "light"}
+    if unknown:
+        raise ConfigError(f"rows: unknown {sorted(unknown)}; choose from identity, blur, base, light")
+    if "light" in cfg.rows and not cfg.get("light_checkpoint"):
+        raise ConfigError(
+            "rows has 'light': pass light_checkpoint=<training checkpoint>, or drop it: rows=[identity,blur,base]"
+        )
+    check_input_paths({"light_checkpoint": (cfg.light_checkpoint if "light" in cfg.rows else None, "file")})
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    unknown = set(cfg.rows) - {"identity", "blur", "base", "light"}
-    if unknown:
-        raise ValueError(f"rows: unknown {sorted(unknown)}; choose from identity, blur, base, light")
-    if "light" in cfg.rows and not cfg.get("light_checkpoint"):
-        raise ValueError(
-            "rows has 'light': pass light_checkpoint=<training checkpoint>, or drop it: rows=[identity,blur,base]"
-        )
     anonymizers: dict[str, Any] = {}
     pipelines: list[Any] = []
     for row in cfg.rows:

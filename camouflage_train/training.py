@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,28 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from camouflage_train.errors import DataError
 from camouflage_train.utils.checkpoints import checkpoint_folder, resolve_checkpoint
 from camouflage_train.utils.config_checks import validate_config
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """The top-level keys of ``configs/train.yaml`` (``train.py``); the groups are checked by their targets."""
+
+    task_name: str = "train"
+    seed: int | None = None
+    ckpt_path: str | None = "auto"
+    optimized_metric: str = "val/loss"
+    attributes: Any = None
+    data: Any = None
+    model: Any = None
+    callbacks: Any = None
+    logger: Any = None
+    trainer: Any = None
+    paths: Any = None
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -26,7 +45,7 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def run_training(cfg: DictConfig) -> dict[str, float]:
     """Fit the model described by ``cfg``; return the final callback metrics (also written to ``metrics.json``)."""
-    validate_config(cfg)  # before anything is built or written
+    validate_config(cfg, TrainConfig)  # before anything is built or written
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -47,6 +66,11 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         for logger in trainer.loggers:
             logger.finalize("success")
         _finish_wandb()
+    if trainer.global_step == 0 and trainer.max_steps != 0:
+        raise DataError(
+            "training ran no optimizer step (every batch was skipped or empty; see data/train_skipped and the "
+            "log above); no checkpoint was written"
+        )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["model/trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainer.is_global_zero:

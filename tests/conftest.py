@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,3 +116,26 @@ def trained_checkpoint(make_cfg, tmp_path, tiny_model_dir):
     path = tmp_path / "light.ckpt"
     trainer.save_checkpoint(path)
     return path, module
+
+
+def run_script(
+    script: str, *overrides: str, env: dict | None = None, cwd: Path = REPO, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Run a repository entry point (``train.py``, ``anonymize.py``, ...) in a fresh process, as a user would."""
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *overrides],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def assert_user_error(done: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user error: non-zero exit, every fragment in the message, no Python traceback."""
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    for fragment in fragments:
+        assert fragment in output, (fragment, output[-3000:])

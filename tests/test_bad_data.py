@@ -105,8 +105,13 @@ def test_sidecar_screening_caching_and_training_survive_the_corpus(corpus, tmp_p
     cfg = make_cfg("experiment=demo")
     schema = dict(cfg.attributes)
     sidecar = _sidecar(corpus, tmp_path / "persons.jsonl")
-    source = FolderSource(corpus, sidecar, schema=schema, min_image_size=8)
-    assert source.skipped == {"invalid person record": 3, "missing file": 1}
+    source = FolderSource(corpus, sidecar, schema=schema, min_image_size=8, max_skipped_fraction=0.3)
+    assert source.skipped == {
+        "person record: not a finite number": 1,
+        "person record: out of range": 1,
+        "person record: missing field": 1,
+        "missing file": 1,
+    }
     assert len(source) == len(HANDLED) + len(REFUSED) + 1
 
     dm = PersonDataModule(source, schema, 64, val_source=source, batch_size=4, flip_prob=0.5, random_crop=False)

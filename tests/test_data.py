@@ -10,6 +10,7 @@ from camouflage_train.data.datamodule import PersonDataModule
 from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset, Skipped
 from camouflage_train.data.sources import FolderSource, HFDatasetSource, SyntheticSource, read_sidecar
 from camouflage_train.data.synthetic import draw_scene
+from camouflage_train.errors import DataError
 from tests.conftest import person
 
 
@@ -72,30 +73,85 @@ def test_invalid_record_is_skipped_counted_and_named(tmp_path, schema, caplog):
     source = _folder(tmp_path, {"a.png": Image.new("RGB", (32, 32))}, rows)
     dataset = PersonImageDataset(source, schema, 32)
     assert isinstance(dataset[0], dict)
-    assert dataset[1] == Skipped("invalid person record", "a.png")
+    assert dataset[1] == Skipped("person record: out of range", "a.png")
     assert "persons.jsonl:2 (a.png), person 0: 'age' = -4" in caplog.text
-    screened = FolderSource(tmp_path / "img", tmp_path / "persons.jsonl", schema=schema.to_config())
-    assert len(screened) == 1 and screened.skipped == {"invalid person record": 1}
-    with pytest.raises(ValueError, match="no usable rows out of 1"):
+    screened = FolderSource(
+        tmp_path / "img", tmp_path / "persons.jsonl", schema=schema.to_config(), max_skipped_fraction=0.5
+    )
+    assert len(screened) == 1 and screened.skipped == {"person record: out of range": 1}
+    with pytest.raises(DataError, match="no usable rows out of 1"):
         _folder(tmp_path, {}, [rows[1]], name="bad.jsonl")
         FolderSource(tmp_path / "img", tmp_path / "bad.jsonl", schema=schema.to_config())
 
 
-def test_malformed_sidecar_names_file_and_line(tmp_path):
+def _screening_sidecar(tmp_path, good_rows):
+    """``good_rows`` valid rows, then one bad row of each kind the screening knows."""
+    (tmp_path / "img").mkdir(exist_ok=True)
+    Image.new("RGB", (32, 32)).save(tmp_path / "img" / "a.png")
+    good = person([0.1, 0.1, 0.3, 0.3])
+    lines = [json.dumps({"file": "a.png", "persons": [good]})] * good_rows
+    lines += [
+        "{oops",  # malformed JSON
+        "[1, 2]",  # not an object
+        json.dumps({"persons": [good]}),  # no file
+        json.dumps({"file": "../escape.png", "persons": [good]}),  # leaves the folder
+        json.dumps({"file": "/etc/passwd", "persons": [good]}),  # absolute
+        json.dumps({"file": "a.png", "persons": {}}),  # persons not a list
+        json.dumps({"file": "gone.png", "persons": [good]}),
+        json.dumps({"file": "a.png", "persons": [{**good, "age": float("nan")}]}),
+        json.dumps({"file": "a.png", "persons": [{**good, "yaw": 400}]}),
+        json.dumps({"file": "a.png", "persons": [{k: v for k, v in good.items() if k != "gender"}]}),
+        json.dumps({"file": "a.png", "persons": [{**good, "gender": "robot"}]}),
+        json.dumps({"file": "a.png", "persons": [{**good, "box": [0.5, 0.5, 0.2, 0.2]}]}),
+    ]
+    sidecar = tmp_path / "persons.jsonl"
+    sidecar.write_text("\n".join(lines) + "\n")
+    return sidecar
+
+
+EXPECTED_SKIPS = {
+    "malformed JSON": 1,
+    "not a JSON object": 1,
+    "no 'file' field": 1,
+    "unsafe file name": 2,
+    "no 'persons' list": 1,
+    "missing file": 1,
+    "person record: not a finite number": 1,
+    "person record: out of range": 1,
+    "person record: missing field": 1,
+    "person record: unknown class": 1,
+    "person record: bad box": 1,
+}
+
+
+def test_sidecar_rows_are_screened_up_front_and_counted_per_reason(tmp_path, schema, caplog):
+    sidecar = _screening_sidecar(tmp_path, good_rows=300)  # 12 bad of 312: under the default 5 % limit
+    source = FolderSource(tmp_path / "img", sidecar, schema=schema.to_config())
+    assert len(source) == 300 and dict(source.skipped) == EXPECTED_SKIPS
+    for reason in EXPECTED_SKIPS:  # one warning per reason, with its first example
+        assert f"{reason} (first: " in caplog.text
+    assert "persons.jsonl:301" in caplog.text and "'yaw' = 400" in caplog.text
+
+
+def test_too_many_bad_rows_stop_with_every_reason_listed(tmp_path, schema):
+    sidecar = _screening_sidecar(tmp_path, good_rows=100)  # 12 of 112 = 10.7 %
+    with pytest.raises(DataError, match=r"12 of 112 rows \(10.7%\) cannot be used") as error:
+        FolderSource(tmp_path / "img", sidecar, schema=schema.to_config())
+    assert all(reason in str(error.value) for reason in EXPECTED_SKIPS)
+    assert "max_skipped_fraction" in str(error.value)
+    relaxed = FolderSource(tmp_path / "img", sidecar, schema=schema.to_config(), max_skipped_fraction=0.2)
+    assert len(relaxed) == 100
+
+
+def test_read_sidecar_returns_rejected_lines_with_file_and_line(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text('{"file": "a.png", "persons": []}\n{oops\n')
-    with pytest.raises(ValueError, match=r"p.jsonl:2: not valid JSON"):
-        read_sidecar(path)
-    path.write_text('{"file": "a.png", "persons": {}}\n')
-    with pytest.raises(ValueError, match=r"p.jsonl:1: field 'persons'"):
-        read_sidecar(path)
-
-
-def test_folder_source_refuses_paths_outside_root(tmp_path):
-    (tmp_path / "img").mkdir()
-    (tmp_path / "p.jsonl").write_text('{"file": "../secret.png", "persons": []}\n')
-    with pytest.raises(ValueError, match="must stay inside"):
-        FolderSource(tmp_path / "img", tmp_path / "p.jsonl")
+    path.write_text('{"file": "a.png", "persons": []}\n{oops\n{"file": "b.png", "persons": {}}\n')
+    rows, rejected = read_sidecar(path)
+    assert [r["file"] for r in rows] == ["a.png"]
+    assert [(r.where, r.reason) for r in rejected] == [
+        (f"{path}:2", "malformed JSON"),
+        (f"{path}:3", "no 'persons' list"),
+    ]
 
 
 def test_parquet_sidecar_with_captions(tmp_path, schema):

@@ -3,7 +3,6 @@
 import ast
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,18 +11,11 @@ import torch
 from camouflage_train.utils.checkpoints import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from camouflage_train.utils.config_checks import ConfigError, validate_config
 from camouflage_train.utils.paths import UnsafePathError, inside
-from tests.conftest import REPO
+from tests.conftest import REPO, run_script
 
 
 def _train(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *overrides],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-        env=env,
-    )
+    return run_script("train.py", *overrides, env=env)
 
 
 def test_bad_experiment_file_names_the_file_and_the_keys(tmp_path):
@@ -90,8 +82,9 @@ def test_every_torch_load_is_weights_only_and_no_remote_code():
                     loads.append(func)
             if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
                 raise AssertionError(f"{path}:{node.lineno} passes trust_remote_code")
-    # The scan saw the package's loads (export, Light pipeline, checkpoint IO), so it can fail.
-    assert loads.count("torch.load") >= 3 and any(f.endswith(".load_from_checkpoint") for f in loads), loads
+    # The scan saw the package's loads (read_checkpoint, used by export, resume and the Light pipeline, and the
+    # Light pipeline's module load), so it can fail.
+    assert loads.count("torch.load") >= 1 and any(f.endswith(".load_from_checkpoint") for f in loads), loads
 
 
 class _Payload:
@@ -106,8 +99,9 @@ def test_checkpoints_load_weights_only(tmp_path, capsys):
     assert not list(tmp_path.glob(".*tmp*"))  # the staging file was renamed
     assert torch.equal(io.load_checkpoint(tmp_path / "good.ckpt")["state_dict"]["w"], torch.ones(2))
     torch.save({**good, "evil": _Payload()}, tmp_path / "evil.ckpt")
-    with pytest.raises(CheckpointError, match="unreadable"):
+    with pytest.raises(CheckpointError, match="holds pickled Python objects, which are never loaded") as error:
         read_checkpoint(tmp_path / "evil.ckpt")
+    assert "weights_only=False" not in str(error.value)  # never suggest unsafe loading
     with pytest.raises(Exception, match=r"Unsupported global|Weights only load failed"):
         io.load_checkpoint(tmp_path / "evil.ckpt")
     with pytest.raises(CheckpointError, match="weights_only=False"):

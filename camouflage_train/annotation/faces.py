@@ -14,12 +14,13 @@ import numpy as np
 from PIL import Image
 
 from camouflage_train.annotation.head_pose import head_pose
+from camouflage_train.errors import UserError
 
 RECORD_SCHEMA_VERSION = 1
 GENDERS = ("female", "male")  # insightface: gender 0 = female, 1 = male
 
 
-class FaceModelUnavailableError(OSError):
+class FaceModelUnavailableError(UserError, OSError):
     """The insightface model pack cannot be found or downloaded."""
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 
-import cv2
 import numpy as np
+
+from camouflage_train.utils.optional import optional_import
 
 # Left eye, right eye (as seen in the image), nose tip, left and right mouth corner.
 FACE_MODEL_MM = np.array(
@@ -45,6 +46,7 @@ def angles(rotation: np.ndarray) -> tuple[float, float, float]:
 def head_pose(keypoints: np.ndarray, width: int, height: int) -> tuple[float, float, float]:
     """(yaw, pitch, roll) in degrees, each clipped to [-90, 90], from ``keypoints`` of shape [5, 2] in pixels."""
     points = np.asarray(keypoints, dtype=np.float64).reshape(5, 2)
+    cv2 = optional_import("cv2", "faces", "head pose from keypoints")
     ok, rvec, _ = cv2.solvePnP(FACE_MODEL_MM, points, camera_matrix(width, height), None, flags=cv2.SOLVEPNP_EPNP)
     if not ok:
         return 0.0, 0.0, 0.0
@@ -56,6 +58,7 @@ def project(
     yaw: float, pitch: float, roll: float, center: tuple[float, float], distance_mm: float, width: int, height: int
 ) -> np.ndarray:
     """Pixel keypoints of the model face at a pose; used to test :func:`head_pose`."""
+    cv2 = optional_import("cv2", "faces", "head pose from keypoints")
     rvec, _ = cv2.Rodrigues(rotation_from_angles(yaw, pitch, roll))
     k = camera_matrix(width, height)
     tvec = np.array(

@@ -16,6 +16,7 @@ from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset, co
 from camouflage_train.data.sampling import KeyedSubset, ResumableLoader, ResumableSampler
 from camouflage_train.data.schema import AttributeSchema, as_schema
 from camouflage_train.data.sources import SampleSource
+from camouflage_train.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class PersonDataModule(L.LightningDataModule):
         }
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._split_note = ""  # how the training rows were obtained, for errors
 
     def _dataset(self, source: SampleSource, train: bool) -> PersonImageDataset:
         return PersonImageDataset(
@@ -133,13 +135,18 @@ class PersonDataModule(L.LightningDataModule):
             train = CachedLatentDataset(self.cache_folder(), flip_prob=self.flip_prob)
         if self.val_source is not None:
             self.train_set, self.val_set = train, self._dataset(self.val_source, train=False)
+            self._split_note = f"{len(train)} usable rows in data.train_source (validation: data.val_source)"
             return
         n_val = round(len(train) * self.val_fraction)
         if n_val == 0 or n_val >= len(train):
-            raise ValueError(
-                f"val_fraction={self.val_fraction} of {len(train)} samples leaves no train or no val split; "
-                "set data.val_fraction or give data.val_source"
+            raise DataError(
+                f"data.val_fraction={self.val_fraction} of {len(train)} usable rows leaves no train or no val "
+                "split; set data.val_fraction or give data.val_source"
             )
+        self._split_note = (
+            f"{len(train)} usable rows, of which data.val_fraction={self.val_fraction} -> {n_val} for validation "
+            f"and {len(train) - n_val} for training"
+        )
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
         self.train_set = KeyedSubset(train, order[n_val:])
         self.val_set = Subset(self._dataset(self.train_source, train=False), order[:n_val])
@@ -150,6 +157,13 @@ class PersonDataModule(L.LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ResumableSampler(len(self.train_set), self.seed, num_replicas=world, rank=rank, drop_last=True)
+        if sampler.num_samples < self.batch_size:
+            raise DataError(
+                f"no full training batch: {self._split_note}; over {world} process(es) that is "
+                f"{sampler.num_samples} per process, fewer than data.batch_size={self.batch_size} "
+                "(drop_last=True drops an incomplete batch, so no optimizer step would run). Lower "
+                "data.batch_size or data.val_fraction, or add data"
+            )
         if trainer is not None:
             # Lightning restores the loop progress before asking for the loader: continue that epoch exactly.
             # "processed", not "completed": a checkpoint written in on_train_batch_end (ModelCheckpoint's

@@ -111,7 +111,7 @@ class PersonImageDataset(Dataset):
             image, persons, dropped, sample = self._load(index, generator)
             return [self._finish(image, persons, dropped, sample, flip) for flip in flips]
         except (BadSampleError, InvalidRecordError) as err:
-            reason = err.reason if isinstance(err, BadSampleError) else "invalid person record"
+            reason = err.reason if isinstance(err, BadSampleError) else f"person record: {err.reason}"
             name_of = getattr(self.source, "name_of", None)
             key = name_of(index) if name_of is not None else f"index {index}"
             if reason not in self._warned:

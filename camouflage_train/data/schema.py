@@ -22,7 +22,12 @@ BOX_KEY = "box"
 
 
 class InvalidRecordError(ValueError):
-    """A person record does not match the schema; the message names the source and the field."""
+    """A person record does not match the schema; the message names the source and the field, ``reason`` is a
+    short stable label for counting (``missing field``, ``out of range``, ...)."""
+
+    def __init__(self, message: str, reason: str = "invalid person record") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -63,13 +68,16 @@ class CategoricalAttribute:
     def index(self, value: Any, where: str) -> int:
         if isinstance(value, str):
             if value not in self.classes:
-                raise InvalidRecordError(f"{where}: '{self.name}' is '{value}', expected one of {list(self.classes)}")
+                raise InvalidRecordError(
+                    f"{where}: '{self.name}' is '{value}', expected one of {list(self.classes)}", "unknown class"
+                )
             return self.classes.index(value)
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(self.classes):
             return int(value)
         raise InvalidRecordError(
             f"{where}: '{self.name}' is {value!r}, expected a class name in {list(self.classes)} "
-            f"or an index 0..{len(self.classes) - 1}"
+            f"or an index 0..{len(self.classes) - 1}",
+            "unknown class",
         )
 
 
@@ -140,25 +148,31 @@ class AttributeSchema:
     def validate(self, person: Mapping[str, Any], where: str) -> None:
         """Raise :class:`InvalidRecordError` naming ``where`` and the field if ``person`` is not valid."""
         if not isinstance(person, Mapping):
-            raise InvalidRecordError(f"{where}: a person record must be a mapping, got {type(person).__name__}")
+            raise InvalidRecordError(
+                f"{where}: a person record must be a mapping, got {type(person).__name__}", "not a record"
+            )
         missing = [k for k in (BOX_KEY, *self.names) if k not in person or person[k] is None]
         if missing:
-            raise InvalidRecordError(f"{where}: missing field(s) {missing}")
+            raise InvalidRecordError(f"{where}: missing field(s) {missing}", "missing field")
         box = person[BOX_KEY]
         if not isinstance(box, Sequence) or len(box) != 4:
-            raise InvalidRecordError(f"{where}: 'box' must be 4 numbers [x0, y0, x1, y1], got {box!r}")
+            raise InvalidRecordError(f"{where}: 'box' must be 4 numbers [x0, y0, x1, y1], got {box!r}", "bad box")
         try:
             x0, y0, x1, y1 = (float(v) for v in box)
         except (TypeError, ValueError) as err:
-            raise InvalidRecordError(f"{where}: 'box' must be 4 numbers, got {box!r}") from err
+            raise InvalidRecordError(f"{where}: 'box' must be 4 numbers, got {box!r}", "bad box") from err
         if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)) or not (x0 < x1 and y0 < y1):
-            raise InvalidRecordError(f"{where}: 'box' {box!r} must be normalized to [0, 1] with x0 < x1 and y0 < y1")
+            raise InvalidRecordError(
+                f"{where}: 'box' {box!r} must be normalized to [0, 1] with x0 < x1 and y0 < y1", "bad box"
+            )
         for attr in self.continuous:
             value = person[attr.name]
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-                raise InvalidRecordError(f"{where}: '{attr.name}' must be a number, got {value!r}")
+                raise InvalidRecordError(f"{where}: '{attr.name}' must be a number, got {value!r}", "not a number")
             if not (math.isfinite(value) and attr.low <= value <= attr.high):
-                raise InvalidRecordError(f"{where}: '{attr.name}' = {value} is outside [{attr.low}, {attr.high}]")
+                reason = "not a finite number" if not math.isfinite(value) else "out of range"
+                message = f"{where}: '{attr.name}' = {value} is outside [{attr.low}, {attr.high}]"
+                raise InvalidRecordError(message, reason)
         for cat in self.categorical:
             cat.index(person[cat.name], where)
 

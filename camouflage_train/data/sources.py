@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +24,7 @@ from PIL import Image
 from camouflage_train.data.images import load_rgb
 from camouflage_train.data.schema import AttributeSchema, InvalidRecordError, as_schema
 from camouflage_train.data.synthetic import draw_scene
+from camouflage_train.errors import DataError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -53,36 +54,69 @@ class SampleSource(Protocol):
     def __getitem__(self, index: int) -> RawSample: ...
 
 
+@dataclass(frozen=True)
+class RejectedRow:
+    """A sidecar line that cannot be used: where it is (``file:line``), a short reason label, and the detail."""
+
+    where: str
+    reason: str
+    detail: str
+    name: str | None = None  # the row's image name, when it has one
+
+
 def screen_rows(
-    rows: list[dict[str, Any]], schema: AttributeSchema | Mapping[str, Any] | None, name: str, exists: Any = None
-) -> tuple[list[dict[str, Any]], Counter[str], list[tuple[dict[str, Any], str]]]:
-    """Drop sidecar rows that cannot train (annotation skipped them, image missing, invalid person record),
-    counting each reason and logging the first example of each; an empty result is an error."""
+    rows: list[dict[str, Any]],
+    schema: AttributeSchema | Mapping[str, Any] | None,
+    name: str,
+    exists: Callable[[dict[str, Any]], bool] | None = None,
+    rejected: Sequence[RejectedRow] = (),
+    max_skipped_fraction: float = 1.0,
+) -> tuple[list[dict[str, Any]], Counter[str], list[RejectedRow]]:
+    """Keep the sidecar rows that can train; every other row is skipped, counted by reason and logged once per
+    reason with its first example. ``rejected``: rows the reader already refused (malformed line, no ``file``).
+
+    Raises :class:`~camouflage_train.errors.DataError` when no row is usable, or when the share of faulty rows
+    (all skipped rows but those the annotation recorded as unreadable images) exceeds ``max_skipped_fraction``:
+    a mostly broken sidecar is a mistake to fix, not to train on.
+    """
     parsed = as_schema(schema) if schema is not None else None
-    kept, skipped, examples, dropped = [], Counter(), {}, []
+    kept: list[dict[str, Any]] = []
+    dropped = list(rejected)
     for row in rows:
-        reason = None
+        problem = None
         if row.get("skipped"):
-            reason = f"annotation: {row['skipped']}"
+            problem = (f"annotation: {row['skipped']}", row["_where"])
         elif exists is not None and not exists(row):
-            reason = "missing file"
+            problem = ("missing file", row["_where"])
         elif parsed is not None:
             try:
                 for i, person in enumerate(row["persons"]):
                     parsed.validate(person, f"{row['_where']}, person {i}")
             except InvalidRecordError as err:
-                reason = "invalid person record"
-                examples.setdefault(reason, str(err))
-        if reason is None:
+                problem = (f"person record: {err.reason}", str(err))
+        if problem is None:
             kept.append(row)
         else:
-            skipped[reason] += 1
-            dropped.append((row, reason))
-            examples.setdefault(reason, row["_where"])
-    for reason, count in skipped.items():
+            dropped.append(RejectedRow(row["_where"], *problem, name=row.get("file")))
+    skipped: Counter[str] = Counter(row.reason for row in dropped)
+    examples: dict[str, str] = {}
+    for row in dropped:
+        examples.setdefault(row.reason, row.detail)
+    report = "; ".join(f"{reason}: {count} (first: {examples[reason]})" for reason, count in skipped.most_common())
+    for reason, count in skipped.most_common():
         log.warning("%s: skipping %d row(s): %s (first: %s)", name, count, reason, examples[reason])
+    total = len(rows) + len(rejected)
     if not kept:
-        raise ValueError(f"{name}: no usable rows out of {len(rows)} ({dict(skipped)})")
+        raise DataError(f"{name}: no usable rows out of {total}" + (f" ({report})" if report else ""))
+    # Images the annotation could not read are already reported by annotate.py; the limit is about rows that
+    # are wrong in the sidecar itself or point nowhere.
+    faulty = sum(1 for row in dropped if not row.reason.startswith("annotation: "))
+    if faulty > max_skipped_fraction * total:
+        raise DataError(
+            f"{name}: {faulty} of {total} rows ({faulty / total:.1%}) cannot be used, more than "
+            f"max_skipped_fraction={max_skipped_fraction:g} of the source allows: {report}. Fix the sidecar, or "
+            "raise the source's max_skipped_fraction (e.g. data.train_source.max_skipped_fraction=0.2)"
+        )
     return kept, skipped, dropped
 
 
@@ -96,37 +130,44 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_sidecar(path: str | Path) -> list[dict[str, Any]]:
-    """Read person-record rows from ``.jsonl`` or ``.parquet``; a malformed row names the file and line."""
+def read_sidecar(path: str | Path) -> tuple[list[dict[str, Any]], list[RejectedRow]]:
+    """Read person-record rows from ``.jsonl`` or ``.parquet``: the rows with a ``persons`` list (each gets
+    ``_where`` = ``file:line``), and the lines that are not such rows (malformed JSON, not an object, no list)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"person-record sidecar not found: {path}")
+        raise InputError(f"person-record sidecar not found: {path}")
+    lines: list[tuple[int, Any]] = []
+    rejected: list[RejectedRow] = []
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        lines = list(enumerate(pq.read_table(path).to_pylist(), start=1))
     elif path.suffix in (".jsonl", ".json"):
-        rows = []
         with path.open(encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    lines.append((number, json.loads(line)))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{number}: each line must be a JSON object")
-                row["_line"] = number
-                rows.append(row)
+                    rejected.append(RejectedRow(f"{path}:{number}", "malformed JSON", f"{path}:{number}: {err.msg}"))
     else:
-        raise ValueError(f"{path}: sidecar must be .jsonl or .parquet")
-    for number, row in enumerate(rows, start=1):
-        where = f"{path}:{row.get('_line', number)}"
-        if not isinstance(row.get("persons"), list):
-            raise ValueError(f"{where}: field 'persons' must be a list of person records")
-        row["_where"] = where
-    return rows
+        raise DataError(f"{path}: a person-record sidecar must be .jsonl or .parquet")
+    rows = []
+    for number, row in lines:
+        where = f"{path}:{number}"
+        if not isinstance(row, dict):
+            rejected.append(RejectedRow(where, "not a JSON object", f"{where}: each line must be a JSON object"))
+        elif not isinstance(row.get("persons"), list):
+            detail = f"{where}: field 'persons' must be a list of person records"
+            rejected.append(RejectedRow(where, "no 'persons' list", detail, name=_file_of(row)))
+        else:
+            rows.append({**row, "_where": where})
+    return rows, rejected
+
+
+def _file_of(row: dict[str, Any]) -> str | None:
+    return row["file"] if isinstance(row.get("file"), str) else None
 
 
 class SyntheticSource:
@@ -171,8 +212,9 @@ class SyntheticSource:
 class FolderSource:
     """Images under ``root`` listed by a sidecar whose rows are ``{"file", "persons", "caption"?}``.
 
-    With ``schema``, rows whose image is missing or whose records are invalid are left out up front
-    and counted in ``skipped``; unreadable images are found (and skipped) when loaded.
+    Rows that cannot train are left out up front and counted in ``skipped`` by reason (malformed lines, no
+    ``file``, names leaving ``root``, missing images, with ``schema`` invalid records); more than
+    ``max_skipped_fraction`` of all rows is an error. Unreadable images are found (and skipped) when loaded.
     """
 
     def __init__(
@@ -182,21 +224,33 @@ class FolderSource:
         caption_field: str = "caption",
         schema: AttributeSchema | Mapping[str, Any] | None = None,
         min_image_size: int = 8,
+        max_skipped_fraction: float = 0.05,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
-        rows = read_sidecar(sidecar)
+            raise InputError(f"image folder not found: {self.root}")
+        rows, rejected = read_sidecar(sidecar)
         self.caption_field, self.min_image_size = caption_field, min_image_size
+        usable = []
         for row in rows:
-            if not isinstance(row.get("file"), str):
-                raise ValueError(f"{row['_where']}: field 'file' (image path relative to {self.root}) is required")
-            if Path(row["file"]).is_absolute() or ".." in Path(row["file"]).parts:
-                raise ValueError(f"{row['_where']}: 'file' must stay inside {self.root}, got {row['file']!r}")
+            name = row.get("file")
+            if not isinstance(name, str) or not name:
+                detail = f"{row['_where']}: field 'file' (image path relative to {self.root}) is required"
+                rejected.append(RejectedRow(row["_where"], "no 'file' field", detail))
+            elif Path(name).is_absolute() or ".." in Path(name).parts:
+                detail = f"{row['_where']}: 'file' must stay inside {self.root}, got {name!r}"
+                rejected.append(RejectedRow(row["_where"], "unsafe file name", detail, name=name))
+            else:
+                usable.append(row)
         self.rows, self.skipped, dropped = screen_rows(
-            rows, schema, str(sidecar), lambda r: (self.root / r["file"]).is_file()
+            usable,
+            schema,
+            str(sidecar),
+            lambda r: (self.root / r["file"]).is_file(),
+            rejected,
+            max_skipped_fraction,
         )
-        self.dropped = [(row["file"], reason) for row, reason in dropped]
+        self.dropped = [(row.name or row.where, row.reason) for row in dropped]
         self.sidecar = Path(sidecar)
 
     def name_of(self, index: int) -> str:
@@ -240,6 +294,7 @@ class HFDatasetSource:
         revision: str | None = None,
         schema: AttributeSchema | Mapping[str, Any] | None = None,
         min_image_size: int = 8,
+        max_skipped_fraction: float = 0.05,
     ) -> None:
         import datasets
 
@@ -254,18 +309,24 @@ class HFDatasetSource:
         needed += [] if sidecar else [persons_column or "persons"]
         missing = [c for c in needed if c not in columns]
         if missing:
-            raise ValueError(f"dataset {self.name}: missing column(s) {missing}; it has {sorted(columns)}")
+            raise DataError(f"dataset {self.name}: missing column(s) {missing}; it has {sorted(columns)}")
         self.image_column, self.persons_column, self.caption_column = image_column, persons_column, caption_column
         self.min_image_size = min_image_size
         self.rows: list[dict[str, Any]] | None = None
         self.skipped: Counter[str] = Counter()
         if sidecar is not None:
-            rows = read_sidecar(sidecar)
+            rows, rejected = read_sidecar(sidecar)
+            usable = []
             for row in rows:
                 index = row.get("index")
-                if not isinstance(index, int) or not 0 <= index < len(self.dataset):
-                    raise ValueError(f"{row['_where']}: 'index' must be a row number of {self.name}, got {index!r}")
-            self.rows, self.skipped, _ = screen_rows(rows, schema, str(sidecar))
+                if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(self.dataset):
+                    usable.append(row)
+                else:
+                    detail = f"{row['_where']}: 'index' must be a row number of {self.name}, got {index!r}"
+                    rejected.append(RejectedRow(row["_where"], "bad 'index'", detail))
+            self.rows, self.skipped, _ = screen_rows(
+                usable, schema, str(sidecar), rejected=rejected, max_skipped_fraction=max_skipped_fraction
+            )
         self.sidecar = Path(sidecar) if sidecar is not None else None
         self.revision = revision
 

@@ -14,10 +14,12 @@ from PIL import Image
 from torch import nn
 from torchmetrics import Metric
 
+from camouflage_train.errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "models" / "configs" / "open_clip"
 
 
-class WeightsUnavailableError(OSError):
+class WeightsUnavailableError(UserError, OSError):
     """A metric's model weights cannot be loaded; the message names the metric and how to supply them."""
 
 

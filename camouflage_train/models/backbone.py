@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from camouflage_train.errors import UserError
 from camouflage_train.models.presets import CLIP_VOCAB_SIZE, PRESET_PREFIX, materialize_preset
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
@@ -28,7 +29,7 @@ _DTYPES = {
 }
 
 
-class BackboneUnavailableError(OSError):
+class BackboneUnavailableError(UserError, OSError):
     """The Stable Diffusion weights cannot be found locally or downloaded."""
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-import cv2
 import numpy as np
 from PIL import Image
+
+from camouflage_train.utils.optional import optional_import
 
 
 class Preprocessor(Protocol):
@@ -27,6 +28,7 @@ class CannyEdges:
         self.low, self.high = low, high
 
     def __call__(self, image: Image.Image) -> Image.Image:
+        cv2 = optional_import("cv2", "faces", "CannyEdges")
         edges = cv2.Canny(np.asarray(image.convert("L")), self.low, self.high)
         return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
 
@@ -35,6 +37,7 @@ class SobelLines:
     """Gradient magnitude, normalized, white lines on black: a weight-free stand-in for line art."""
 
     def __call__(self, image: Image.Image) -> Image.Image:
+        cv2 = optional_import("cv2", "faces", "SobelLines")
         gray = np.asarray(image.convert("L"), dtype=np.float32)
         magnitude = np.hypot(cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1))
         lines = (255 * magnitude / max(float(magnitude.max()), 1e-6)).astype(np.uint8)
@@ -42,14 +45,9 @@ class SobelLines:
 
 
 def _import_controlnet_aux() -> Any:
-    try:
-        import controlnet_aux
-    except ImportError as err:
-        raise ImportError(
-            "real ControlNet annotators need controlnet_aux: pip install 'camouflage-train[annotators]' "
-            "(or use the weight-free CannyEdges/SobelLines preprocessors)"
-        ) from err
-    return controlnet_aux
+    return optional_import(
+        "controlnet_aux", "annotators", "real ControlNet annotators (or use the weight-free CannyEdges/SobelLines)"
+    )
 
 
 class AuxProcessor:

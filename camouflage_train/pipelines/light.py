@@ -153,8 +153,9 @@ class CamouflageLight:
     def from_checkpoint(cls, path: str, weight_dtype: str | None = None, **kwargs: Any) -> CamouflageLight:
         """Rebuild the frozen backbone named in a training checkpoint and load its adapter weights."""
         from camouflage_train.modules.light_module import LightAdapterModule
+        from camouflage_train.utils.checkpoints import read_checkpoint
 
-        hparams = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]
+        hparams = read_checkpoint(path, key="checkpoint")["hyper_parameters"]
         backbone_cfg = dict(hparams["backbone"], **({"weight_dtype": weight_dtype} if weight_dtype else {}))
         with warnings.catch_warnings():  # frozen weights are not in our checkpoints, by design
             warnings.filterwarnings("ignore", message=".*are in the model state dict but not in the checkpoint.*")

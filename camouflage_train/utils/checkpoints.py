@@ -5,18 +5,23 @@
   reads with ``torch.load(weights_only=True)`` (plain tensors and containers only, no pickled code).
 * :func:`resolve_checkpoint` turns ``ckpt_path`` (``null``, a file, ``last`` or ``auto``) into a file that
   loads; a checkpoint that does not load (torn by a crash on a filesystem without atomic rename, disk
-  full, bit rot) is skipped with a warning in favour of the next newest.
+  full, bit rot) is renamed to ``<name>.corrupt`` with a warning, in favour of the next newest, so the
+  run's next saves keep their names (``last.ckpt``, not ``last-v1.ckpt``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from camouflage_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -24,20 +29,36 @@ log = logging.getLogger(__name__)
 _REQUIRED_KEYS = ("state_dict", "global_step", "loops", "optimizer_states")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used; the message names the file and why."""
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a training checkpoint on the CPU with ``weights_only=True`` and check it is complete."""
+def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]:
+    """Load a training checkpoint on the CPU with ``weights_only=True`` and check it is complete.
+
+    The error never repeats torch's hint to retry with ``weights_only=False``: a file that only loads that way
+    is not one of ours, and unpickling it could run arbitrary code. ``key`` names the config key in errors.
+    """
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{key}: '{path}' does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torn zip, pickle error, disallowed global: all "unreadable"
-        raise CheckpointError(f"checkpoint '{path}' is unreadable ({type(error).__name__}: {error})") from error
-    missing = [key for key in _REQUIRED_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    except pickle.UnpicklingError as error:
+        what = (
+            "it holds pickled Python objects, which are never loaded (they could run code)"
+            if "Unsupported global" in str(error)
+            else "it is unreadable as a PyTorch checkpoint (torn, truncated or another kind of file)"
+        )
+        raise CheckpointError(f"{key}: '{path}' is not a training checkpoint: {what}") from None
+    except Exception as error:  # a torn zip archive, an empty file, ...
+        raise CheckpointError(
+            f"{key}: '{path}' is not a training checkpoint: it is unreadable ({type(error).__name__}; torn, "
+            "truncated or another kind of file)"
+        ) from None
+    missing = [name for name in _REQUIRED_KEYS if not isinstance(checkpoint, dict) or name not in checkpoint]
     if missing:
-        raise CheckpointError(f"checkpoint '{path}' is incomplete: no {missing}")
+        raise CheckpointError(f"{key}: '{path}' is not a complete training checkpoint (incomplete: no {missing})")
     return checkpoint
 
 
@@ -84,27 +105,44 @@ def resolve_checkpoint(ckpt_path: str | Path | None, checkpoint_dir: Path) -> st
     ``None``: start fresh. A path: that file, which must load. ``last``: the newest loadable checkpoint in
     ``checkpoint_dir`` (by modification time); an error if there is none.
     ``auto``: the same, but start fresh when the folder has none (re-running a killed job's command continues it).
+    Unloadable checkpoints of the folder are renamed ``<name>.corrupt`` (by rank 0; the others skip them).
     """
     if ckpt_path is None:
         return None
     if str(ckpt_path) not in ("last", "auto"):
-        read_checkpoint(ckpt_path)
+        read_checkpoint(ckpt_path, key="ckpt_path")
         return str(ckpt_path)
     _remove_stale_staging(checkpoint_dir)
     # Newest first by modification time: a run killed between writing step_N.ckpt and last.ckpt resumes from N.
     files = sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
     for index, file in enumerate(files):
         try:
-            read_checkpoint(file)
+            read_checkpoint(file, key=f"ckpt_path={ckpt_path}")
         except CheckpointError as error:
             following = files[index + 1].name if index + 1 < len(files) else "nothing"
-            log.warning("%s; falling back to %s", error, following)
+            aside = _move_aside(file) if rank_zero_only.rank == 0 else None
+            moved = f"; moved to {aside.name}" if aside else ""
+            log.warning("%s%s; falling back to %s", error, moved, following)
             continue
         log.info("resuming from %s", file)
         return str(file)
     if str(ckpt_path) == "last":
         raise CheckpointError(f"ckpt_path=last: no loadable checkpoint in '{checkpoint_dir}' ({len(files)} found)")
     return None
+
+
+def _move_aside(file: Path) -> Path | None:
+    """Rename an unloadable checkpoint to ``<name>.corrupt`` (``.corrupt-1``, ... if taken): kept for inspection,
+    out of the way of the resumed run's saves and of ``ls checkpoints/last.ckpt``."""
+    target, number = file.with_name(f"{file.name}.corrupt"), 0
+    while target.exists():
+        number += 1
+        target = file.with_name(f"{file.name}.corrupt-{number}")
+    try:
+        file.rename(target)
+    except FileNotFoundError:  # another process moved it first
+        return None
+    return target
 
 
 def _remove_stale_staging(checkpoint_dir: Path) -> None:

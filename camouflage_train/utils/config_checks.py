@@ -6,12 +6,15 @@ Every node with a ``_target_`` is checked against its target's signature (unknow
 ``**kwargs``; simple annotated types), plain-dict parameters with a known schema (``model.adapter`` ->
 :class:`~camouflage_train.models.ip_adapter.AdapterConfig`) against their fields, and keys named like secrets
 are refused: tokens and API keys are read from the environment (``WANDB_API_KEY``, ``HF_TOKEN``), never from
-configs, which are saved with every run. Errors name the key and the file (or command-line override) that set it.
+configs, which are saved with every run. An entry point's own top-level keys (``export.py``'s ``checkpoint``,
+``anonymize.py``'s ``resolution``, ...) are checked against its settings dataclass, nested dataclasses included.
+Errors name the key and the file (or command-line override) that set it, and suggest the closest valid key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import re
 import types
@@ -22,13 +25,15 @@ from typing import Any
 
 import yaml
 from hydra.utils import get_object
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from camouflage_train.errors import UserError
 
 _SPECIAL_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 _SECRET = re.compile(r"(^|_)(api_?key|token|password|secret)$", re.IGNORECASE)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is unknown, of the wrong type, or a secret; the message names key and source."""
 
 
@@ -82,7 +87,7 @@ def _matches(value: Any, annotation: Any) -> bool:
         return isinstance(value, str)
     if issubclass(base, Path):
         return isinstance(value, str | Path)
-    if issubclass(base, Mapping) or base is dict:
+    if issubclass(base, Mapping) or base is dict or dataclasses.is_dataclass(base):
         return isinstance(value, DictConfig | dict)
     if base in (list, tuple) or (issubclass(base, Sequence) and base is not str):
         return isinstance(value, ListConfig | list | tuple)
@@ -119,7 +124,7 @@ def _field_problems(
         where = f"{path}.{key}" if path else str(key)
         if key not in accepted:
             if not variadic:
-                yield where, f"unknown key for {owner} (accepted: {', '.join(sorted(accepted))})"
+                yield where, unknown_key_message(str(key), accepted, owner)
             continue
         try:
             value = node[key]
@@ -128,16 +133,35 @@ def _field_problems(
         if value is not None and key in hints and not _matches(value, hints[key]):  # null: "not set here"
             yield where, f"{value!r} is not a valid {_type_name(hints[key])} for {owner}"
         schema = schemas.get(f"{owner}.{key}")
+        if schema is None and dataclasses.is_dataclass(hints.get(key)):
+            schema = hints[key]
         if schema is not None and isinstance(value, DictConfig):
-            fields = [f.name for f in dataclasses.fields(schema)]
-            yield from _field_problems(value, fields, typing.get_type_hints(schema), False, schema.__name__, where, {})
+            yield from _dataclass_problems(value, schema, where)
 
 
-def _problems(cfg: DictConfig) -> Iterator[tuple[str, str]]:
+def _dataclass_problems(node: DictConfig, schema: type, path: str) -> Iterator[tuple[str, str]]:
+    """Unknown keys and wrong types of ``node`` against the fields of the dataclass ``schema``."""
+    fields = [f.name for f in dataclasses.fields(schema)]
+    yield from _field_problems(node, fields, typing.get_type_hints(schema), False, schema.__name__, path, {})
+
+
+def unknown_key_message(key: str, accepted: Collection[str], owner: str) -> str:
+    """``unknown key for <owner>``, the closest accepted name when one is close, and every accepted name."""
+    close = difflib.get_close_matches(key, list(accepted), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown key for {owner}{hint} (accepted: {', '.join(sorted(accepted))})"
+
+
+def _problems(cfg: DictConfig, settings: type | None) -> Iterator[tuple[str, str]]:
     schemas = _dict_schemas()
+    if settings is not None:
+        yield from _dataclass_problems(cfg, settings, "")
     for path, node in _walk(cfg):
         if not isinstance(node, DictConfig):
             continue
+        for key in node:
+            if not path.startswith("hydra") and OmegaConf.is_missing(node, key):
+                yield f"{path}.{key}" if path else str(key), "required, but not set (???): pass it as key=value"
         for key in node:
             if isinstance(key, str) and _SECRET.search(key) and node._get_node(key)._value() is not None:
                 yield (
@@ -212,9 +236,12 @@ def _source_of(key: str, files: list[tuple[Path, dict[str, Any], str]]) -> str:
     return source
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` listing every problem as ``<source>: <key>: <why>``."""
-    found = list(_problems(cfg))
+def validate_config(cfg: DictConfig, settings: type | None = None) -> None:
+    """Raise :class:`ConfigError` listing every problem as ``<source>: <key>: <why>``.
+
+    ``settings``: the entry point's dataclass of top-level keys (config groups are fields typed ``Any``).
+    """
+    found = list(_problems(cfg, settings))
     if not found:
         return
     files = [(file, yaml.safe_load(file.read_text()) or {}, package) for file, package in _config_files()]
