@@ -215,15 +215,23 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
-def settings_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """``key: old -> new`` for every setting that differs."""
+def settings_difference(before: Mapping[str, Any], now: Mapping[str, Any], limit: int = 12) -> list[str]:
+    """``key: old -> new`` for every setting that differs (the first ``limit``, then a count)."""
     old, new = _flat(dict(before)), _flat(dict(now))
-    short = lambda v: s if len(s := json.dumps(v)) <= 60 else s[:57] + "..."  # noqa: E731
-    return [
-        f"{key}: {short(old.get(key, '(not set)'))} -> {short(new.get(key, '(not set)'))}"
+    missing = object()
+
+    def show(value: Any) -> str:
+        if value is missing:
+            return "(not set)"
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    changed = [
+        f"{key}: {show(old.get(key, missing))} -> {show(new.get(key, missing))}"
         for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key)
+        if old.get(key, missing) != new.get(key, missing)
     ]
+    return changed[:limit] + ([f"... and {len(changed) - limit} more"] if len(changed) > limit else [])
 
 
 def _read_manifest(manifest: Path) -> list[dict[str, Any]]:

@@ -1,3 +1,6 @@
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -22,9 +25,15 @@ def _datamodule(make_cfg, tmp_path, *overrides):
 
 def test_cached_training_equals_uncached(make_cfg, tmp_path, tiny_model_dir):
     cfg, dm = _datamodule(make_cfg, tmp_path)
-    dm.prepare_data()
+    previous = os.umask(0o022)
+    try:
+        dm.prepare_data()
+    finally:
+        os.umask(previous)
     folder = dm.cache_folder()
     assert (folder / "meta.json").is_file()
+    for path in [folder, *folder.rglob("*")]:  # shared caches are readable by colleagues (umask, not 0700/0600)
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
     module = instantiate(cfg.model)
     raw = dm._dataset(dm.train_source, train=True)
     cached = CachedLatentDataset(folder, flip_prob=0.0)

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from camouflage_train.inference import load_attribute_encoder, person_inputs
 from camouflage_train.pipelines.base import build_controls, control_kwargs
 from camouflage_train.pipelines.controls import CannyEdges
 from camouflage_train.pipelines.light import CamouflageLight, PersonBatch, generate_light
+from tests.conftest import assert_user_error, run_script
 
 
 def _records(schema):
@@ -84,6 +87,7 @@ def test_export_round_trip_with_stock_diffusers(trained_checkpoint, tmp_path, sc
         "README.md",
         "attribute_encoder",
         "config.json",
+        "export_manifest.json",
         "ip-adapter_camouflage.bin",
         "ip-adapter_camouflage.safetensors",
     ]
@@ -131,3 +135,66 @@ def test_export_refuses_overwrite_and_foreign_base(trained_checkpoint, tmp_path)
         export_adapter(checkpoint, tmp_path / "e")
     export_adapter(checkpoint, tmp_path / "e", overwrite=True)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".e-")], "no staging folder may be left"
+
+
+def test_model_card_snippet_runs_as_written_and_matches_the_light_pipeline(trained_checkpoint, tmp_path):
+    checkpoint, module = trained_checkpoint
+    folder = export_adapter(checkpoint, tmp_path / "export")
+    card = (folder / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "folder=folder" in code and "vae_scale_factor=pipe.vae_scale_factor" in code  # region masks, latent size
+    namespace: dict = {}
+    exec(compile(code, "model card snippet", "exec"), namespace)  # as written, nothing substituted
+    snippet = np.asarray(namespace["image"]).astype(int)
+    assert snippet.shape == (64, 64, 3)  # the export's training resolution, not SD 1.5's 512
+
+    light = CamouflageLight.from_checkpoint(str(checkpoint))
+    arrays = [module.schema.to_arrays(persons, "card") for persons in namespace["records"]]
+    persons = PersonBatch(
+        *(
+            torch.from_numpy(np.stack([getattr(a, f) for a in arrays]))
+            for f in ("boxes", "continuous", "categorical", "mask")
+        )
+    )
+    ours = generate_light(
+        light.pipe, light.encoder, light.adapter_config, persons, ["a photo of people"], 64, 64, seeds=[0]
+    )[0]
+    # The same float maths (<= 1e-5 apart, see the round-trip test) through an 8-bit image: at most one rounding step.
+    gap = np.abs(snippet - np.asarray(ours).astype(int))
+    assert gap.max() <= 1 and gap.mean() < 0.01, (gap.max(), gap.mean())
+
+
+@pytest.mark.slow
+def test_export_cli_replaces_only_an_earlier_export_and_follows_the_umask(trained_checkpoint, tmp_path):
+    checkpoint, _ = trained_checkpoint
+
+    def export(output, *extra):
+        return run_script(
+            "export.py", f"checkpoint={checkpoint}", f"output={output}", *extra, f"hydra.run.dir={tmp_path}/run"
+        )
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("hi")
+    assert_user_error(export(notes, "overwrite=true"), f"output: {notes} is not a folder written by export.py")
+    assert (notes / "notes.txt").read_text() == "hi"
+
+    folder = tmp_path / "export"
+    previous = os.umask(0o022)
+    try:
+        assert export(folder).returncode == 0
+    finally:
+        os.umask(previous)
+    for path in [folder, *folder.rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
+    assert_user_error(export(folder), f"output: {folder} exists; pass overwrite=true")
+    (folder / "attribute_encoder" / "mine.txt").write_text("keep")
+    assert_user_error(
+        export(folder, "overwrite=true"), "holds files the export did not write (attribute_encoder/mine.txt)"
+    )
+    (folder / "attribute_encoder" / "mine.txt").unlink()
+    assert export(folder, "overwrite=true").returncode == 0
+    manifest = json.loads((folder / "export_manifest.json").read_text())
+    assert set(manifest["files"]) == {
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "export_manifest.json"
+    }

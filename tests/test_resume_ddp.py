@@ -1,5 +1,7 @@
 """Crash/resume and multi-process training through the real ``train.py`` (subprocesses, CPU, gloo)."""
 
+import csv
+import json
 import os
 import shutil
 import signal
@@ -84,6 +86,21 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, strai
     assert got.keys() == expected.keys()
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
+    # metrics.csv is continued, not restarted: the same rows as the uninterrupted run's (the killed process's
+    # rows after the checkpoint it resumed from are replaced by the resumed run's).
+    straight_rows, crashed_rows = _csv(straight_run), _csv(crashed)
+    assert [r["step"] for r in crashed_rows] == [r["step"] for r in straight_rows]
+    # Per-step values agree; epoch means of a mid-epoch-resumed epoch cover only the batches after the resume
+    # (Lightning does not checkpoint the running aggregate), so they are not compared.
+    for mine, reference in zip(crashed_rows, straight_rows, strict=True):
+        for key, value in reference.items():
+            if value and key.startswith("train/") and not key.endswith("_epoch"):
+                assert float(mine[key]) == pytest.approx(float(value), rel=1e-6), (key, mine["step"])
+
+
+def _csv(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def _free_port() -> int:
@@ -158,9 +175,11 @@ def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(tmp_path, straig
     last.write_bytes(data[: len(data) // 2] if damage == "truncate" else os.urandom(len(data)))
     os.utime(last, (2000, 2000))
     assert resolve_checkpoint("auto", folder) == str(folder / "step_0000012.ckpt")
-    assert "last.ckpt' is unreadable" in caplog.text and "falling back to step_0000012.ckpt" in caplog.text
-    with pytest.raises(CheckpointError, match=r"last\.ckpt' is unreadable"):
-        resolve_checkpoint(last, folder)
+    assert "last.ckpt' is not a training checkpoint: it is unreadable" in caplog.text
+    assert "moved to last.ckpt.corrupt; falling back to step_0000012.ckpt" in caplog.text
+    assert not last.exists() and (folder / "last.ckpt.corrupt").is_file()  # out of the way of the next save
+    with pytest.raises(CheckpointError, match=r"last\.ckpt\.corrupt' is not a training checkpoint"):
+        resolve_checkpoint(folder / "last.ckpt.corrupt", folder)
     assert resolve_checkpoint("auto", tmp_path / "empty") is None
     with pytest.raises(CheckpointError, match="no loadable checkpoint"):
         resolve_checkpoint("last", tmp_path / "empty")
@@ -181,3 +200,41 @@ def test_cluster_configs_compose_and_build(tmp_path):
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
     assert isinstance(instantiate(cfg.trainer.strategy), DDPStrategy)
     assert isinstance(instantiate(fsdp.trainer.strategy), FSDPStrategy)
+
+
+def test_resume_after_corrupt_checkpoints_keeps_checkpoint_names(tmp_path, straight_run):
+    """``last.ckpt`` and the newest ``step_N.ckpt`` torn: the rerun resumes from the one before, moves the torn
+    files aside, and saves under the usual names again (no ``last-v1.ckpt``), ending where the straight run did."""
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    for name in ("last.ckpt", "step_0000012.ckpt"):
+        path = run / "checkpoints" / name
+        path.write_bytes(path.read_bytes()[:1000])
+    _run(run, *RESUME_STEPS)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == [
+        "last.ckpt",
+        "last.ckpt.corrupt",
+        "step_0000003.ckpt",
+        "step_0000006.ckpt",
+        "step_0000009.ckpt",
+        "step_0000012.ckpt",
+        "step_0000012.ckpt.corrupt",
+    ]
+    expected = _adapter(straight_run / "checkpoints/last.ckpt")
+    got = _adapter(run / "checkpoints/last.ckpt")
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_a_resumed_run_logs_to_the_same_wandb_run_and_continues_its_csv(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    common = ("logger=default", "trainer.log_every_n_steps=1", "data.batch_size=2")
+    _run(run, *common, "trainer.max_steps=2")
+    _run(run, *common, "trainer.max_steps=4")  # ckpt_path=auto resumes from step 2
+    run_id = (run / "wandb_run_id.txt").read_text().strip()
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline), offline
+    steps = [r["step"] for r in _csv(run) if r.get("train/loss_step")]
+    assert steps == ["0", "1", "2", "3"], steps
+    assert json.loads((run / "metrics.json").read_text())["model/trainable_params"] > 0

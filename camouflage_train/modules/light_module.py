@@ -7,7 +7,7 @@ Checkpoints hold only the trainable weights (plus optimizer/scheduler/loop state
 and reload onto a freshly built backbone.
 
 Hooks used: ``setup`` (precision checks), ``training_step``, ``validation_step`` (seeded loss + sample
-grid), ``configure_optimizers``, ``on_fit_start`` (log parameter counts), ``on_save_checkpoint`` /
+grid), ``configure_optimizers``, ``on_train_start`` (log parameter counts), ``on_save_checkpoint`` /
 ``on_load_checkpoint`` (trainable-only state), ``train`` (frozen parts stay in eval mode).
 """
 
@@ -196,12 +196,14 @@ class LightAdapterModule(L.LightningModule):
                 "fp16 UNet underflow without the loss scaling it brings"
             )
 
-    def on_fit_start(self) -> None:
+    def on_train_start(self) -> None:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        log.info("trainable parameters: %s, frozen: %s", f"{trainable:,}", f"{frozen:,}")
+        if self.global_step > 0:  # a resumed run (the step is restored by now): its logs have them already
+            return
         for logger in self.loggers:
             logger.log_metrics({"model/trainable_params": trainable, "model/frozen_params": frozen}, step=0)
-        log.info("trainable parameters: %s, frozen: %s", f"{trainable:,}", f"{frozen:,}")
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:

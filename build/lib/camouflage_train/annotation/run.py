@@ -1,0 +1,259 @@
+"""Annotate a dataset into the person-record sidecar the DataModule reads, resumably.
+
+Each finished image is appended to the JSONL sidecar and flushed at once, so a killed run loses at most
+the images in flight; a rerun reads the sidecar, drops a torn last line, and skips what is done.
+Rows: ``{"file" | "index", "width", "height", "persons", "faces_detected", "faces_dropped",
+"schema_version"}``, or ``{"file" | "index", "persons": [], "skipped": <reason>}`` for an unusable image
+(readers leave those out and count them).
+
+Folder listing rule: symbolic links are followed, to files and to folders alike; a folder reached twice
+(a link loop, two links to one folder) is listed once; broken links and files without an image extension
+are not listed, and both are counted in the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from camouflage_train.annotation.faces import RECORD_SCHEMA_VERSION
+from camouflage_train.data.images import BadSampleError, load_rgb
+from camouflage_train.data.schema import keep_largest
+from camouflage_train.errors import DataError, InputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def list_images(folder: Path) -> tuple[list[str], Counter[str]]:
+    """Image file names under ``folder`` (relative, sorted) and what was not listed, by reason."""
+    names: list[str] = []
+    skipped: Counter[str] = Counter()
+    seen: set[str] = set()
+    for current, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:
+            skipped["folder reached twice through a link"] += 1
+            dirnames.clear()
+            continue
+        seen.add(real)
+        dirnames.sort()
+        for name in filenames:
+            path = Path(current, name)
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped["not an image file name"] += 1
+            elif not path.exists():
+                skipped["broken symlink"] += 1
+            else:
+                names.append(path.relative_to(folder).as_posix())
+    return sorted(names), skipped
+
+
+class ImageListing(Dataset):
+    """The images to annotate: a folder (recursive) or a ``datasets`` split; items are ``(key, image | reason)``."""
+
+    def __init__(
+        self,
+        folder: str | Path | None = None,
+        dataset: str | None = None,
+        split: str = "train",
+        image_column: str = "image",
+        revision: str | None = None,
+        min_image_size: int = 32,
+    ) -> None:
+        if (folder is None) == (dataset is None):
+            raise DataError("give exactly one of input.folder or input.dataset")
+        self.min_image_size = min_image_size
+        self.folder = Path(folder) if folder is not None else None
+        self.hf = None
+        self.not_listed: Counter[str] = Counter()
+        if self.folder is not None:
+            if not self.folder.is_dir():
+                raise InputError(f"input.folder: image folder not found: {self.folder}")
+            self.key_field = "file"
+            self.keys: list[Any]
+            self.keys, self.not_listed = list_images(self.folder)
+            if self.not_listed:
+                log.warning("%s: not listed: %s", self.folder, dict(self.not_listed))
+            if not self.keys:
+                extra = f"; not listed: {dict(self.not_listed)}" if self.not_listed else ""
+                raise DataError(
+                    f"no images found in {self.folder} (extensions {', '.join(sorted(IMAGE_SUFFIXES))}){extra}"
+                )
+        else:
+            import datasets
+
+            path = Path(str(dataset))
+            if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+                loaded = datasets.load_from_disk(str(path))
+                self.hf = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+            else:
+                self.hf = datasets.load_dataset(str(dataset), split=split, revision=revision)
+            if image_column not in self.hf.column_names:
+                raise DataError(f"dataset {dataset}[{split}] has no column '{image_column}': {self.hf.column_names}")
+            self.image_column, self.key_field = image_column, "index"
+            self.keys = list(range(len(self.hf)))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> tuple[Any, Image.Image | str]:
+        key = self.keys[i]
+        try:
+            if self.folder is not None:
+                return key, load_rgb(self.folder / key, self.min_image_size)
+            return key, load_rgb(self.hf[key][self.image_column], self.min_image_size)
+        except BadSampleError as err:
+            return key, err.reason
+
+
+@dataclass
+class AnnotationSummary:
+    images: int = 0
+    already_done: int = 0
+    faces: int = 0
+    images_without_face: int = 0
+    faces_dropped_over_max_persons: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    not_listed: Counter[str] = field(default_factory=Counter)  # files of the folder that are not images
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        rate = self.images / self.seconds if self.seconds else 0.0
+        return {
+            **self.__dict__,
+            "skipped": dict(self.skipped),
+            "not_listed": dict(self.not_listed),
+            "images_per_s": round(rate, 2),
+        }
+
+
+def _done_keys(path: Path, key_field: str) -> set[Any]:
+    """Keys already in the sidecar; a torn last line (killed mid-write) is cut off."""
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - end)
+        with path.open("r+b") as handle:
+            handle.truncate(end)
+    done = set()
+    for number, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                done.add(json.loads(line)[key_field])
+            except (json.JSONDecodeError, KeyError) as err:
+                raise ValueError(
+                    f"{path}:{number}: not a sidecar row ({err}); move the file away to start over"
+                ) from err
+    return done
+
+
+def annotate_dataset(
+    listing: ImageListing,
+    annotator: Callable[[Image.Image], list[dict[str, Any]]],
+    output: str | Path,
+    max_persons: int,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> AnnotationSummary:
+    """Annotate every image of ``listing`` not yet in ``output``; return (and log) the run's summary."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = _done_keys(output, listing.key_field)
+    pending = [i for i, key in enumerate(listing.keys) if key not in done]
+    summary = AnnotationSummary(already_done=len(listing) - len(pending), not_listed=Counter(listing.not_listed))
+    loader = DataLoader(Subset(listing, pending), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    start = time.perf_counter()
+    with (
+        output.open("a", encoding="utf-8") as handle,
+        tqdm(total=len(pending), desc="annotating", unit="img", disable=not progress) as bar,
+    ):
+        for batch in loader:
+            for key, image in batch:
+                row: dict[str, Any] = {listing.key_field: key, "schema_version": RECORD_SCHEMA_VERSION}
+                if isinstance(image, str):
+                    row.update(persons=[], skipped=image)
+                    summary.skipped[image] += 1
+                else:
+                    persons = annotator(image)
+                    kept = keep_largest(persons, max_persons)
+                    row.update(
+                        width=image.width,
+                        height=image.height,
+                        persons=kept,
+                        faces_detected=len(persons),
+                        faces_dropped=len(persons) - len(kept),
+                    )
+                    summary.faces += len(kept)
+                    summary.faces_dropped_over_max_persons += len(persons) - len(kept)
+                    summary.images_without_face += not persons
+                handle.write(json.dumps(row) + "\n")
+                handle.flush()
+                summary.images += 1
+                bar.update(1)
+            os.fsync(handle.fileno())
+    summary.seconds = time.perf_counter() - start
+    result = summary.as_dict()
+    output.with_suffix(".summary.json").write_text(json.dumps(result, indent=2))
+    log.info("annotation of %s: %s", output, result)
+    return summary
+
+
+@dataclass
+class AnnotateInput:
+    """``input`` of ``configs/annotate.yaml``."""
+
+    folder: str | None = None
+    dataset: str | None = None
+    split: str = "train"
+    image_column: str = "image"
+    revision: str | None = None
+    min_image_size: int = 32
+
+
+@dataclass
+class AnnotateConfig:
+    """The keys of ``configs/annotate.yaml`` (``annotate.py``)."""
+
+    input: AnnotateInput
+    output: str
+    batch_size: int = 16
+    num_workers: int = 2
+    task_name: str = "annotate"
+    attributes: Any = None
+    faces: Any = None
+    paths: Any = None
+
+
+def run_annotation(cfg: DictConfig) -> AnnotationSummary:
+    """``annotate.py``: check the config and inputs, list the images, build the annotator, annotate."""
+    from hydra.utils import instantiate
+
+    from camouflage_train.utils.config_checks import validate_config
+
+    validate_config(cfg, AnnotateConfig)
+    listing = ImageListing(**cfg.input)
+    return annotate_dataset(
+        listing,
+        instantiate(cfg.faces),
+        cfg.output,
+        cfg.attributes.max_persons,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+    )

@@ -1,0 +1,381 @@
+"""Anonymize a folder of images with CAMOUFLaGE-Base or -Light (``anonymize.py``).
+
+Flow: check the config, the input paths and the output folder -> load the model -> annotate the folder into
+person records (resumable; or use a given sidecar) -> the training data path (robust decoding, resize +
+centre crop, person arrays, captions) -> the chosen pipeline -> images written under ``<output>/images/``
+with the input's relative file names, and a ``manifest.jsonl`` with one row per input (done, with its output
+file, seed, person count and settings fingerprint, or skipped with the reason).
+
+An output folder belongs to one set of settings (``run.json``: model config, checkpoint hash, resolution,
+seed, captions, attributes, where the person records come from): a rerun with the same settings skips
+what is done; a rerun with other settings is refused, naming what differs, unless ``overwrite=true``
+(which replaces the earlier results).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zlib
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Subset
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from camouflage_train.annotation.run import ImageListing, annotate_dataset
+from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset, collate_skipping
+from camouflage_train.data.schema import AttributeSchema
+from camouflage_train.data.sources import FolderSource, file_sha256
+from camouflage_train.errors import UserError
+from camouflage_train.models.backbone import load_frozen_backbone
+from camouflage_train.models.ip_adapter import person_region_masks
+from camouflage_train.pipelines.base import CamouflageBase, build_controls
+from camouflage_train.pipelines.light import CamouflageLight, PersonBatch
+from camouflage_train.utils.config_checks import validate_config
+from camouflage_train.utils.paths import UnsafePathError, check_input_paths, inside
+
+log = logging.getLogger(__name__)
+
+
+def build_base(
+    backbone: Mapping[str, Any],
+    controlnets: Mapping[str, Mapping[str, Any]],
+    anonymization: Mapping[str, Any],
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 25,
+    strength: float | None = None,
+    prompt: str = "a photo of people",
+    negative_prompt: str = "",
+) -> CamouflageBase:
+    """Load the frozen SD, the structure ControlNets and the reconstruction ControlNet."""
+    frozen = load_frozen_backbone(**backbone)
+    controls = build_controls(controlnets, backbone.get("weight_dtype", "fp32"), backbone.get("cache_dir"))
+    return CamouflageBase(
+        frozen,
+        controls,
+        dict(anonymization),
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        strength=strength,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        cache_dir=backbone.get("cache_dir"),
+    )
+
+
+def build_light(
+    checkpoint: str,
+    weight_dtype: str = "fp32",
+    controlnets: Mapping[str, Mapping[str, Any]] | None = None,
+    cache_dir: str | None = None,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 25,
+    negative_prompt: str = "",
+    adapter_scale: float | None = None,
+) -> CamouflageLight:
+    """Load a training checkpoint's backbone and adapter, plus the optional ControlNets."""
+    controls = build_controls(controlnets or {}, weight_dtype, cache_dir)
+    return CamouflageLight.from_checkpoint(
+        checkpoint,
+        weight_dtype=weight_dtype,
+        controls=controls,
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        negative_prompt=negative_prompt,
+        adapter_scale=adapter_scale,
+    )
+
+
+def image_seed(seed: int, name: str) -> int:
+    """A per-image seed from its file name: independent of batch size, order and reruns."""
+    return (seed + zlib.crc32(name.encode("utf-8"))) % 2**31
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class OutputConflictError(UserError, ValueError):
+    """The output folder holds results made with other settings."""
+
+
+@dataclass
+class AnonymizeInput:
+    """``input`` of ``configs/anonymize/anonymize.yaml``."""
+
+    folder: str
+    min_image_size: int = 32
+    max_skipped_fraction: float = 1.0  # every input gets a manifest row, so skipping is never silent
+
+
+@dataclass
+class CaptionSettings:
+    template: str = "a photo of {people}"
+    person: str = "a {age:.0f} year old {gender}"
+
+
+@dataclass
+class AnonymizeConfig:
+    """The top-level keys of ``configs/anonymize/anonymize.yaml`` (``anonymize.py``)."""
+
+    input: AnonymizeInput
+    output: str
+    model: Any
+    persons: str | None = None
+    resolution: int = 512
+    batch_size: int = 4
+    num_workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    cpu_offload: bool = False
+    region_expand: float = 1.5
+    captions: CaptionSettings = field(default_factory=CaptionSettings)
+    overwrite: bool = False
+    task_name: str = "anonymize"
+    attributes: Any = None
+    faces: Any = None
+    paths: Any = None
+
+
+# Pillow format per file extension, for the formats written without losing the anonymized content.
+_WRITE_AS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+# Where files are and which hardware runs them: no effect on the images.
+_NOT_SETTINGS = {"cache_dir", "providers", "ctx_id"}
+
+
+def output_name(name: str) -> str:
+    """The output file (under ``images/``) for input ``name``: the same name when its format is written as is,
+    else ``<name>.png`` (e.g. a ``.gif``: 256 colours, so the output would not be what the model made)."""
+    return name if Path(name).suffix.lower() in _WRITE_AS else f"{name}.png"
+
+
+def _save(image: Any, path: Path) -> None:
+    """Write in the format the file name says, atomically: a killed run never leaves a half-written image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fmt = _WRITE_AS[path.suffix.lower()]
+    image.save(tmp, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    os.replace(tmp, path)
+
+
+def _without(node: Any, drop: set[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _without(v, drop) for k, v in node.items() if k not in drop}
+    if isinstance(node, list):
+        return [_without(v, drop) for v in node]
+    return node
+
+
+def output_settings(cfg: DictConfig) -> dict[str, Any]:
+    """Everything that decides the written images (not batch size, workers, device: see the README for what
+    they may change). The checkpoint enters by content hash, so a retrained file under the same name counts."""
+    plain = lambda node: _without(OmegaConf.to_container(node, resolve=True), _NOT_SETTINGS)  # noqa: E731
+    model = plain(cfg.model)
+    if model.get("checkpoint"):
+        model["checkpoint"] = {"path": str(model["checkpoint"]), "sha256": file_sha256(model["checkpoint"])}
+    persons = {"sidecar": str(Path(cfg.persons).resolve())} if cfg.get("persons") else {"annotated": plain(cfg.faces)}
+    return {
+        "model": model,
+        "resolution": cfg.resolution,
+        "seed": cfg.seed,
+        "region_expand": cfg.region_expand,
+        "captions": plain(cfg.captions),
+        "attributes": plain(cfg.attributes),
+        "persons": persons,
+    }
+
+
+def _fingerprint(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def settings_difference(before: Mapping[str, Any], now: Mapping[str, Any], limit: int = 12) -> list[str]:
+    """``key: old -> new`` for every setting that differs (the first ``limit``, then a count)."""
+    old, new = _flat(dict(before)), _flat(dict(now))
+    missing = object()
+
+    def show(value: Any) -> str:
+        if value is missing:
+            return "(not set)"
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    changed = [
+        f"{key}: {show(old.get(key, missing))} -> {show(new.get(key, missing))}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key, missing) != new.get(key, missing)
+    ]
+    return changed[:limit] + ([f"... and {len(changed) - limit} more"] if len(changed) > limit else [])
+
+
+def _read_manifest(manifest: Path) -> list[dict[str, Any]]:
+    if not manifest.is_file():
+        return []
+    rows = []
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a killed run: that image is redone
+            continue
+    return rows
+
+
+def claim_output(output: Path, settings: Mapping[str, Any], overwrite: bool, annotated_here: bool) -> list[dict]:
+    """Make ``output`` this run's: refuse results of other settings unless ``overwrite`` (then remove what an
+    earlier run wrote there); write ``run.json``; return the manifest rows to keep."""
+    manifest, record = output / "manifest.jsonl", output / "run.json"
+    rows = _read_manifest(manifest)
+    fingerprint = _fingerprint(settings)
+    previous = json.loads(record.read_text()) if record.is_file() else {}
+    stale = [row for row in rows if row.get("status") == "done" and row.get("fingerprint") != fingerprint]
+    if stale and not overwrite:
+        changes = settings_difference(previous.get("settings", {}), settings) or ["(earlier settings not recorded)"]
+        raise OutputConflictError(
+            f"output: {output} already holds {len(stale)} image(s) made with other settings:\n  "
+            + "\n  ".join(changes)
+            + "\npass overwrite=true to replace them, or choose another output"
+        )
+    if rows and (stale or overwrite):
+        for row in rows:
+            if row.get("status") == "done":
+                (output / row.get("output", f"images/{row['file']}")).unlink(missing_ok=True)
+        for name in (
+            "manifest.jsonl",
+            "summary.json",
+            *(["persons.jsonl", "persons.summary.json"] if annotated_here else []),
+        ):
+            (output / name).unlink(missing_ok=True)
+        log.warning("overwrite=true: removed %d earlier result(s) from %s", len(rows), output)
+        rows = []
+    output.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=2))
+    return rows
+
+
+def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
+    """Anonymize ``cfg.input.folder`` into ``cfg.output`` with ``cfg.model``; return the run's summary."""
+    validate_config(cfg, AnonymizeConfig)
+    checkpoint = OmegaConf.select(cfg, "model.checkpoint", default=None)
+    check_input_paths(
+        {
+            "input.folder": (cfg.input.folder, "folder"),
+            "persons": (cfg.get("persons"), "file"),
+            "model.checkpoint": (checkpoint, "file"),
+        }
+    )
+    output = Path(cfg.output)
+    settings = output_settings(cfg)
+    schema = AttributeSchema.from_config(cfg.attributes)
+    listing = None if cfg.get("persons") else ImageListing(cfg.input.folder, min_image_size=cfg.input.min_image_size)
+    kept_rows = claim_output(output, settings, bool(cfg.overwrite), annotated_here=listing is not None)
+    fingerprint = _fingerprint(settings)
+    device = _device(cfg.device)
+    model = instantiate(cfg.model)  # before annotating: a model that does not load fails in seconds, not hours
+    sidecar = Path(cfg.persons) if cfg.get("persons") else output / "persons.jsonl"
+    if listing is not None:
+        annotate_dataset(
+            listing,
+            instantiate(cfg.faces),
+            sidecar,
+            schema.max_persons,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+        )
+    source = FolderSource(
+        cfg.input.folder,
+        sidecar,
+        schema=schema.to_config(),
+        min_image_size=cfg.input.min_image_size,
+        max_skipped_fraction=cfg.input.max_skipped_fraction,
+    )
+    dataset = PersonImageDataset(source, schema, cfg.resolution, captions=CaptionBuilder(**cfg.captions))
+    if cfg.get("cpu_offload") and device.type == "cuda":
+        model.pipe.enable_model_cpu_offload(device=device)
+    else:
+        model.to(device)
+    done = {row["file"] for row in kept_rows}
+    inputs = {source.name_of(i) for i in range(len(source))} | {name for name, _ in source.dropped}
+    pending = [i for i in range(len(source)) if source.name_of(i) not in done]
+    loader = DataLoader(
+        Subset(dataset, pending), batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_skipping
+    )
+    summary: dict[str, Any] = {"done": 0, "skipped": Counter(), "already_done": len(done)}
+    latent = cfg.resolution // model.pipe.vae_scale_factor
+    with (output / "manifest.jsonl").open("a", encoding="utf-8") as handle:
+
+        def record(row: dict[str, Any]) -> None:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+
+        def skip(name: str, reason: str) -> None:
+            record({"file": name, "status": "skipped", "reason": reason})
+            summary["skipped"][reason] += 1
+
+        for name, reason in source.dropped:
+            if name not in done:
+                skip(name, reason)
+        for batch in tqdm(loader, desc=f"anonymizing ({type(model).__name__})", unit="batch"):
+            for name, reason in batch["skipped_items"]:
+                skip(name, reason)
+            if batch["size"] == 0:
+                continue
+            images = [TF.to_pil_image((pixels + 1) / 2) for pixels in batch["pixel_values"]]
+            seeds = [image_seed(cfg.seed, name) for name in batch["name"]]
+            persons = PersonBatch.from_batch(batch)
+            if isinstance(model, CamouflageLight):
+                outputs = model(images, persons, seeds, list(batch["caption"]))
+            else:
+                regions = person_region_masks(persons.boxes, persons.mask, (latent, latent), cfg.region_expand)
+                outputs = model(
+                    images,
+                    seeds,
+                    prompts=list(batch["caption"]),
+                    region_masks=regions.amax(dim=1, keepdim=True).to(device),
+                )
+            for name, seed, image, count in zip(
+                batch["name"], seeds, outputs, persons.mask.sum(1).tolist(), strict=True
+            ):
+                written = output_name(name)
+                if written != name and written in inputs:
+                    skip(name, f"output name {written} is also an input")
+                    continue
+                try:
+                    target = inside(output / "images", written)
+                except UnsafePathError as error:
+                    log.warning("%s: not written", error)
+                    skip(name, "unsafe output name")
+                    continue
+                _save(image, target)
+                row = {"file": name, "status": "done", "output": f"images/{written}", "seed": seed}
+                record({**row, "persons": int(count), "fingerprint": fingerprint})
+                summary["done"] += 1
+    summary["skipped"] = dict(summary["skipped"])
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("anonymization summary: %s", summary)
+    return summary

@@ -1,0 +1,111 @@
+"""What every command-line entry point (train, evaluate, export, annotate, anonymize) does around its task.
+
+* :func:`run_task`: a :class:`~camouflage_train.errors.UserError` (bad config value, missing file, unusable
+  data) is printed as one short message and the process exits with status 2, without a Python traceback;
+  ``HYDRA_FULL_ERROR=1`` re-raises it with the traceback. In a multirun the error is re-raised, so Hydra
+  records the failed job and the sweep goes on.
+* :func:`main_with_key_help`: when Hydra cannot apply an override to a key that does not exist
+  (``model.adapter.tokens_per_persn=2``), Hydra's own message is followed by the valid keys at that place
+  and the closest one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig
+
+from camouflage_train.errors import user_error_in
+from camouflage_train.utils.config_checks import unknown_key_message
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_task_started = False
+
+
+def run_task(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+    """Run ``task(cfg)``; a user error becomes a short message on stderr and exit status 2."""
+    global _task_started
+    _task_started = True
+    try:
+        return task(cfg)
+    except Exception as error:
+        found = user_error_in(error)
+        if found is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or _multirun():
+            raise
+        _log_to_files(f"{type(found).__name__}: {found}")
+        print(f"error: {found}\n(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _log_to_files(message: str) -> None:
+    """Record the error in the run's log file (Hydra's file handler) without printing it a second time."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def main_with_key_help(main: Callable[[], Any], config_dir: str | Path, config_name: str) -> None:
+    """Call a ``@hydra.main`` function; if the config did not compose, list the valid keys for each override
+    that names a key the config does not have."""
+    try:
+        main()
+    except SystemExit as exit:
+        if exit.code not in (0, None) and not _task_started:
+            for line in unknown_override_keys(config_dir, config_name, sys.argv[1:]):
+                print(line, file=sys.stderr)
+        raise
+
+
+def unknown_override_keys(config_dir: str | Path, config_name: str, arguments: list[str]) -> list[str]:
+    """One line per ``key=value`` override (no ``+``/``~``) whose key the composed config does not have."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in arguments if not a.startswith("-")])
+    except Exception:  # a syntax error: Hydra's message says it all
+        return []
+    # Group choices and top-level values compose the config whose keys the other overrides must exist in;
+    # a top-level value that does not compose is itself checked below.
+    plain = [o for o in overrides if not o.is_add() and not o.is_delete() and "." not in o.key_or_group]
+    GlobalHydra.instance().clear()
+    composed, applied = None, []
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        for candidate in [None, *plain]:
+            trial = applied + ([candidate.input_line] if candidate is not None else [])
+            try:
+                composed = compose(config_name, overrides=trial)
+            except Exception:
+                continue
+            applied = trial
+    if composed is None:
+        return []
+    lines = []
+    for override in overrides:
+        if override.is_add() or override.is_delete() or override.input_line in applied:
+            continue
+        *parents, leaf = override.key_or_group.split(".")
+        node: Any = composed
+        for part in parents:
+            node = node.get(part) if isinstance(node, DictConfig) else None
+        if isinstance(node, DictConfig) and leaf not in node:
+            keys = [str(k) for k in node if not str(k).startswith("_")]
+            where = ".".join(parents) or "the top level"
+            lines.append(f"'{override.key_or_group}': {unknown_key_message(leaf, keys, where)}")
+    return lines

@@ -1,0 +1,178 @@
+"""Turn a :class:`~camouflage_train.data.sources.RawSample` into training tensors.
+
+Geometry (resize, crop) runs through torchvision's functional transforms on the image and the boxes
+together, so boxes always match pixels; a horizontal flip goes through :meth:`AttributeSchema.mirror`,
+the one place that knows which attributes change sign. Persons cut off by the crop or beyond
+``max_persons`` are dropped and counted in ``persons_dropped`` (the module logs the sum).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, default_collate
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
+
+from camouflage_train.data.images import BadSampleError
+from camouflage_train.data.sampling import SampleKey, split_key
+from camouflage_train.data.schema import BOX_KEY, AttributeSchema, InvalidRecordError, keep_largest
+from camouflage_train.data.sources import SampleSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Returned instead of a sample that cannot be used; the collate function counts it by reason."""
+
+    reason: str
+    key: str
+
+
+def collate_skipping(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
+    """Collate the usable samples; ``batch["skipped"]`` maps reason -> count, ``batch["size"]`` is what is left."""
+    good = [item for item in items if not isinstance(item, Skipped)]
+    seeds = [item.pop("sample_seed") for item in good if "sample_seed" in item]
+    batch: dict[str, Any] = default_collate(good) if good else {}
+    if seeds:
+        batch["sample_seed"] = seeds  # a list: stays on the host, read without a device sync
+    skipped = [item for item in items if isinstance(item, Skipped)]
+    batch["skipped"] = dict(Counter(item.reason for item in skipped))
+    batch["skipped_items"] = [(item.key, item.reason) for item in skipped]
+    batch["size"] = len(good)
+    return batch
+
+
+@dataclass(frozen=True)
+class CaptionBuilder:
+    """Use the sample's own caption when it has one, else fill ``template`` from the person records.
+
+    ``{people}`` in ``template`` becomes the persons, each formatted with ``person`` (any schema field).
+    """
+
+    template: str = "a photo of {people}"
+    person: str = "a {age:.0f} year old {gender}"
+    prefer_dataset_caption: bool = True
+
+    def __call__(self, caption: str | None, persons: Sequence[Mapping[str, Any]]) -> str:
+        if self.prefer_dataset_caption and isinstance(caption, str) and caption.strip():
+            return caption
+        people = ", ".join(self.person.format(**p) for p in persons) if persons else "nobody"
+        return self.template.format(people=people, count=len(persons))
+
+
+class PersonImageDataset(Dataset):
+    """Square crops at ``resolution`` with padded person arrays and a caption."""
+
+    def __init__(
+        self,
+        source: SampleSource,
+        schema: AttributeSchema,
+        resolution: int,
+        random_crop: bool = False,
+        flip_prob: float = 0.0,
+        min_visible: float = 0.5,
+        captions: CaptionBuilder | None = None,
+    ) -> None:
+        if not 0.0 <= flip_prob <= 1.0 or not 0.0 < min_visible <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1] and min_visible in (0, 1], got {flip_prob}, {min_visible}")
+        self.source, self.schema, self.resolution = source, schema, resolution
+        self.random_crop, self.flip_prob, self.min_visible = random_crop, flip_prob, min_visible
+        self.captions = captions or CaptionBuilder()
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any] | Skipped:
+        """A training sample, or :class:`Skipped` with the reason (logged once per reason per process).
+
+        ``key`` is an index, or ``(index, sample_seed)`` from :class:`~camouflage_train.data.sampling.ResumableSampler`:
+        then crop and flip come from the seed, and the item carries it for the training step's randomness.
+        """
+        index, generator = split_key(key)
+        flip = self.flip_prob > 0 and bool(torch.rand((), generator=generator) < self.flip_prob)
+        result = self.variants(index, (flip,), generator)
+        if isinstance(result, Skipped):
+            return result
+        return {**result[0], "sample_seed": key[1]} if isinstance(key, tuple) else result[0]
+
+    def variants(
+        self, index: int, flips: tuple[bool, ...] = (False, True), generator: torch.Generator | None = None
+    ) -> list[dict[str, Any]] | Skipped:
+        """The sample once per entry of ``flips`` (the image is read once), or :class:`Skipped`."""
+        try:
+            image, persons, dropped, sample = self._load(index, generator)
+            return [self._finish(image, persons, dropped, sample, flip) for flip in flips]
+        except (BadSampleError, InvalidRecordError) as err:
+            reason = err.reason if isinstance(err, BadSampleError) else f"person record: {err.reason}"
+            name_of = getattr(self.source, "name_of", None)
+            key = name_of(index) if name_of is not None else f"index {index}"
+            if reason not in self._warned:
+                self._warned.add(reason)
+                log.warning("skipping unusable sample (%s): %s; further ones are only counted", reason, err)
+            return Skipped(reason, key)
+
+    def _load(
+        self, index: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, list[dict[str, Any]], int, Any]:
+        """Read, resize and crop; return the image, the persons kept, how many were dropped, the raw sample."""
+        sample = self.source[index]
+        for i, person in enumerate(sample.persons):
+            self.schema.validate(person, f"{sample.key}, person {i}")
+        width, height = sample.image.size
+        res = self.resolution
+        scale = res / min(width, height)
+        new_h, new_w = max(res, round(height * scale)), max(res, round(width * scale))
+        if self.random_crop:
+            top = int(torch.randint(0, new_h - res + 1, (), generator=generator).item())
+            left = int(torch.randint(0, new_w - res + 1, (), generator=generator).item())
+        else:
+            top, left = (new_h - res) // 2, (new_w - res) // 2
+
+        image = TF.to_image(sample.image)
+        image = TF.crop(TF.resize(image, [new_h, new_w], antialias=True), top, left, res, res)
+        persons, dropped = [], 0
+        if sample.persons:
+            px = torch.tensor([[width, height, width, height]], dtype=torch.float32)
+            boxes = tv_tensors.BoundingBoxes(
+                torch.tensor([p[BOX_KEY] for p in sample.persons], dtype=torch.float32) * px,
+                format="XYXY",
+                canvas_size=(height, width),
+            )
+            boxes = TF.resize(boxes, [new_h, new_w])
+            full_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            boxes = TF.clamp_bounding_boxes(TF.crop(boxes, top, left, res, res))
+            visible = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+            for person, box, seen, full in zip(sample.persons, boxes / res, visible, full_area, strict=True):
+                if seen < self.min_visible * full or not (box[0] < box[2] and box[1] < box[3]):
+                    dropped += 1
+                    continue
+                persons.append({**person, BOX_KEY: box.clamp(0.0, 1.0).tolist()})
+        kept = keep_largest(persons, self.schema.max_persons)
+        return image, kept, dropped + len(persons) - len(kept), sample
+
+    def _finish(
+        self, image: torch.Tensor, kept: list[dict[str, Any]], dropped: int, sample: Any, flip: bool
+    ) -> dict[str, Any]:
+        if flip:
+            image = TF.horizontal_flip(image)
+            kept = [self.schema.mirror(p) for p in kept]
+        arrays = self.schema.to_arrays(kept, sample.key)
+        return {
+            "pixel_values": TF.to_dtype(image, torch.float32, scale=True) * 2.0 - 1.0,
+            "caption": self.captions(sample.caption, kept),
+            "boxes": torch.from_numpy(arrays.boxes),
+            "continuous": torch.from_numpy(arrays.continuous),
+            "categorical": torch.from_numpy(arrays.categorical),
+            "person_mask": torch.from_numpy(arrays.mask),
+            "persons_dropped": dropped,
+            "key": sample.key,
+            "name": sample.name,
+        }

@@ -1,0 +1,96 @@
+"""Training order and per-sample randomness that depend only on (seed, epoch, index).
+
+That property is what makes a run resumed mid-epoch after a crash, and a run on N processes, see the
+same samples with the same augmentations, noise and timesteps as one uninterrupted single-process run:
+
+* :class:`ResumableSampler` shuffles with ``seed + epoch`` only, shards over ranks like
+  ``DistributedSampler`` (rank ``r`` takes positions ``r, r + N, ...``, so N ranks with batch ``B / N``
+  cover exactly the samples of one rank with batch ``B``), and can start an epoch at a given position;
+* it yields keys ``(index, sample_seed)``; datasets draw their augmentations from ``sample_seed`` and the
+  training step draws the sample's noise, timestep and dropout from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+log = logging.getLogger(__name__)
+
+SampleKey = tuple[int, int]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for everything random about sample ``index`` in ``epoch``."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def split_key(key: int | SampleKey) -> tuple[int, torch.Generator | None]:
+    """``(index, generator)`` for a sampler key; a plain index (evaluation, caching) gets ``None`` (no randomness
+    source of its own: the caller's global RNG is used)."""
+    if isinstance(key, tuple):
+        index, seed = key
+        return int(index), torch.Generator().manual_seed(int(seed))
+    return int(key), None
+
+
+class KeyedSubset(Dataset):
+    """A subset that also accepts ``(position, seed)`` keys, passing the seed through to the dataset."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | SampleKey) -> Any:
+        if isinstance(key, tuple):
+            return self.dataset[(self.indices[key[0]], key[1])]
+        return self.dataset[self.indices[key]]
+
+
+class ResumableSampler(DistributedSampler):
+    """A ``DistributedSampler`` (so Lightning's DDP keeps it as is) that yields ``(index, sample_seed)`` keys and
+    can start the current epoch at a position (resuming from a mid-epoch checkpoint)."""
+
+    def __init__(
+        self, size: int, seed: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, drop_last: bool = False
+    ) -> None:
+        super().__init__(
+            range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
+        self.start = 0
+
+    def start_at(self, position: int) -> None:
+        """Skip the first ``position`` samples of this rank's order in the next iteration (once)."""
+        if not 0 <= position <= self.num_samples:
+            raise ValueError(f"resume position {position} is outside this epoch's {self.num_samples} samples")
+        self.start = position
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        positions = list(super().__iter__())
+        start, self.start = self.start, 0
+        for index in positions[start:]:
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`ResumableSampler` that tells Lightning it resumes (its position is restored
+    by the data module from the loop progress) and records the seed, to warn when a resumed run changed it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.sampler.seed, "epoch": self.sampler.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed") != self.sampler.seed:
+            log.warning(
+                "data.seed is %s but the checkpoint was trained with %s: the resumed run's order and noise differ",
+                self.sampler.seed,
+                state.get("seed"),
+            )

@@ -1,0 +1,222 @@
+"""The per-person attribute record and its schema.
+
+A *person record* is a plain mapping, as stored in a sidecar file or a dataset column::
+
+    {"box": [x0, y0, x1, y1], "age": 34, "gender": "female", "yaw": 12.0, "pitch": -3.0, "roll": 1.5}
+
+``box`` is always present and normalized to the image (0..1, ``x0 < x1``, ``y0 < y1``). Every other
+field is declared by the :class:`AttributeSchema`, built from config, so new attributes (continuous or
+categorical) are a config change. Identity is deliberately *not* a field: the adapter never sees it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+BOX_KEY = "box"
+
+
+class InvalidRecordError(ValueError):
+    """A person record does not match the schema; the message names the source and the field, ``reason`` is a
+    short stable label for counting (``missing field``, ``out of range``, ...)."""
+
+    def __init__(self, message: str, reason: str = "invalid person record") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ContinuousAttribute:
+    """A real-valued attribute with a closed range; ``mirror`` flips its sign under a horizontal flip."""
+
+    name: str
+    low: float
+    high: float
+    mirror: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "low", float(self.low))
+        object.__setattr__(self, "high", float(self.high))
+        if not self.low < self.high:
+            raise ValueError(f"attribute '{self.name}': low ({self.low}) must be < high ({self.high})")
+        if self.mirror and not math.isclose(self.low, -self.high):
+            raise ValueError(
+                f"attribute '{self.name}': mirror=true needs a range symmetric around 0, got [{self.low}, {self.high}]"
+            )
+
+    def normalize(self, value: float) -> float:
+        """Map the declared range onto [0, 1]."""
+        return (value - self.low) / (self.high - self.low)
+
+
+@dataclass(frozen=True)
+class CategoricalAttribute:
+    """An attribute taking one of ``classes``; records may give the class name or its index."""
+
+    name: str
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"attribute '{self.name}': needs at least two distinct classes, got {self.classes}")
+
+    def index(self, value: Any, where: str) -> int:
+        if isinstance(value, str):
+            if value not in self.classes:
+                raise InvalidRecordError(
+                    f"{where}: '{self.name}' is '{value}', expected one of {list(self.classes)}", "unknown class"
+                )
+            return self.classes.index(value)
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(self.classes):
+            return int(value)
+        raise InvalidRecordError(
+            f"{where}: '{self.name}' is {value!r}, expected a class name in {list(self.classes)} "
+            f"or an index 0..{len(self.classes) - 1}",
+            "unknown class",
+        )
+
+
+@dataclass(frozen=True)
+class PersonArrays:
+    """Fixed-size arrays for up to ``max_persons`` persons; rows past ``mask`` are zero padding."""
+
+    boxes: np.ndarray  # [P, 4] float32, normalized xyxy
+    continuous: np.ndarray  # [P, C] float32, each attribute normalized to [0, 1]
+    categorical: np.ndarray  # [P, K] int64 class indices
+    mask: np.ndarray  # [P] bool, True for real persons
+
+
+@dataclass(frozen=True)
+class AttributeSchema:
+    """Which attributes describe a person, their ranges, and how many persons an image may hold."""
+
+    max_persons: int
+    continuous: tuple[ContinuousAttribute, ...] = ()
+    categorical: tuple[CategoricalAttribute, ...] = ()
+    names: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.max_persons < 1:
+            raise ValueError(f"max_persons must be >= 1, got {self.max_persons}")
+        names = tuple(a.name for a in self.continuous) + tuple(a.name for a in self.categorical)
+        if len(set(names)) != len(names) or BOX_KEY in names:
+            raise ValueError(f"attribute names must be unique and must not be '{BOX_KEY}': {names}")
+        object.__setattr__(self, "names", names)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> AttributeSchema:
+        """Build from ``{max_persons, continuous: {name: {low, high, mirror}}, categorical: {name: [classes]}}``
+        (the Hydra form) or the list form of :meth:`to_config`. Attribute order is the encoder's input order."""
+        unknown = set(config) - {"max_persons", "continuous", "categorical"}
+        if unknown:
+            raise ValueError(f"attribute schema: unknown keys {sorted(unknown)}")
+
+        def items(group: Any) -> list[tuple[str, Any]]:
+            if isinstance(group, Mapping):
+                return list(group.items())
+            return [(entry["name"], {k: v for k, v in entry.items() if k != "name"}) for entry in group or []]
+
+        continuous = tuple(ContinuousAttribute(name=k, **dict(v)) for k, v in items(config.get("continuous")))
+        categorical = tuple(
+            CategoricalAttribute(name=k, classes=tuple(v["classes"] if isinstance(v, Mapping) else v))
+            for k, v in items(config.get("categorical"))
+        )
+        return cls(max_persons=int(config["max_persons"]), continuous=continuous, categorical=categorical)
+
+    def to_config(self) -> dict[str, Any]:
+        """The inverse of :meth:`from_config`, for checkpoints and exports. Lists keep the attribute order even
+        through JSON writers that sort keys (diffusers' config files do)."""
+        return {
+            "max_persons": self.max_persons,
+            "continuous": [{"name": a.name, "low": a.low, "high": a.high, "mirror": a.mirror} for a in self.continuous],
+            "categorical": [{"name": a.name, "classes": list(a.classes)} for a in self.categorical],
+        }
+
+    @property
+    def num_continuous(self) -> int:
+        return len(self.continuous)
+
+    @property
+    def num_categorical(self) -> int:
+        return len(self.categorical)
+
+    def validate(self, person: Mapping[str, Any], where: str) -> None:
+        """Raise :class:`InvalidRecordError` naming ``where`` and the field if ``person`` is not valid."""
+        if not isinstance(person, Mapping):
+            raise InvalidRecordError(
+                f"{where}: a person record must be a mapping, got {type(person).__name__}", "not a record"
+            )
+        missing = [k for k in (BOX_KEY, *self.names) if k not in person or person[k] is None]
+        if missing:
+            raise InvalidRecordError(f"{where}: missing field(s) {missing}", "missing field")
+        box = person[BOX_KEY]
+        if not isinstance(box, Sequence) or len(box) != 4:
+            raise InvalidRecordError(f"{where}: 'box' must be 4 numbers [x0, y0, x1, y1], got {box!r}", "bad box")
+        try:
+            x0, y0, x1, y1 = (float(v) for v in box)
+        except (TypeError, ValueError) as err:
+            raise InvalidRecordError(f"{where}: 'box' must be 4 numbers, got {box!r}", "bad box") from err
+        if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)) or not (x0 < x1 and y0 < y1):
+            raise InvalidRecordError(
+                f"{where}: 'box' {box!r} must be normalized to [0, 1] with x0 < x1 and y0 < y1", "bad box"
+            )
+        for attr in self.continuous:
+            value = person[attr.name]
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                raise InvalidRecordError(f"{where}: '{attr.name}' must be a number, got {value!r}", "not a number")
+            if not (math.isfinite(value) and attr.low <= value <= attr.high):
+                reason = "not a finite number" if not math.isfinite(value) else "out of range"
+                message = f"{where}: '{attr.name}' = {value} is outside [{attr.low}, {attr.high}]"
+                raise InvalidRecordError(message, reason)
+        for cat in self.categorical:
+            cat.index(person[cat.name], where)
+
+    def to_arrays(self, persons: Sequence[Mapping[str, Any]], where: str) -> PersonArrays:
+        """Validate and pack persons into padded arrays; callers must already have cut to ``max_persons``."""
+        if len(persons) > self.max_persons:
+            raise InvalidRecordError(f"{where}: {len(persons)} persons exceed max_persons={self.max_persons}")
+        p = self.max_persons
+        boxes = np.zeros((p, 4), np.float32)
+        continuous = np.zeros((p, self.num_continuous), np.float32)
+        categorical = np.zeros((p, self.num_categorical), np.int64)
+        mask = np.zeros((p,), bool)
+        for i, person in enumerate(persons):
+            self.validate(person, f"{where}, person {i}")
+            boxes[i] = [float(v) for v in person[BOX_KEY]]
+            continuous[i] = [a.normalize(float(person[a.name])) for a in self.continuous]
+            categorical[i] = [c.index(person[c.name], where) for c in self.categorical]
+            mask[i] = True
+        return PersonArrays(boxes=boxes, continuous=continuous, categorical=categorical, mask=mask)
+
+    def mirror(self, person: Mapping[str, Any]) -> dict[str, Any]:
+        """The record as seen in the horizontally flipped image: box mirrored, ``mirror`` attributes negated."""
+        out = dict(person)
+        x0, y0, x1, y1 = (float(v) for v in person[BOX_KEY])
+        out[BOX_KEY] = [1.0 - x1, y0, 1.0 - x0, y1]
+        for attr in self.continuous:
+            if attr.mirror:
+                out[attr.name] = -float(person[attr.name])
+        return out
+
+
+def as_schema(schema: AttributeSchema | Mapping[str, Any]) -> AttributeSchema:
+    """Accept a built schema or its config mapping (as Hydra passes it)."""
+    return schema if isinstance(schema, AttributeSchema) else AttributeSchema.from_config(schema)
+
+
+def keep_largest(persons: Sequence[Mapping[str, Any]], limit: int) -> list[Mapping[str, Any]]:
+    """Keep the ``limit`` persons with the largest boxes, in their original order."""
+    if len(persons) <= limit:
+        return list(persons)
+
+    def area(p: Mapping[str, Any]) -> float:
+        x0, y0, x1, y1 = (float(v) for v in p[BOX_KEY])
+        return (x1 - x0) * (y1 - y0)
+
+    ranked = sorted(range(len(persons)), key=lambda i: area(persons[i]), reverse=True)[:limit]
+    return [persons[i] for i in sorted(ranked)]

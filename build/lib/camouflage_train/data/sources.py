@@ -1,0 +1,359 @@
+"""Where images and their person records come from.
+
+Each source is an indexable of :class:`RawSample` (a PIL image, its person records, an optional caption),
+so the dataset, the transforms and the caption logic are written once for all of them:
+
+* :class:`SyntheticSource`: procedurally drawn scenes (demo, tests);
+* :class:`FolderSource`: an image folder plus a JSONL or Parquet sidecar of person records;
+* :class:`HFDatasetSource`: a Hugging Face ``datasets`` dataset (hub id, local script/data dir, or a
+  ``save_to_disk`` folder), persons from a column or from a sidecar keyed by row index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image
+
+from camouflage_train.data.images import load_rgb
+from camouflage_train.data.schema import AttributeSchema, InvalidRecordError, as_schema
+from camouflage_train.data.synthetic import draw_scene
+from camouflage_train.errors import DataError, InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RawSample:
+    """One image before any transform; ``key`` names it in errors and logs, ``name`` is its stable id
+    (file path relative to the root, or row index) for outputs."""
+
+    image: Image.Image
+    persons: list[dict[str, Any]]
+    caption: str | None
+    key: str
+    name: str = ""
+
+
+class SampleSource(Protocol):
+    """Indexable samples; ``skipped`` counts rows left out up front, by reason; ``fingerprint`` identifies
+    the data (for cache keys)."""
+
+    skipped: Counter[str]
+
+    def __len__(self) -> int: ...
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+    def __getitem__(self, index: int) -> RawSample: ...
+
+
+@dataclass(frozen=True)
+class RejectedRow:
+    """A sidecar line that cannot be used: where it is (``file:line``), a short reason label, and the detail."""
+
+    where: str
+    reason: str
+    detail: str
+    name: str | None = None  # the row's image name, when it has one
+
+
+def screen_rows(
+    rows: list[dict[str, Any]],
+    schema: AttributeSchema | Mapping[str, Any] | None,
+    name: str,
+    exists: Callable[[dict[str, Any]], bool] | None = None,
+    rejected: Sequence[RejectedRow] = (),
+    max_skipped_fraction: float = 1.0,
+) -> tuple[list[dict[str, Any]], Counter[str], list[RejectedRow]]:
+    """Keep the sidecar rows that can train; every other row is skipped, counted by reason and logged once per
+    reason with its first example. ``rejected``: rows the reader already refused (malformed line, no ``file``).
+
+    Raises :class:`~camouflage_train.errors.DataError` when no row is usable, or when the share of faulty rows
+    (all skipped rows but those the annotation recorded as unreadable images) exceeds ``max_skipped_fraction``:
+    a mostly broken sidecar is a mistake to fix, not to train on.
+    """
+    parsed = as_schema(schema) if schema is not None else None
+    kept: list[dict[str, Any]] = []
+    dropped = list(rejected)
+    for row in rows:
+        problem = None
+        if row.get("skipped"):
+            problem = (f"annotation: {row['skipped']}", row["_where"])
+        elif exists is not None and not exists(row):
+            problem = ("missing file", row["_where"])
+        elif parsed is not None:
+            try:
+                for i, person in enumerate(row["persons"]):
+                    parsed.validate(person, f"{row['_where']}, person {i}")
+            except InvalidRecordError as err:
+                problem = (f"person record: {err.reason}", str(err))
+        if problem is None:
+            kept.append(row)
+        else:
+            dropped.append(RejectedRow(row["_where"], *problem, name=row.get("file")))
+    skipped: Counter[str] = Counter(row.reason for row in dropped)
+    examples: dict[str, str] = {}
+    for row in dropped:
+        examples.setdefault(row.reason, row.detail)
+    report = "; ".join(f"{reason}: {count} (first: {examples[reason]})" for reason, count in skipped.most_common())
+    for reason, count in skipped.most_common():
+        log.warning("%s: skipping %d row(s): %s (first: %s)", name, count, reason, examples[reason])
+    total = len(rows) + len(rejected)
+    if not kept:
+        raise DataError(f"{name}: no usable rows out of {total}" + (f" ({report})" if report else ""))
+    # Images the annotation could not read are already reported by annotate.py; the limit is about rows that
+    # are wrong in the sidecar itself or point nowhere.
+    faulty = sum(1 for row in dropped if not row.reason.startswith("annotation: "))
+    if faulty > max_skipped_fraction * total:
+        raise DataError(
+            f"{name}: {faulty} of {total} rows ({faulty / total:.1%}) cannot be used, more than "
+            f"max_skipped_fraction={max_skipped_fraction:g} of the source allows: {report}. Fix the sidecar, or "
+            "raise the source's max_skipped_fraction (e.g. data.train_source.max_skipped_fraction=0.2)"
+        )
+    return kept, skipped, dropped
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_sidecar(path: str | Path) -> tuple[list[dict[str, Any]], list[RejectedRow]]:
+    """Read person-record rows from ``.jsonl`` or ``.parquet``: the rows with a ``persons`` list (each gets
+    ``_where`` = ``file:line``), and the lines that are not such rows (malformed JSON, not an object, no list)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"person-record sidecar not found: {path}")
+    lines: list[tuple[int, Any]] = []
+    rejected: list[RejectedRow] = []
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        lines = list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    elif path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    lines.append((number, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    rejected.append(RejectedRow(f"{path}:{number}", "malformed JSON", f"{path}:{number}: {err.msg}"))
+    else:
+        raise DataError(f"{path}: a person-record sidecar must be .jsonl or .parquet")
+    rows = []
+    for number, row in lines:
+        where = f"{path}:{number}"
+        if not isinstance(row, dict):
+            rejected.append(RejectedRow(where, "not a JSON object", f"{where}: each line must be a JSON object"))
+        elif not isinstance(row.get("persons"), list):
+            detail = f"{where}: field 'persons' must be a list of person records"
+            rejected.append(RejectedRow(where, "no 'persons' list", detail, name=_file_of(row)))
+        else:
+            rows.append({**row, "_where": where})
+    return rows, rejected
+
+
+def _file_of(row: dict[str, Any]) -> str | None:
+    return row["file"] if isinstance(row.get("file"), str) else None
+
+
+class SyntheticSource:
+    """``num_samples`` scenes drawn from ``seed + index``; deterministic, no files."""
+
+    def __init__(
+        self,
+        schema: AttributeSchema | Mapping[str, Any],
+        num_samples: int,
+        resolution: int,
+        seed: int = 0,
+        min_persons: int = 1,
+    ) -> None:
+        self.schema = as_schema(schema)
+        self.num_samples, self.resolution, self.seed, self.min_persons = num_samples, resolution, seed, min_persons
+        self.skipped: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "type": "synthetic",
+            "num_samples": self.num_samples,
+            "resolution": self.resolution,
+            "seed": self.seed,
+            "min_persons": self.min_persons,
+            "schema": self.schema.to_config(),
+        }
+
+    def __getitem__(self, index: int) -> RawSample:
+        image, persons = draw_scene(self.seed + index, self.schema, self.resolution, self.min_persons)
+        return RawSample(
+            image=image,
+            persons=persons,
+            caption=None,
+            key=f"synthetic:{self.seed + index}",
+            name=f"{self.seed + index:08d}.png",
+        )
+
+
+class FolderSource:
+    """Images under ``root`` listed by a sidecar whose rows are ``{"file", "persons", "caption"?}``.
+
+    Rows that cannot train are left out up front and counted in ``skipped`` by reason (malformed lines, no
+    ``file``, names leaving ``root``, missing images, with ``schema`` invalid records); more than
+    ``max_skipped_fraction`` of all rows is an error. Unreadable images are found (and skipped) when loaded.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        sidecar: str | Path,
+        caption_field: str = "caption",
+        schema: AttributeSchema | Mapping[str, Any] | None = None,
+        min_image_size: int = 8,
+        max_skipped_fraction: float = 0.05,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise InputError(f"image folder not found: {self.root}")
+        rows, rejected = read_sidecar(sidecar)
+        self.caption_field, self.min_image_size = caption_field, min_image_size
+        usable = []
+        for row in rows:
+            name = row.get("file")
+            if not isinstance(name, str) or not name:
+                detail = f"{row['_where']}: field 'file' (image path relative to {self.root}) is required"
+                rejected.append(RejectedRow(row["_where"], "no 'file' field", detail))
+            elif Path(name).is_absolute() or ".." in Path(name).parts:
+                detail = f"{row['_where']}: 'file' must stay inside {self.root}, got {name!r}"
+                rejected.append(RejectedRow(row["_where"], "unsafe file name", detail, name=name))
+            else:
+                usable.append(row)
+        self.rows, self.skipped, dropped = screen_rows(
+            usable,
+            schema,
+            str(sidecar),
+            lambda r: (self.root / r["file"]).is_file(),
+            rejected,
+            max_skipped_fraction,
+        )
+        self.dropped = [(row.name or row.where, row.reason) for row in dropped]
+        self.sidecar = Path(sidecar)
+
+    def name_of(self, index: int) -> str:
+        return self.rows[index]["file"]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "type": "folder",
+            "root": str(self.root.resolve()),
+            "sidecar_sha256": file_sha256(self.sidecar),
+            "rows": len(self.rows),
+            "caption_field": self.caption_field,
+            "min_image_size": self.min_image_size,
+        }
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> RawSample:
+        row = self.rows[index]
+        return RawSample(
+            image=load_rgb(self.root / row["file"], self.min_image_size),
+            persons=list(row["persons"]),
+            caption=row.get(self.caption_field),
+            key=f"{row['_where']} ({row['file']})",
+            name=row["file"],
+        )
+
+
+class HFDatasetSource:
+    """A ``datasets`` dataset; persons from ``persons_column`` or from a sidecar of ``{"index", "persons"}`` rows."""
+
+    def __init__(
+        self,
+        path: str,
+        split: str = "train",
+        image_column: str = "image",
+        persons_column: str | None = "persons",
+        caption_column: str | None = None,
+        sidecar: str | Path | None = None,
+        revision: str | None = None,
+        schema: AttributeSchema | Mapping[str, Any] | None = None,
+        min_image_size: int = 8,
+        max_skipped_fraction: float = 0.05,
+    ) -> None:
+        import datasets
+
+        if Path(path, "dataset_info.json").is_file() or Path(path, "dataset_dict.json").is_file():
+            loaded = datasets.load_from_disk(path)
+            self.dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            self.dataset = datasets.load_dataset(path, split=split, revision=revision)
+        self.name = f"{path}[{split}]"
+        columns = set(self.dataset.column_names)
+        needed = [image_column] + ([caption_column] if caption_column else [])
+        needed += [] if sidecar else [persons_column or "persons"]
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise DataError(f"dataset {self.name}: missing column(s) {missing}; it has {sorted(columns)}")
+        self.image_column, self.persons_column, self.caption_column = image_column, persons_column, caption_column
+        self.min_image_size = min_image_size
+        self.rows: list[dict[str, Any]] | None = None
+        self.skipped: Counter[str] = Counter()
+        if sidecar is not None:
+            rows, rejected = read_sidecar(sidecar)
+            usable = []
+            for row in rows:
+                index = row.get("index")
+                if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(self.dataset):
+                    usable.append(row)
+                else:
+                    detail = f"{row['_where']}: 'index' must be a row number of {self.name}, got {index!r}"
+                    rejected.append(RejectedRow(row["_where"], "bad 'index'", detail))
+            self.rows, self.skipped, _ = screen_rows(
+                usable, schema, str(sidecar), rejected=rejected, max_skipped_fraction=max_skipped_fraction
+            )
+        self.sidecar = Path(sidecar) if sidecar is not None else None
+        self.revision = revision
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "type": "hf",
+            "name": self.name,
+            "revision": self.revision,
+            "data": self.dataset._fingerprint,
+            "sidecar_sha256": file_sha256(self.sidecar) if self.sidecar else None,
+            "rows": len(self),
+            "columns": [self.image_column, self.persons_column, self.caption_column],
+            "min_image_size": self.min_image_size,
+        }
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.dataset)
+
+    def __getitem__(self, index: int) -> RawSample:
+        if self.rows is not None:
+            row = self.rows[index]
+            item = self.dataset[int(row["index"])]
+            persons, key = list(row["persons"]), f"{self.name} row {row['index']} ({row['_where']})"
+            row_index = int(row["index"])
+        else:
+            item = self.dataset[index]
+            persons, key, row_index = list(item[self.persons_column]), f"{self.name} row {index}", index
+        caption = item[self.caption_column] if self.caption_column else None
+        image = load_rgb(item[self.image_column], self.min_image_size)
+        return RawSample(image=image, persons=persons, caption=caption, key=key, name=f"{row_index:08d}.png")

@@ -1,0 +1,279 @@
+"""Turn a training checkpoint into an export folder that stock diffusers loads.
+
+The folder holds:
+
+* ``ip-adapter_camouflage.safetensors``: ``image_proj.*`` + ``ip_adapter.*`` keys (FaceID projection layout,
+  cross-attention keys numbered 1, 3, 5, ...) for ``pipe.load_ip_adapter(folder, subfolder="",
+  weight_name=...)``; and ``ip-adapter_camouflage.bin``, the same tensors as the legacy
+  ``{"image_proj", "ip_adapter"}`` dict;
+* ``attribute_encoder/``: person records -> the embeddings passed as ``ip_adapter_image_embeds``
+  (safetensors + config.json; see :mod:`camouflage_train.inference` to use it without the training stack);
+* ``config.json``: base model, resolution, attribute schema, tokens per person, max persons, config hash;
+* ``README.md``: a model card with Hugging Face front matter, a runnable snippet, intended use and limitations;
+* ``export_manifest.json``: every file above with its SHA-256, the marker that this folder is an export.
+
+Everything is written to a temporary folder and renamed at the end; an existing folder is kept unless
+``overwrite``, and even then only a folder this exporter wrote (its manifest lists every file in it) is
+replaced: a folder holding anything else is refused, so ``overwrite=true`` never deletes a user's files.
+A checkpoint trained on another base model than ``base_model`` is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from camouflage_train.errors import UserError
+from camouflage_train.models.attribute_encoder import AttributeEncoder
+from camouflage_train.models.ip_adapter import image_proj_to_original
+from camouflage_train.utils.atomic import atomic_folder
+from camouflage_train.utils.checkpoints import read_checkpoint
+
+WEIGHT_NAME = "ip-adapter_camouflage"
+MANIFEST = "export_manifest.json"
+_TOOL = "camouflage-train export"
+_PROJ_PREFIX = "unet.encoder_hid_proj.image_projection_layers.0."
+
+
+class ExportError(UserError, ValueError):
+    """The checkpoint cannot be exported as asked; the message says why."""
+
+
+@dataclass
+class ExportConfig:
+    """The keys of ``configs/export.yaml`` (``export.py``)."""
+
+    checkpoint: str
+    output: str
+    base_model: str | None = None
+    overwrite: bool = False
+    dataset: str | None = None
+    task_name: str = "export"
+    paths: Any = None
+
+
+def ip_adapter_state_dict(checkpoint: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """The checkpoint's adapter in the original IP-Adapter layout."""
+    state, keys = checkpoint["state_dict"], checkpoint["camouflage"]["ip_adapter_keys"]
+    image_proj = {k.removeprefix(_PROJ_PREFIX): v for k, v in state.items() if k.startswith(_PROJ_PREFIX)}
+    ip_adapter = {}
+    for name, key_id in keys.items():
+        for kind in ("to_k_ip", "to_v_ip"):
+            ip_adapter[f"{key_id}.{kind}.weight"] = state[f"unet.{name}.{kind}.0.weight"]
+    if not image_proj or len(ip_adapter) != 2 * len(keys):
+        raise ExportError("checkpoint holds no complete IP-Adapter (projection or to_k_ip/to_v_ip missing)")
+    as_float = lambda d: {k: v.detach().float().contiguous() for k, v in d.items()}  # noqa: E731
+    return {"image_proj": as_float(image_proj_to_original(image_proj)), "ip_adapter": as_float(ip_adapter)}
+
+
+def _attribute_names(schema: dict[str, Any]) -> list[str]:
+    return [a["name"] for a in schema["continuous"]] + [a["name"] for a in schema["categorical"]]
+
+
+def _example_record(schema: dict[str, Any]) -> dict[str, Any]:
+    """One valid person record for the model card: a centred box, mid-range values, the first classes."""
+    record: dict[str, Any] = {"box": [0.3, 0.2, 0.6, 0.7]}
+    for attribute in schema["continuous"]:
+        record[attribute["name"]] = round((attribute["low"] + attribute["high"]) / 2, 1)
+    for attribute in schema["categorical"]:
+        record[attribute["name"]] = attribute["classes"][0]
+    return record
+
+
+def model_card_snippet(config: dict[str, Any], folder: str | Path) -> str:
+    """Python that generates one image with this export and stock diffusers, runnable as written (tested
+    against the project's Light pipeline)."""
+    base = config["base_model"]
+    size = config.get("resolution") or 512
+    if str(base).startswith("preset:"):  # the project's offline test models: built locally, not on the hub
+        preset = str(base).removeprefix("preset:")
+        load_base = "from camouflage_train.models.presets import materialize_preset\n\n"
+        load_base += f'base = materialize_preset("{preset}")'
+    else:
+        load_base = f"base = {str(base)!r}"
+    return f"""import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from camouflage_train.inference import load_attribute_encoder, person_inputs
+{load_base}
+
+folder = {str(folder)!r}  # this export folder
+pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler camouflage-train uses
+pipe.load_ip_adapter(folder, subfolder="", weight_name="{WEIGHT_NAME}.safetensors", image_encoder_folder=None)
+encoder = load_attribute_encoder(folder)
+records = [[{_example_record(config["schema"])!r}]]  # one list of persons per image
+embeds, kwargs = person_inputs(
+    encoder, records, {size}, {size}, guidance=True, vae_scale_factor=pipe.vae_scale_factor, folder=folder
+)
+image = pipe(
+    ["a photo of people"],
+    height={size},
+    width={size},
+    num_inference_steps=25,
+    guidance_scale=7.5,
+    generator=torch.Generator().manual_seed(0),
+    ip_adapter_image_embeds=embeds,
+    cross_attention_kwargs=kwargs,
+).images[0]
+"""
+
+
+def _model_card(config: dict[str, Any], folder: str | Path) -> str:
+    base = config["base_model"]
+    return f"""---
+base_model: {base}
+library_name: diffusers
+license: other
+tags:
+- ip-adapter
+- anonymization
+- privacy
+- camouflage
+- stable-diffusion
+datasets:
+- {config.get("dataset") or "unspecified"}
+---
+
+# CAMOUFLaGE-Light adapter
+
+An IP-Adapter-style attribute adapter for `{base}`, trained with camouflage-train. It is conditioned on the
+attributes of every person in a scene ({", ".join(["box", *_attribute_names(config["schema"])])}),
+never on identity, so generated images show different people with the same attributes and layout.
+Up to {config["max_persons"]} persons, {config["tokens_per_person"]} tokens per person, trained at
+{config.get("resolution")} px (training config hash `{config["config_hash"]}`).
+
+## Use with stock diffusers
+
+```python
+{model_card_snippet(config, folder)}```
+
+Person records: `{{"box": [x0, y0, x1, y1] (0..1), ...attributes}}` as in `config.json`'s schema. `folder=`
+makes each person act only inside its region, as in training.
+
+## Intended use and limitations
+
+Research on attribute-preserving anonymization of people in images. It replaces who is shown, not what is
+shown: attributes, pose, clothing, scene and context are kept on purpose and can still identify a person
+(a unique tattoo, a known place, a rare combination of attributes). Anonymized images are not guaranteed to
+defeat every face recogniser; measure re-identification with several recognisers, including ones not used
+during training, before relying on it. Do not use it to deceive or to impersonate, and respect the licences of
+the base model and of the training data.
+"""
+
+
+def _check_replaceable(output: Path, overwrite: bool) -> None:
+    """An existing ``output`` may be replaced only with ``overwrite`` and only if it is an export whose
+    manifest lists every file in it."""
+    if not output.exists():
+        return
+    if not overwrite:
+        raise ExportError(f"output: {output} exists; pass overwrite=true to replace an earlier export")
+    manifest = output / MANIFEST
+    try:
+        listed = set(json.loads(manifest.read_text())["files"]) if output.is_dir() else None
+        tool = json.loads(manifest.read_text()).get("tool")
+    except (OSError, ValueError, KeyError, TypeError):
+        listed, tool = None, None
+    if listed is None or tool != _TOOL:
+        raise ExportError(
+            f"output: {output} is not a folder written by export.py (no valid {MANIFEST}); overwrite=true only "
+            "replaces earlier exports. Choose another output or move that folder away"
+        )
+    present = {p.relative_to(output).as_posix() for p in output.rglob("*") if not p.is_dir()}
+    foreign = sorted(present - listed - {MANIFEST})
+    if foreign:
+        raise ExportError(
+            f"output: {output} holds files the export did not write ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); move them away, then export again"
+        )
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+    (folder / MANIFEST).write_text(json.dumps({"tool": _TOOL, "files": files}, indent=2))
+
+
+def export_adapter(
+    checkpoint_path: str | Path,
+    output: str | Path,
+    base_model: str | None = None,
+    overwrite: bool = False,
+    dataset: str | None = None,
+) -> Path:
+    """Write the export folder for ``checkpoint_path`` into ``output``; return ``output``."""
+    output = Path(output)
+    _check_replaceable(output, overwrite)
+    checkpoint = read_checkpoint(checkpoint_path)
+    meta = checkpoint.get("camouflage")
+    if not meta or "ip_adapter_keys" not in meta:
+        raise ExportError(
+            f"checkpoint: {checkpoint_path} is a Lightning checkpoint but not a camouflage-train Light one "
+            "(format 1 with key map)"
+        )
+    if base_model is not None and base_model != meta["backbone"]:
+        raise ExportError(
+            f"{checkpoint_path} was trained on the frozen base '{meta['backbone']}', not '{base_model}': "
+            "an adapter only works with the UNet it was trained on"
+        )
+    adapter = meta["adapter"]
+    state = ip_adapter_state_dict(checkpoint)
+    encoder = AttributeEncoder(
+        schema=meta["schema"],
+        embed_dim=adapter["embed_dim"],
+        width=adapter["encoder_width"],
+        depth=adapter["encoder_depth"],
+        fourier_freqs=adapter["fourier_freqs"],
+        category_dim=adapter["category_dim"],
+    )
+    encoder.load_state_dict(
+        {k.removeprefix("encoder."): v for k, v in checkpoint["state_dict"].items() if k.startswith("encoder.")}
+    )
+    config = {
+        "format": 1,
+        "base_model": meta["backbone"],
+        "resolution": meta.get("resolution"),
+        "schema": meta["schema"],
+        "max_persons": meta["schema"]["max_persons"],
+        "tokens_per_person": adapter["tokens_per_person"],
+        "embed_dim": adapter["embed_dim"],
+        "region_masks": adapter.get("region_masks", True),
+        "region_expand": adapter.get("region_expand", 1.5),
+        "config_hash": meta.get("config_hash"),
+        "global_step": checkpoint.get("global_step"),
+        "weight_name": f"{WEIGHT_NAME}.safetensors",
+        "dataset": dataset,
+    }
+    with atomic_folder(output, replace=True) as staging:
+        flat = {f"{group}.{k}": v for group, tensors in state.items() for k, v in tensors.items()}
+        save_file(flat, str(staging / f"{WEIGHT_NAME}.safetensors"), metadata={"format": "pt"})
+        torch.save(state, staging / f"{WEIGHT_NAME}.bin")
+        encoder.save_pretrained(staging / "attribute_encoder")
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        (staging / "README.md").write_text(_model_card(config, output))
+        _write_manifest(staging)
+    return output
+
+
+def run_export(cfg: Any) -> Path:
+    """``export.py``: check the config and the checkpoint path, export, list the written files."""
+    from camouflage_train.utils.config_checks import validate_config
+
+    validate_config(cfg, ExportConfig)
+    folder = export_adapter(
+        cfg.checkpoint, cfg.output, base_model=cfg.base_model, overwrite=cfg.overwrite, dataset=cfg.dataset
+    )
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            print(f"{path.stat().st_size:>12,d}  {path.relative_to(folder)}")
+    return folder

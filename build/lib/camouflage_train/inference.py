@@ -1,0 +1,60 @@
+"""Use an exported Light adapter with stock diffusers, without Lightning or Hydra.
+
+    pipe.load_ip_adapter(folder, subfolder="", weight_name="ip-adapter_camouflage.safetensors",
+                         image_encoder_folder=None)
+    encoder = load_attribute_encoder(folder)
+    embeds, kwargs = person_inputs(encoder, [records_of_image_1, ...], height, width, guidance=True)
+    images = pipe(prompts, ip_adapter_image_embeds=embeds, cross_attention_kwargs=kwargs).images
+
+With classifier-free guidance (``guidance=True``, i.e. ``guidance_scale > 1``) the negative half has no persons
+(zero masks): the unconditional branch is the base model, as in training.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from camouflage_train.data.schema import AttributeSchema
+from camouflage_train.models.attribute_encoder import AttributeEncoder
+from camouflage_train.models.ip_adapter import person_region_masks
+
+
+def load_attribute_encoder(folder: str | Path) -> AttributeEncoder:
+    return AttributeEncoder.from_pretrained(Path(folder) / "attribute_encoder").eval()
+
+
+@torch.no_grad()
+def person_inputs(
+    encoder: AttributeEncoder,
+    records: Sequence[Sequence[Mapping[str, Any]]],
+    height: int,
+    width: int,
+    guidance: bool = True,
+    vae_scale_factor: int = 8,
+    region_expand: float | None = None,
+    folder: str | Path | None = None,
+) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """``ip_adapter_image_embeds`` and ``cross_attention_kwargs`` for a batch of images' person records.
+
+    ``region_expand`` (or the export's ``config.json`` when ``folder`` is given) restricts each person to its
+    box grown that much; ``None`` without a folder means whole-image masks.
+    """
+    schema = AttributeSchema.from_config(encoder.config.schema)
+    if folder is not None:
+        config = json.loads((Path(folder) / "config.json").read_text())
+        region_expand = config["region_expand"] if config.get("region_masks", True) else None
+    arrays = [schema.to_arrays(list(persons), f"image {i}") for i, persons in enumerate(records)]
+    stack = lambda name: torch.from_numpy(np.stack([getattr(a, name) for a in arrays]))  # noqa: E731
+    boxes, mask = stack("boxes"), stack("mask")
+    embeds = encoder(boxes, stack("continuous"), stack("categorical"))
+    masks = person_region_masks(boxes, mask, (height // vae_scale_factor, width // vae_scale_factor), region_expand)
+    if guidance:
+        embeds = torch.cat([torch.zeros_like(embeds), embeds])
+        masks = torch.cat([torch.zeros_like(masks), masks])
+    return [embeds], {"ip_adapter_masks": [masks]}

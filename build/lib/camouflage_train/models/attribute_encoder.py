@@ -1,0 +1,88 @@
+"""Person records -> one embedding per person.
+
+The embedding plays the role an image/face embedding plays in IP-Adapter: it is what a stock diffusers
+pipeline receives as ``ip_adapter_image_embeds`` (shape ``[batch, persons, embed_dim]``). The
+projection to cross-attention tokens lives in the UNet (diffusers' FaceID projection layout), so this
+encoder is the only piece a downstream user needs beside stock diffusers.
+
+Continuous values and box coordinates go through fixed Fourier features (so small differences in
+age, pose or position stay distinguishable); categories get learned embeddings; an MLP mixes them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from camouflage_train.data.schema import AttributeSchema
+
+
+class FourierFeatures(nn.Module):
+    """``x -> [x, sin(2^k pi x), cos(2^k pi x)]`` per scalar, for inputs normalized to [0, 1]."""
+
+    def __init__(self, num_freqs: int) -> None:
+        super().__init__()
+        self.num_freqs = num_freqs  # no buffer: nothing to save, nothing for lazy (meta-device) loading to lose
+
+    @property
+    def multiplier(self) -> int:
+        return 1 + 2 * self.num_freqs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        freqs = (2.0 ** torch.arange(self.num_freqs, device=x.device, dtype=x.dtype)) * math.pi
+        angles = x.unsqueeze(-1) * freqs
+        features = torch.cat([x.unsqueeze(-1), angles.sin(), angles.cos()], dim=-1)
+        return features.flatten(-2)
+
+
+class AttributeEncoder(ModelMixin, ConfigMixin):
+    """Encode padded person arrays ``[B, P, ...]`` into ``[B, P, embed_dim]``.
+
+    Args:
+        schema: the attribute schema as a config mapping (see ``AttributeSchema.from_config``).
+        embed_dim: width of the per-person embedding (the IP-Adapter "image embed" width).
+        width: hidden width of the MLP.
+        depth: number of hidden layers of the MLP (>= 1).
+        fourier_freqs: frequencies per scalar for box coordinates and continuous attributes.
+        category_dim: width of each categorical attribute's learned embedding.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        schema: dict[str, Any],
+        embed_dim: int = 512,
+        width: int = 256,
+        depth: int = 2,
+        fourier_freqs: int = 8,
+        category_dim: int = 32,
+    ) -> None:
+        super().__init__()
+        if depth < 1 or width < 1 or embed_dim < 1:
+            raise ValueError(f"encoder depth, width and embed_dim must be >= 1, got {depth}, {width}, {embed_dim}")
+        parsed = AttributeSchema.from_config(schema)
+        self.num_continuous, self.num_categorical = parsed.num_continuous, parsed.num_categorical
+        self.fourier = FourierFeatures(fourier_freqs)
+        self.categories = nn.ModuleList(nn.Embedding(len(c.classes), category_dim) for c in parsed.categorical)
+        in_dim = (4 + parsed.num_continuous) * self.fourier.multiplier + parsed.num_categorical * category_dim
+        layers: list[nn.Module] = [nn.Linear(in_dim, width), nn.SiLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(width, width), nn.SiLU()]
+        layers.append(nn.Linear(width, embed_dim))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, boxes: torch.Tensor, continuous: torch.Tensor, categorical: torch.Tensor) -> torch.Tensor:
+        if continuous.shape[-1] != self.num_continuous or categorical.shape[-1] != self.num_categorical:
+            raise ValueError(
+                f"expected {self.num_continuous} continuous and {self.num_categorical} categorical attributes, "
+                f"got {continuous.shape[-1]} and {categorical.shape[-1]}"
+            )
+        dtype = self.mlp[0].weight.dtype
+        scalars = torch.cat([boxes, continuous], dim=-1).to(dtype)
+        parts = [self.fourier(scalars)] + [emb(categorical[..., i]) for i, emb in enumerate(self.categories)]
+        return self.mlp(torch.cat(parts, dim=-1))

@@ -1,0 +1,161 @@
+"""Decoupled cross-attention on a frozen UNet, built with diffusers' own IP-Adapter machinery.
+
+The adapter is installed by handing ``unet._load_ip_adapter_weights`` an IP-Adapter state dict in the
+original ``{"image_proj", "ip_adapter"}`` layout, so the modules it creates are exactly those a stock
+pipeline creates from an exported file:
+
+* ``unet.encoder_hid_proj``: a FaceID-style projection (``proj.0``/``proj.2``/``norm`` keys), the one
+  diffusers layout whose token count is free: ``tokens_per_person`` tokens per person embedding;
+* one ``IPAdapterAttnProcessor2_0`` per cross-attention layer, whose ``to_k_ip``/``to_v_ip`` start as
+  copies of the layer's own ``to_k``/``to_v`` (keys numbered 1, 3, 5, ... over all processors).
+
+Persons are passed as the "images" of one IP-Adapter, each with its own region mask through
+``cross_attention_kwargs={"ip_adapter_masks": [masks]}``. Padded persons get an all-zero mask, so they
+contribute exactly nothing; without region masks a real person's mask is the whole image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+from diffusers.models.embeddings import IPAdapterFaceIDImageProjection
+from torch import nn
+
+# diffusers' FaceID projection names -> the original IP-Adapter file names it converts from.
+_PROJ_TO_ORIGINAL = (("ff.net.0.proj.", "proj.0."), ("ff.net.2.", "proj.2."))
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The "adapter size" (what sweeps vary) and how persons act on the image."""
+
+    embed_dim: int = 512
+    tokens_per_person: int = 4
+    proj_mult: int = 1
+    encoder_width: int = 256
+    encoder_depth: int = 2
+    fourier_freqs: int = 8
+    category_dim: int = 32
+    region_masks: bool = True
+    region_expand: float = 1.5
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.tokens_per_person < 1 or self.proj_mult < 1:
+            raise ValueError(f"tokens_per_person and proj_mult must be >= 1, got {self}")
+        if self.region_expand < 1.0:
+            raise ValueError(f"region_expand must be >= 1 (1 = the box itself), got {self.region_expand}")
+
+
+def cross_attention_keys(unet: nn.Module) -> list[tuple[str, int]]:
+    """``(processor name, IP-Adapter key id)`` for every cross-attention layer, in diffusers' numbering."""
+    keys, key_id = [], 1
+    for name in unet.attn_processors:
+        if not name.endswith("attn1.processor"):
+            keys.append((name, key_id))
+            key_id += 2
+    return keys
+
+
+def _attention_module(unet: nn.Module, processor_name: str) -> nn.Module:
+    return unet.get_submodule(processor_name.removesuffix(".processor"))
+
+
+def image_proj_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a diffusers ``IPAdapterFaceIDImageProjection`` state dict to the original file layout."""
+    out = {}
+    for key, value in state_dict.items():
+        for new, old in _PROJ_TO_ORIGINAL:
+            key = key.replace(new, old)
+        out[key] = value
+    return out
+
+
+def initial_state_dict(unet: nn.Module, config: AdapterConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """A fresh IP-Adapter state dict: random projection, ``to_k_ip``/``to_v_ip`` copied from ``to_k``/``to_v``."""
+    projection = IPAdapterFaceIDImageProjection(
+        image_embed_dim=config.embed_dim,
+        cross_attention_dim=unet.config.cross_attention_dim,
+        mult=config.proj_mult,
+        num_tokens=config.tokens_per_person,
+    )
+    ip_adapter = {}
+    for name, key_id in cross_attention_keys(unet):
+        attn = _attention_module(unet, name)
+        ip_adapter[f"{key_id}.to_k_ip.weight"] = attn.to_k.weight.detach().float().clone()
+        ip_adapter[f"{key_id}.to_v_ip.weight"] = attn.to_v.weight.detach().float().clone()
+    return {"image_proj": image_proj_to_original(projection.state_dict()), "ip_adapter": ip_adapter}
+
+
+def adapter_modules(unet: nn.Module) -> list[nn.Module]:
+    """The trainable parts inside the UNet: the projection and every IP-Adapter processor."""
+    if unet.encoder_hid_proj is None:
+        raise RuntimeError("no IP-Adapter is installed on this UNet")
+    processors = [p for p in unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
+    return [unet.encoder_hid_proj, *processors]
+
+
+class ComputeDtypeLinear(nn.Linear):
+    """A bias-free ``nn.Linear`` whose fp32 (master) weight is applied in the frozen attention's dtype.
+
+    The frozen UNet can then run natively in bf16/fp16 with autocast off (no fp32 group norms, no cast of
+    every activation), while the trainable ``to_k_ip``/``to_v_ip`` keep fp32 weights and get fp32
+    gradients through the cast. The dtype follows the frozen ``to_k`` weight of the same layer, so
+    ``unet.to(dtype)`` keeps both in step. Parameter names are those of ``nn.Linear``.
+    """
+
+    def __init__(self, linear: nn.Linear, frozen: nn.Linear) -> None:
+        if linear.bias is not None:
+            raise ValueError("IP-Adapter projections have no bias")
+        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
+        self.weight = linear.weight
+        self._frozen_weight = (frozen.weight,)  # a tuple: not registered, not in the state dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._frozen_weight[0].dtype
+        return F.linear(x.to(dtype), self.weight.to(dtype))
+
+
+def install_ip_adapter(
+    unet: nn.Module, state_dict: dict[str, dict[str, torch.Tensor]], scale: float = 1.0
+) -> list[nn.Module]:
+    """Install the adapter through diffusers' loader, keep it fp32 and trainable; return its modules.
+
+    ``to_k_ip``/``to_v_ip`` compute in the UNet's dtype (:class:`ComputeDtypeLinear`), so a bf16 UNet
+    needs no autocast; the projection ``encoder_hid_proj`` computes in fp32 (a few tokens per person).
+    """
+    unet._load_ip_adapter_weights([state_dict], low_cpu_mem_usage=False)
+    modules = adapter_modules(unet)
+    for module in modules:
+        module.to(torch.float32)
+        module.requires_grad_(True)
+    for name, _ in cross_attention_keys(unet):
+        attn = _attention_module(unet, name)
+        attn.processor.scale = [scale]
+        for layers, frozen in ((attn.processor.to_k_ip, attn.to_k), (attn.processor.to_v_ip, attn.to_v)):
+            for index, layer in enumerate(layers):
+                layers[index] = ComputeDtypeLinear(layer, frozen)
+    return modules
+
+
+def person_region_masks(
+    boxes: torch.Tensor, person_mask: torch.Tensor, size: tuple[int, int], expand: float | None
+) -> torch.Tensor:
+    """``[B, P, H, W]`` float masks: each person's box grown ``expand`` times around its centre (``None``: the
+    whole image), times ``person_mask`` so padded persons are all zero."""
+    height, width = size
+    batch, persons = person_mask.shape
+    mask = person_mask.to(torch.float32)[..., None, None]
+    if expand is None:
+        return mask.expand(batch, persons, height, width).contiguous()
+    centre = (boxes[..., :2] + boxes[..., 2:]) / 2
+    half = (boxes[..., 2:] - boxes[..., :2]) * (expand / 2)
+    lo, hi = (centre - half).clamp(0, 1), (centre + half).clamp(0, 1)
+    ys = (torch.arange(height, device=boxes.device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=boxes.device, dtype=torch.float32) + 0.5) / width
+    inside_y = (ys >= lo[..., 1, None]) & (ys <= hi[..., 1, None])
+    inside_x = (xs >= lo[..., 0, None]) & (xs <= hi[..., 0, None])
+    return (inside_y[..., :, None] & inside_x[..., None, :]).to(torch.float32) * mask

@@ -1,0 +1,252 @@
+"""Joint evaluation of anonymizers: every row anonymizes the same batch with the same seeds, then shares
+one set of metrics definitions (re-ID per recogniser, attributes, FID/KID, CLIP-T/CLIP-I).
+
+Rows: ``identity`` (output = input: re-ID ~100 %, FID ~0, the anchor), ``blur`` (Gaussian blur of person
+regions), ``base`` and ``light`` (the CAMOUFLaGE pipelines). All metrics are torchmetrics ``Metric``s, so the
+Trainer's devices/processes give the same numbers as one process.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torch import nn
+from torchmetrics.image import FrechetInceptionDistance, KernelInceptionDistance
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import make_grid
+
+from camouflage_train.anonymization import image_seed
+from camouflage_train.metrics.attributes import AttributePreservation
+from camouflage_train.metrics.clip import ClipScorer, ClipScores, WeightsUnavailableError
+from camouflage_train.metrics.faces import FaceAnalyzer, FaceSet
+from camouflage_train.metrics.reid import ReIdentification, match_faces
+from camouflage_train.pipelines.light import PersonBatch
+
+log = logging.getLogger(__name__)
+Anonymizer = Callable[[list[Image.Image], dict[str, Any], list[int]], list[Image.Image]]
+
+
+def blur_persons(
+    images: Sequence[Image.Image], boxes: torch.Tensor, mask: torch.Tensor, expand: float = 1.5, sigma: float = 0.15
+) -> list[Image.Image]:
+    """Gaussian-blur each person's box (grown ``expand`` times), radius ``sigma`` x the box's longer side."""
+    out = []
+    for image, person_boxes, person_mask in zip(images, boxes, mask, strict=True):
+        image = image.copy()
+        width, height = image.size
+        for (x0, y0, x1, y1), real in zip(person_boxes.tolist(), person_mask.tolist(), strict=True):
+            if not real:
+                continue
+            cx, cy, hw, hh = (x0 + x1) / 2 * width, (y0 + y1) / 2 * height, (x1 - x0) * width, (y1 - y0) * height
+            region = (
+                max(0, int(cx - hw * expand / 2)),
+                max(0, int(cy - hh * expand / 2)),
+                min(width, math.ceil(cx + hw * expand / 2)),
+                min(height, math.ceil(cy + hh * expand / 2)),
+            )
+            if region[2] <= region[0] or region[3] <= region[1]:
+                continue
+            radius = max(1.0, sigma * max(hw, hh))
+            image.paste(image.crop(region).filter(ImageFilter.GaussianBlur(radius)), region[:2])
+        out.append(image)
+    return out
+
+
+def _fid_metrics(feature: int | nn.Module, kid_subset_size: int) -> tuple[FrechetInceptionDistance, Any]:
+    try:
+        fid = FrechetInceptionDistance(feature=feature, normalize=False)
+        kid = KernelInceptionDistance(feature=feature, subset_size=kid_subset_size, normalize=False)
+    except Exception as err:  # torchmetrics downloads Inception weights on construction
+        raise WeightsUnavailableError(
+            f"FID/KID: the feature extractor could not be built ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            "The default Inception needs torch-fidelity's weights-inception-2015-12-05 (downloaded on first use); "
+            "offline, copy it to ~/.cache/torch/hub/checkpoints/ or set metrics.fid.feature to another extractor."
+        ) from err
+    return fid, kid
+
+
+class JointEvaluationModule(L.LightningModule):
+    """``test_step`` anonymizes each batch with every row and updates each row's metrics.
+
+    Args:
+        anonymizers: row name -> callable ``(images, batch, seeds) -> images`` (``identity`` and ``blur`` are
+            built in); the order is the table's.
+        faces: detector + recognisers for re-ID and attributes.
+        clip: open_clip scorer for CLIP-T/CLIP-I.
+        fid_feature: torchmetrics FID/KID ``feature`` (2048 = Inception, or an ``nn.Module``).
+        kid_subset_size: KID subset size (at most the number of evaluated images).
+        output_dir: where results and sample grids go (rank 0 writes).
+        grid_batches: how many batches get a sample grid (original | each row).
+    """
+
+    def __init__(
+        self,
+        anonymizers: Mapping[str, Anonymizer],
+        faces: FaceAnalyzer,
+        clip: ClipScorer,
+        fid_feature: int | nn.Module = 2048,
+        kid_subset_size: int = 100,
+        output_dir: str = ".",
+        grid_batches: int = 2,
+        seed: int = 0,
+        pipelines: Sequence[Any] = (),
+    ) -> None:
+        super().__init__()
+        self.pipelines = list(pipelines)  # moved to this process's device at test start
+        self.anonymizers = dict(anonymizers)
+        self.rows = list(self.anonymizers)
+        self.faces, self.clip, self.seed = faces, clip, seed
+        self.output_dir, self.grid_batches = Path(output_dir), grid_batches
+        self.reid = nn.ModuleDict(
+            {
+                row: nn.ModuleDict({rec: ReIdentification(threshold=t) for rec, t in faces.thresholds.items()})
+                for row in self.rows
+            }
+        )
+        self.attributes = nn.ModuleDict({row: AttributePreservation() for row in self.rows})
+        self.clip_scores = nn.ModuleDict({row: ClipScores() for row in self.rows})
+        fids, kids = zip(*(_fid_metrics(fid_feature, kid_subset_size) for _ in self.rows), strict=True)
+        self.fid, self.kid = (
+            nn.ModuleDict(dict(zip(self.rows, fids, strict=True))),
+            nn.ModuleDict(dict(zip(self.rows, kids, strict=True))),
+        )
+        self.results: list[dict[str, Any]] = []
+
+    def on_test_start(self) -> None:
+        for pipeline in self.pipelines:
+            pipeline.to(self.device)
+        self.clip.to(self.device)
+
+    def _update_faces(self, row: str, originals: list[FaceSet], outputs: list[FaceSet]) -> None:
+        ages, genders, poses = [], [], []
+        for original, output in zip(originals, outputs, strict=True):
+            pairs = match_faces(original.boxes, output.boxes)
+            matched_o = [i for i, _ in pairs]
+            unmatched = [i for i in range(len(original.boxes)) if i not in matched_o]
+            for rec, metric in self.reid[row].items():
+                emb_o, emb_a = original.embeddings[rec], output.embeddings[rec]
+                take = lambda e, idx: torch.as_tensor(e[idx] if idx else np.zeros((0, 1)), dtype=torch.float32)  # noqa: E731
+                metric.update(take(emb_o, matched_o), take(emb_a, [j for _, j in pairs]), take(emb_o, unmatched))
+            for i, j in pairs:
+                ages.append([original.ages[i], output.ages[j]])
+                genders.append([original.genders[i], output.genders[j]])
+                poses.append([original.poses[i], output.poses[j]])
+        if ages:
+            self.attributes[row].update(torch.tensor(ages), torch.tensor(genders), torch.tensor(np.array(poses)))
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if batch.get("size", 1) == 0:
+            return
+        originals = [TF.to_pil_image((p.float().cpu() + 1) / 2) for p in batch["pixel_values"]]
+        seeds = [image_seed(self.seed, name) for name in batch["name"]]
+        original_faces = [self.faces(image) for image in originals]
+        real_uint8 = torch.stack([TF.pil_to_tensor(image) for image in originals]).to(self.device)
+        original_clip = self.clip.image_features(originals)
+        caption_clip = self.clip.text_features(list(batch["caption"]))
+        grid = [real_uint8.cpu()]
+        for row, anonymize in self.anonymizers.items():
+            outputs = [image.convert("RGB").resize(originals[0].size) for image in anonymize(originals, batch, seeds)]
+            fake_uint8 = torch.stack([TF.pil_to_tensor(image) for image in outputs]).to(self.device)
+            self._update_faces(row, original_faces, [self.faces(image) for image in outputs])
+            self.fid[row].update(real_uint8, real=True)
+            self.fid[row].update(fake_uint8, real=False)
+            self.kid[row].update(real_uint8, real=True)
+            self.kid[row].update(fake_uint8, real=False)
+            self.clip_scores[row].update(self.clip.image_features(outputs), original_clip, caption_clip)
+            grid.append(fake_uint8.cpu())
+        if batch_idx < self.grid_batches and self.trainer.is_global_zero:
+            tiles = torch.stack(grid, dim=1).flatten(0, 1)  # per image: original, then each row
+            path = self.output_dir / "samples" / f"batch_{batch_idx:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            TF.to_pil_image(make_grid(tiles, nrow=len(grid), padding=2)).save(path)
+
+    def on_test_epoch_end(self) -> None:
+        self.results = []
+        for row in self.rows:
+            result: dict[str, Any] = {"model": row}
+            for rec, metric in self.reid[row].items():
+                for key, value in metric.compute().items():
+                    result[f"reid/{rec}/{key}"] = float(value)
+            result.update({f"attr/{k}": float(v) for k, v in self.attributes[row].compute().items()})
+            clip = self.clip_scores[row].compute()
+            result["clip/clip_t"], result["clip/clip_i"] = float(clip["clip_t"]), float(clip["clip_i"])
+            result["n_images"] = int(clip["n"])  # synchronized across processes
+            result["fid"] = float(self.fid[row].compute())
+            kid_mean, kid_std = self.kid[row].compute()
+            result["kid_mean"], result["kid_std"] = float(kid_mean), float(kid_std)
+            self.results.append(result)
+        flat = {f"{r['model']}/{k}": v for r in self.results for k, v in r.items() if k != "model"}
+        self.log_dict({k: float(v) for k, v in flat.items()}, sync_dist=False, rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            write_results(self.results, self.output_dir)
+            for logger in self.loggers:
+                if hasattr(logger, "log_table"):
+                    columns = list(self.results[0])
+                    logger.log_table(
+                        key="eval/results", columns=columns, data=[[r[c] for c in columns] for r in self.results]
+                    )
+
+    def configure_optimizers(self) -> None:
+        return None
+
+
+def write_results(results: list[dict[str, Any]], output_dir: Path) -> str:
+    """``results.{json,csv,md}`` in ``output_dir``; returns the Markdown table (also logged)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    columns = list(results[0])
+    with (output_dir / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(results)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    table = "\n".join(
+        [
+            "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns),
+            *("| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in results),
+        ]
+    )
+    (output_dir / "results.md").write_text(table + "\n")
+    log.info("evaluation results:\n%s", table)
+    print(table)
+    return table
+
+
+def identity_row(images: list[Image.Image], batch: dict[str, Any], seeds: list[int]) -> list[Image.Image]:
+    return list(images)
+
+
+def blur_row(expand: float = 1.5, sigma: float = 0.15) -> Anonymizer:
+    def blur(images: list[Image.Image], batch: dict[str, Any], seeds: list[int]) -> list[Image.Image]:
+        return blur_persons(images, batch["boxes"], batch["person_mask"], expand, sigma)
+
+    return blur
+
+
+def base_row(base: Any, region_expand: float = 1.5) -> Anonymizer:
+    from camouflage_train.models.ip_adapter import person_region_masks
+
+    def run(images: list[Image.Image], batch: dict[str, Any], seeds: list[int]) -> list[Image.Image]:
+        latent = images[0].size[1] // base.pipe.vae_scale_factor
+        regions = person_region_masks(batch["boxes"], batch["person_mask"], (latent, latent), region_expand)
+        return base(images, seeds, prompts=list(batch["caption"]), region_masks=regions.amax(1, keepdim=True))
+
+    return run
+
+
+def light_row(light: Any) -> Anonymizer:
+    def run(images: list[Image.Image], batch: dict[str, Any], seeds: list[int]) -> list[Image.Image]:
+        return light(images, PersonBatch.from_batch(batch), seeds, list(batch["caption"]))
+
+    return run

@@ -1,0 +1,441 @@
+"""CAMOUFLaGE-Light training: a person-attribute adapter on a frozen Stable Diffusion UNet.
+
+Trainable: the :class:`~camouflage_train.models.attribute_encoder.AttributeEncoder`, the IP-Adapter
+projection (``unet.encoder_hid_proj``) and the ``to_k_ip``/``to_v_ip`` of every cross-attention layer,
+all kept in fp32. Frozen: VAE, text encoder, UNet, in ``backbone.weight_dtype``, always in eval mode.
+Checkpoints hold only the trainable weights (plus optimizer/scheduler/loop state), so they are a few MB
+and reload onto a freshly built backbone.
+
+Hooks used: ``setup`` (precision checks), ``training_step``, ``validation_step`` (seeded loss + sample
+grid), ``configure_optimizers``, ``on_train_start`` (log parameter counts), ``on_save_checkpoint`` /
+``on_load_checkpoint`` (trainable-only state), ``train`` (frozen parts stay in eval mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.optim import Optimizer
+
+from camouflage_train.data.schema import AttributeSchema
+from camouflage_train.models.attribute_encoder import AttributeEncoder
+from camouflage_train.models.backbone import load_frozen_backbone, parse_dtype
+from camouflage_train.models.ip_adapter import (
+    AdapterConfig,
+    cross_attention_keys,
+    initial_state_dict,
+    install_ip_adapter,
+)
+from camouflage_train.pipelines.light import PersonBatch, adapter_inputs, build_pipeline, generate_light
+from camouflage_train.utils.checkpoints import checkpoint_folder
+from camouflage_train.utils.images import save_sample_grid
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN/inf losses ``nonfinite_patience`` times in a row."""
+
+
+class StepNoise(NamedTuple):
+    """The random numbers of one training step (see :meth:`LightAdapterModule._draw`)."""
+
+    drop_text: torch.Tensor  # [B] bool, host
+    drop_persons: torch.Tensor  # [B] bool, host
+    timesteps: torch.Tensor  # [B] long
+    latent: torch.Tensor  # [B, C, h, w]: samples the VAE posterior
+    noise: torch.Tensor  # [B, C, h, w]
+    offset: torch.Tensor  # [B, C, 1, 1]: offset noise
+
+
+class LightAdapterModule(L.LightningModule):
+    """Train the Light adapter with the standard noise-prediction objective.
+
+    Args:
+        backbone: kwargs of :func:`~camouflage_train.models.backbone.load_frozen_backbone`.
+        adapter: fields of :class:`~camouflage_train.models.ip_adapter.AdapterConfig` (the adapter size).
+        schema: the attribute schema config (``max_persons``, ``continuous``, ``categorical``).
+        optimizer: a partial optimizer taking the trainable parameters (Hydra ``_partial_: true``).
+        lr_scheduler: ``{name, warmup_steps}`` for ``diffusers.optimization.get_scheduler``, or ``None``.
+        text_dropout: probability of replacing a caption by "" (classifier-free guidance).
+        attribute_dropout: probability of removing all persons of an image (the frozen SD is then the
+            unconditional branch, exactly what sampling uses as the negative).
+        noise_offset: offset-noise strength (0 disables).
+        gradient_checkpointing: checkpoint the frozen UNet's blocks to save activation memory.
+        frozen_autocast: run a bf16/fp16 frozen backbone under the trainer's autocast instead of natively in
+            its own dtype. Native (the default) skips autocast's fp32 group norms and per-op casts; the
+            adapter keeps fp32 weights either way (see ``bench/train_step.py`` for the measured difference).
+        channels_last: keep the UNet's weights and input in channels-last memory format (faster
+            convolutions on tensor-core GPUs).
+        compile_unet: ``torch.compile`` the frozen UNet in place (parameter names unchanged).
+        nonfinite_patience: a step whose loss is NaN/inf is skipped (no backward; no weight or AdamW moment
+            changes, though Lightning still counts the step) and counted in ``train/nonfinite_skipped``; this
+            many in a row save ``nonfinite-stop.ckpt`` (the last good weights) and stop the run with
+            :class:`NonFiniteLossError`.
+        validation: ``{num_images, num_inference_steps, guidance_scale, seed}`` for the sample grid.
+    """
+
+    def __init__(
+        self,
+        backbone: Mapping[str, Any],
+        adapter: Mapping[str, Any],
+        schema: Mapping[str, Any],
+        optimizer: Callable[[Iterable[torch.nn.Parameter]], Optimizer],
+        lr_scheduler: Mapping[str, Any] | None = None,
+        text_dropout: float = 0.05,
+        attribute_dropout: float = 0.05,
+        noise_offset: float = 0.0,
+        gradient_checkpointing: bool = False,
+        frozen_autocast: bool = False,
+        channels_last: bool = False,
+        compile_unet: bool = False,
+        nonfinite_patience: int = 5,
+        validation: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        for name, p in (("text_dropout", text_dropout), ("attribute_dropout", attribute_dropout)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {p}")
+        self.optimizer_factory = optimizer
+        self.schema = AttributeSchema.from_config(schema)
+        self.adapter_config = AdapterConfig(**adapter)
+        self.weight_dtype = parse_dtype(backbone.get("weight_dtype", "fp32"))
+
+        frozen = load_frozen_backbone(**backbone)
+        self.backbone_name, self.backbone_source = frozen.name, frozen.source
+        self.vae, self.text_encoder, self.unet = frozen.vae, frozen.text_encoder, frozen.unet
+        self.tokenizer, self.noise_scheduler = frozen.tokenizer, frozen.noise_scheduler
+
+        cfg = self.adapter_config
+        self.encoder = AttributeEncoder(
+            schema=self.schema.to_config(),
+            embed_dim=cfg.embed_dim,
+            width=cfg.encoder_width,
+            depth=cfg.encoder_depth,
+            fourier_freqs=cfg.fourier_freqs,
+            category_dim=cfg.category_dim,
+        )
+        install_ip_adapter(self.unet, initial_state_dict(self.unet, cfg), scale=cfg.scale)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if compile_unet:
+            self.unet.compile()
+        # Frozen weights are not in our checkpoints; on_load_checkpoint checks the trainable keys instead.
+        self.strict_loading = False
+        if nonfinite_patience < 1:
+            raise ValueError(f"model.nonfinite_patience must be >= 1, got {nonfinite_patience}")
+        self._nonfinite_streak = 0
+
+    # ----------------------------------------------------------------------------------------- state
+    def trainable_parameter_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> LightAdapterModule:
+        super().train(mode)
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = set(self.trainable_parameter_names())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        hparams = {k: v for k, v in self.hparams.items()}
+        checkpoint["camouflage"] = {
+            "format": CHECKPOINT_FORMAT,
+            "backbone": self.backbone_name,
+            "backbone_source": str(self.backbone_source),
+            "schema": self.schema.to_config(),
+            "adapter": dict(self.hparams["adapter"]),
+            # What export needs without rebuilding the UNet: processor name -> IP-Adapter key id.
+            "ip_adapter_keys": dict(cross_attention_keys(self.unet)),
+            "resolution": getattr(datamodule, "resolution", None),
+            "config_hash": hashlib.sha256(json.dumps(hparams, sort_keys=True, default=str).encode()).hexdigest()[:16],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected, found = set(self.trainable_parameter_names()), set(checkpoint["state_dict"])
+        if expected != found:
+            raise ValueError(
+                "checkpoint does not match this adapter: "
+                f"missing {sorted(expected - found)[:5]}, unexpected {sorted(found - expected)[:5]} "
+                "(was it trained with a different model.adapter or attributes config?)"
+            )
+
+    # -------------------------------------------------------------------------------------- training
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision.endswith("-true") and precision != "32-true":
+            raise ValueError(
+                f"trainer.precision={precision} would cast the trainable adapter to low precision; "
+                "use bf16-mixed or 16-mixed (the adapter stays fp32, the frozen backbone uses backbone.weight_dtype)"
+            )
+        if self.weight_dtype != torch.float32 and self.hparams.frozen_autocast and "mixed" not in precision:
+            raise ValueError(
+                f"model.backbone.weight_dtype={self.weight_dtype} needs autocast: set trainer.precision to "
+                "bf16-mixed or 16-mixed, or weight_dtype=fp32"
+            )
+        if self.weight_dtype == torch.float16 and precision != "16-mixed":
+            raise ValueError(
+                "model.backbone.weight_dtype=fp16 needs trainer.precision=16-mixed: gradients through a frozen "
+                "fp16 UNet underflow without the loss scaling it brings"
+            )
+
+    def on_train_start(self) -> None:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        log.info("trainable parameters: %s, frozen: %s", f"{trainable:,}", f"{frozen:,}")
+        if self.global_step > 0:  # a resumed run (the step is restored by now): its logs have them already
+            return
+        for logger in self.loggers:
+            logger.log_metrics({"model/trainable_params": trainable, "model/frozen_params": frozen}, step=0)
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(ids.to(self.device))[0]
+
+    def _empty_text(self) -> torch.Tensor:
+        """The frozen encoder's output for "" (text dropout on cached batches), computed once per device."""
+        cached = getattr(self, "_empty_text_cache", None)
+        if cached is None or cached.device != self.device:
+            cached = self._empty_text_cache = self.encode_text([""])
+        return cached
+
+    def _frozen_compute(self) -> contextlib.AbstractContextManager:
+        """Autocast off around the frozen backbone when it is stored in low precision (see ``frozen_autocast``)."""
+        if self.weight_dtype == torch.float32 or self.hparams.frozen_autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        if prediction_type == "sample":
+            return latents
+        raise ValueError(f"unsupported scheduler prediction_type '{prediction_type}'")
+
+    def _draw(
+        self,
+        batch: dict[str, Any],
+        latent_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        generator: torch.Generator | None,
+    ) -> StepNoise:
+        """Everything random in one step, in a fixed order.
+
+        With ``batch["sample_seed"]`` (training batches from :class:`ResumableSampler`) and no ``generator``, each
+        sample's numbers come from its own seed, so they do not depend on the batch composition, the rank layout
+        or what ran before: a resumed run and a DDP run draw exactly what one uninterrupted process draws.
+        Otherwise they come from ``generator`` (validation) or the global RNG.
+        """
+        n, device = batch["person_mask"].shape[0], self.device
+        steps = self.noise_scheduler.config.num_train_timesteps
+        seeds = batch.get("sample_seed") if generator is None else None
+        if seeds is not None:
+            host = [torch.Generator().manual_seed(s) for s in seeds]
+            # A different stream on the device (on CPU the same seed would repeat the host numbers).
+            dev = [torch.Generator(device=device).manual_seed((s + 1) % 2**63) for s in seeds]
+            uniform = torch.stack([torch.rand(2, generator=g) for g in host])
+            timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g, device=device) for g in dev])
+            normal = torch.stack(
+                [torch.randn((2, *latent_shape), generator=g, device=device, dtype=dtype) for g in dev]
+            )
+            offset = torch.stack(
+                [torch.randn((latent_shape[0], 1, 1), generator=g, device=device, dtype=dtype) for g in dev]
+            )
+        else:
+            where = generator.device if generator is not None else "cpu"
+            uniform = torch.rand((n, 2), generator=generator, device=where).cpu()
+            timesteps = torch.randint(0, steps, (n,), generator=generator, device=device)
+            normal = torch.randn((n, 2, *latent_shape), generator=generator, device=device, dtype=dtype)
+            offset = torch.randn((n, latent_shape[0], 1, 1), generator=generator, device=device, dtype=dtype)
+        return StepNoise(
+            drop_text=uniform[:, 0] < self.hparams.text_dropout,
+            drop_persons=uniform[:, 1] < self.hparams.attribute_dropout,
+            timesteps=timesteps,
+            latent=normal[:, 0],
+            noise=normal[:, 1],
+            offset=offset,
+        )
+
+    def diffusion_loss(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None, dropout: bool = False
+    ) -> torch.Tensor:
+        """MSE between the UNet's prediction and the scheduler's target at uniform random timesteps.
+
+        Takes raw batches (``pixel_values``, ``caption``) or cached ones (``latent_mean``/``latent_std``,
+        ``text_embeds``); both use the same random numbers (:meth:`_draw`), so they give the same loss.
+        """
+        cached = "latent_mean" in batch
+        if cached:
+            latent_shape = tuple(batch["latent_mean"].shape[1:])
+        else:
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            height, width = batch["pixel_values"].shape[-2:]
+            latent_shape = (self.vae.config.latent_channels, height // factor, width // factor)
+        draw = self._draw(batch, latent_shape, self.vae.dtype, generator)
+        person_mask = batch["person_mask"]
+        drop_text = draw.drop_text if dropout else torch.zeros_like(draw.drop_text)
+        if dropout:
+            person_mask = person_mask & ~draw.drop_persons.to(person_mask.device)[:, None]
+        persons = PersonBatch(batch["boxes"], batch["continuous"], batch["categorical"], person_mask)
+        with torch.no_grad(), self._frozen_compute():
+            if cached:
+                mean = batch["latent_mean"].to(self.device, self.vae.dtype)
+                std = batch["latent_std"].to(self.device, self.vae.dtype)
+                text = batch["text_embeds"].to(self.device, self.text_encoder.dtype)
+                if drop_text.any():
+                    text = torch.where(drop_text.to(self.device)[:, None, None], self._empty_text(), text)
+            else:
+                pixels = batch["pixel_values"].to(self.device, self.vae.dtype)
+                dist = self.vae.encode(pixels).latent_dist
+                mean, std = dist.mean, dist.std
+                captions = ["" if d else c for d, c in zip(drop_text.tolist(), batch["caption"], strict=True)]
+                text = self.encode_text(captions)
+            latents = (mean + std * draw.latent) * self.vae.config.scaling_factor
+        noise = draw.noise
+        if self.hparams.noise_offset:
+            noise = noise + self.hparams.noise_offset * draw.offset
+        noisy = self.noise_scheduler.add_noise(latents, noise, draw.timesteps)
+        embeds, masks = adapter_inputs(self.encoder, self.adapter_config, persons, tuple(latents.shape[-2:]))
+        with self._frozen_compute():
+            prediction = self.unet(
+                noisy.to(self.weight_dtype, memory_format=self.memory_format),
+                draw.timesteps,
+                encoder_hidden_states=text.to(self.weight_dtype),
+                added_cond_kwargs={"image_embeds": [embeds.float()]},  # the fp32 projection
+                cross_attention_kwargs={"ip_adapter_masks": [masks]},
+            ).sample
+        return F.mse_loss(prediction.float(), self._target(latents, noise, draw.timesteps).float())
+
+    def _log_skipped(self, batch: dict[str, Any], stage: str) -> None:
+        skipped = float(sum(batch.get("skipped", {}).values()))
+        self.log(f"data/{stage}_skipped", skipped, on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self._log_skipped(batch, "train")
+        if batch.get("size", 1) == 0:
+            return None  # every sample of this batch was unusable (counted above); no optimizer step
+        loss = self.diffusion_loss(batch, dropout=True)
+        batch_size = batch["person_mask"].shape[0]
+        # One decision for all ranks (a rank skipping alone would hang DDP's gradient all-reduce).
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        self.log(
+            "train/nonfinite_skipped", float(not finite), on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1
+        )
+        if not finite:
+            return self._skip_nonfinite(loss)
+        self._nonfinite_streak = 0
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        self.log(
+            "data/persons_dropped",
+            batch["persons_dropped"].sum().float(),
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="sum",
+            batch_size=batch_size,
+        )
+        return loss
+
+    def _skip_nonfinite(self, loss: torch.Tensor) -> None:
+        """Skip this step; after ``nonfinite_patience`` in a row, save the (untouched) weights and stop."""
+        self._nonfinite_streak += 1
+        patience = self.hparams.nonfinite_patience
+        log.warning(
+            "non-finite loss %s at step %d (%d in a row, stop at %d): step skipped",
+            loss.item(),
+            self.global_step,
+            self._nonfinite_streak,
+            patience,
+        )
+        if self._nonfinite_streak < patience:
+            return None
+        path = checkpoint_folder(self.trainer, Path(self.trainer.default_root_dir)) / "nonfinite-stop.ckpt"
+        self.trainer.save_checkpoint(path)  # every rank calls it (it synchronises); rank 0 writes
+        raise NonFiniteLossError(
+            f"{patience} consecutive non-finite losses up to step {self.global_step}; the last good state is in "
+            f"'{path}'. Lower model.optimizer.lr, check trainer.precision (fp16 overflows) and the data "
+            "(data/train_skipped), then resume with ckpt_path=<that file>"
+        )
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._log_skipped(batch, "val")
+        if batch.get("size", 1) == 0:
+            return
+        # Seeded per batch, so val/loss moves only when the adapter does.
+        generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
+        loss = self.diffusion_loss(batch, generator=generator)
+        self.log(
+            "val/loss", loss, prog_bar=True, on_epoch=True, batch_size=batch["pixel_values"].shape[0], sync_dist=True
+        )
+        if batch_idx == 0 and not self.trainer.sanity_checking:
+            self.log_samples(batch)
+
+    def log_samples(self, batch: dict[str, Any]) -> None:
+        """Generate from the batch's persons and captions; save a grid (real | generated) and log it."""
+        settings = {"num_images": 4, "num_inference_steps": 25, "guidance_scale": 7.5, "seed": 0}
+        settings.update(self.hparams.validation or {})
+        count = min(int(settings["num_images"]), batch["pixel_values"].shape[0])
+        if count <= 0 or not self.trainer.is_global_zero:
+            return
+        persons = PersonBatch(*(batch[k][:count] for k in ("boxes", "continuous", "categorical", "person_mask")))
+        height, width = batch["pixel_values"].shape[-2:]
+        pipe = build_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, self.noise_scheduler.config)
+        images = generate_light(
+            pipe,
+            self.encoder,
+            self.adapter_config,
+            persons,
+            list(batch["caption"][:count]),
+            height,
+            width,
+            num_inference_steps=int(settings["num_inference_steps"]),
+            guidance_scale=float(settings["guidance_scale"]),
+            seed=int(settings["seed"]),
+        )
+        out_dir = Path(self.trainer.default_root_dir) / "samples"
+        grid = save_sample_grid(batch["pixel_values"][:count], images, out_dir / f"step_{self.global_step:07d}.png")
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="val/samples", images=[grid], step=self.global_step, caption=["real | generated"])
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        spec = self.hparams.lr_scheduler
+        if not spec:
+            return {"optimizer": optimizer}
+        from diffusers.optimization import get_scheduler
+
+        scheduler = get_scheduler(
+            spec.get("name", "constant_with_warmup"),
+            optimizer,
+            num_warmup_steps=int(spec.get("warmup_steps", 0)),
+            num_training_steps=int(self.trainer.estimated_stepping_batches),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

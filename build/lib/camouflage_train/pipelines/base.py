@@ -1,0 +1,245 @@
+"""CAMOUFLaGE-Base: frozen SD 1.5 + several ControlNets + anonymization guidance. Nothing is trained.
+
+The structure ControlNets (depth, normal, segmentation, pose, line art, ...) condition both branches of
+classifier-free guidance as usual. Anonymization guidance adds a *reconstruction* ControlNet fed with the
+real image (e.g. tile) to the **negative** branch only, so the negative prediction is pulled towards the
+real image and guidance pushes the sample away from it:
+
+    eps = eps_neg + s * (eps_pos - eps_neg)
+    eps_pos = UNet(x_t, t, prompt,          controls)
+    eps_neg = UNet(x_t, t, negative prompt, controls + w * m * ReconControlNet(x_t, real image))
+
+with ``s`` the guidance scale, ``w`` the reconstruction scale (``anonymization.scale``), ``m`` an optional
+person-region mask, applied only for the step fraction ``[anonymization.start, anonymization.end]``.
+It runs as one extra ControlNet pass (negative half of the batch) per step inside the stock diffusers
+ControlNet pipeline: with the branch disabled the output is exactly the stock pipeline's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    DDIMScheduler,
+    MultiControlNetModel,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetPipeline,
+)
+from PIL import Image
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+from camouflage_train.models.backbone import FrozenBackbone, load_controlnet, parse_dtype
+from camouflage_train.pipelines.controls import Preprocessor
+
+
+class ReconstructionBranch(nn.Module):
+    """A ControlNet that conditions only the negative (first) half of a CFG batch, optionally only inside
+    ``region_mask`` (``[B, 1, h, w]`` at latent resolution); the positive half gets zero residuals."""
+
+    def __init__(self, controlnet: nn.Module) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+        self.region_mask: torch.Tensor | None = None
+
+    @property
+    def config(self) -> Any:
+        return self.controlnet.config
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: float = 1.0,
+        **kwargs: Any,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if sample.shape[0] % 2:
+            raise ValueError("anonymization guidance needs classifier-free guidance (guidance_scale > 1)")
+        half = sample.shape[0] // 2
+        if torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.shape[0] == sample.shape[0]:
+            timestep = timestep[:half]
+        kwargs["return_dict"] = False
+        down, mid = self.controlnet(
+            sample[:half],
+            timestep,
+            encoder_hidden_states=encoder_hidden_states[:half],
+            controlnet_cond=controlnet_cond[:half],
+            conditioning_scale=conditioning_scale,
+            **kwargs,
+        )
+        if self.region_mask is not None:
+            mask = self.region_mask.to(mid.device, mid.dtype)
+            down = [d * F.interpolate(mask, size=d.shape[-2:], mode="area") for d in down]
+            mid = mid * F.interpolate(mask, size=mid.shape[-2:], mode="area")
+        pad = lambda t: torch.cat([t, torch.zeros_like(t)])  # noqa: E731
+        return [pad(d) for d in down], pad(mid)
+
+
+@dataclass
+class ControlSpec:
+    """One structure ControlNet: its weights, how its conditioning image is made, and when it acts."""
+
+    name: str
+    controlnet: nn.Module
+    preprocessor: Preprocessor
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+def build_controls(
+    specs: Mapping[str, Mapping[str, Any]], weight_dtype: str, cache_dir: str | None
+) -> list[ControlSpec]:
+    """``{name: {model, preprocessor, scale, start, end}}`` (preprocessor already instantiated) -> specs."""
+    return [
+        ControlSpec(
+            name=name,
+            controlnet=load_controlnet(
+                spec["model"], weight_dtype, cache_dir=cache_dir, config_key=f"model.controlnets.{name}.model"
+            ),
+            preprocessor=spec["preprocessor"],
+            scale=float(spec.get("scale", 1.0)),
+            start=float(spec.get("start", 0.0)),
+            end=float(spec.get("end", 1.0)),
+        )
+        for name, spec in specs.items()
+    ]
+
+
+def stock_controlnet_pipeline(
+    backbone: FrozenBackbone, controlnets: Sequence[nn.Module], img2img: bool = False
+) -> StableDiffusionControlNetPipeline:
+    """The stock diffusers (img2img) ControlNet pipeline around already-loaded modules."""
+    cls = StableDiffusionControlNetImg2ImgPipeline if img2img else StableDiffusionControlNetPipeline
+    pipe = cls(
+        vae=backbone.vae,
+        text_encoder=backbone.text_encoder,
+        tokenizer=backbone.tokenizer,
+        unet=backbone.unet,
+        controlnet=MultiControlNetModel(list(controlnets)),
+        scheduler=DDIMScheduler.from_config(backbone.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def stack_images(images: Sequence[Image.Image]) -> torch.Tensor:
+    return torch.stack([TF.to_dtype(TF.to_image(image.convert("RGB")), torch.float32, scale=True) for image in images])
+
+
+def control_kwargs(controls: Sequence[ControlSpec], images: Sequence[Image.Image]) -> dict[str, list[Any]]:
+    """Conditioning images (per ControlNet, a ``[B, 3, H, W]`` batch in [0, 1], the form both stock ControlNet
+    pipelines accept for batches), scales and step ranges."""
+    return {
+        "image": [stack_images([c.preprocessor(image) for image in images]) for c in controls],
+        "controlnet_conditioning_scale": [c.scale for c in controls],
+        "control_guidance_start": [c.start for c in controls],
+        "control_guidance_end": [c.end for c in controls],
+    }
+
+
+def generator_list(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
+    """One generator per image, so image i depends on its own seed and not on the batch."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+class CamouflageBase:
+    """Anonymize images with structure ControlNets + anonymization guidance (see the module docstring).
+
+    Args:
+        backbone: the frozen SD components.
+        controls: the structure ControlNets.
+        anonymization: ``{enabled, model, scale, start, end, person_regions}``; ``model`` is the
+            reconstruction ControlNet (hub id, folder or preset), fed with the real image.
+        guidance_scale, num_inference_steps: sampling settings.
+        strength: ``None`` to start from noise, else img2img from the real image's noised latents.
+        prompt, negative_prompt: used when no per-image prompts are given.
+    """
+
+    def __init__(
+        self,
+        backbone: FrozenBackbone,
+        controls: Sequence[ControlSpec],
+        anonymization: Mapping[str, Any] | None = None,
+        guidance_scale: float = 7.5,
+        num_inference_steps: int = 25,
+        strength: float | None = None,
+        prompt: str = "a photo of people",
+        negative_prompt: str = "",
+        cache_dir: str | None = None,
+    ) -> None:
+        self.backbone, self.controls = backbone, list(controls)
+        self.anonymization = dict(anonymization or {})
+        self.guidance_scale, self.num_inference_steps, self.strength = guidance_scale, num_inference_steps, strength
+        self.prompt, self.negative_prompt = prompt, negative_prompt
+        nets: list[nn.Module] = [c.controlnet for c in self.controls]
+        self.reconstruction: ReconstructionBranch | None = None
+        if self.anonymization.get("enabled"):
+            if guidance_scale <= 1.0:
+                raise ValueError("anonymization guidance acts through the negative branch: set guidance_scale > 1")
+            dtype = str(backbone.unet.dtype).removeprefix("torch.")
+            recon = load_controlnet(
+                self.anonymization["model"],
+                parse_dtype(dtype),
+                cache_dir=cache_dir,
+                config_key="model.anonymization.model",
+            )
+            self.reconstruction = ReconstructionBranch(recon)
+            nets.append(self.reconstruction)
+        if not nets:
+            raise ValueError("CAMOUFLaGE-Base needs at least one ControlNet or the anonymization branch")
+        self.pipe = stock_controlnet_pipeline(backbone, nets, img2img=strength is not None)
+
+    def to(self, device: torch.device | str) -> CamouflageBase:
+        self.pipe.to(device)
+        return self
+
+    def pipeline_kwargs(self, images: Sequence[Image.Image]) -> dict[str, Any]:
+        """The stock pipeline's ControlNet arguments for ``images``; the reconstruction branch comes last."""
+        kwargs = control_kwargs(self.controls, images)
+        if self.reconstruction is not None:
+            kwargs["image"].append(stack_images(images))
+            kwargs["controlnet_conditioning_scale"].append(float(self.anonymization.get("scale", 1.0)))
+            kwargs["control_guidance_start"].append(float(self.anonymization.get("start", 0.0)))
+            kwargs["control_guidance_end"].append(float(self.anonymization.get("end", 1.0)))
+        if self.strength is not None:
+            kwargs["control_image"] = kwargs.pop("image")
+            kwargs.update(image=list(images), strength=self.strength)
+        return kwargs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: Sequence[Image.Image],
+        seeds: Sequence[int],
+        prompts: Sequence[str] | None = None,
+        region_masks: torch.Tensor | None = None,
+    ) -> list[Image.Image]:
+        """Anonymize ``images`` (all of one size); ``region_masks`` ``[B, 1, h, w]`` restrict the guidance to
+        person regions when ``anonymization.person_regions`` is on."""
+        width, height = images[0].size
+        if self.reconstruction is not None:
+            use_regions = self.anonymization.get("person_regions") and region_masks is not None
+            # The negative half of the CFG batch is the first B entries, which the masks describe.
+            self.reconstruction.region_mask = region_masks if use_regions else None
+        prompts = list(prompts) if prompts is not None else [self.prompt] * len(images)
+        return self.pipe(
+            prompt=prompts,
+            negative_prompt=[self.negative_prompt] * len(images),
+            height=height,
+            width=width,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            generator=generator_list(seeds, self.pipe._execution_device),
+            output_type="pil",
+            **self.pipeline_kwargs(images),
+        ).images

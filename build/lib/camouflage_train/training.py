@@ -1,0 +1,89 @@
+"""Build everything from a composed Hydra config and run ``trainer.fit``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from camouflage_train.errors import DataError
+from camouflage_train.utils.checkpoints import checkpoint_folder, resolve_checkpoint
+from camouflage_train.utils.config_checks import validate_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """The top-level keys of ``configs/train.yaml`` (``train.py``); the groups are checked by their targets."""
+
+    task_name: str = "train"
+    seed: int | None = None
+    ckpt_path: str | None = "auto"
+    optimized_metric: str = "val/loss"
+    attributes: Any = None
+    data: Any = None
+    model: Any = None
+    callbacks: Any = None
+    logger: Any = None
+    trainer: Any = None
+    paths: Any = None
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a callbacks/logger group that has a ``_target_``."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def run_training(cfg: DictConfig) -> dict[str, float]:
+    """Fit the model described by ``cfg``; return the final callback metrics (also written to ``metrics.json``)."""
+    validate_config(cfg, TrainConfig)  # before anything is built or written
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = instantiate(cfg.model)  # first: a missing backbone fails before any data is read
+    datamodule = instantiate(cfg.data)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(resolved)
+    if trainer.is_global_zero:
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), checkpoint_folder(trainer, output_dir / "checkpoints"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        for logger in trainer.loggers:
+            logger.finalize("success")
+        _finish_wandb()
+    if trainer.global_step == 0 and trainer.max_steps != 0:
+        raise DataError(
+            "training ran no optimizer step (every batch was skipped or empty; see data/train_skipped and the "
+            "log above); no checkpoint was written"
+        )
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics["model/trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainer.is_global_zero:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    log.info("final metrics: %s", metrics)
+    return metrics
+
+
+def _finish_wandb() -> None:
+    import sys
+
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

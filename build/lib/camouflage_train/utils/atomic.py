@@ -1,0 +1,51 @@
+"""Write a folder all at once: build it under a hidden temporary name, rename it into place when complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_folder(target: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a staging folder beside ``target``; on success it becomes ``target``.
+
+    A failure leaves nothing behind. If ``target`` appeared meanwhile (another process built the same thing)
+    and ``replace`` is false, the existing folder is kept; with ``replace`` it is swapped out. Everything in it
+    gets the permissions of a plain ``mkdir``/``open`` under the user's umask: ``mkdtemp`` makes the folder 0700
+    and safetensors writes its files 0600, which would leave a shared export or cache unreadable to colleagues.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield staging
+        follow_umask(staging)
+        if replace and target.exists():
+            shutil.rmtree(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def follow_umask(folder: Path) -> None:
+    """Give ``folder`` and everything under it the default permissions of new files and folders."""
+    mask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,164 @@
+"""Crash-safe training checkpoints: atomic writes, safe reads, and choosing what to resume from.
+
+* :class:`AtomicCheckpointIO` writes ``<name>.tmp-<pid>``, fsyncs it and renames it over ``<name>``, so a
+  process killed mid-write leaves the previous file intact and never a torn one under the real name; it
+  reads with ``torch.load(weights_only=True)`` (plain tensors and containers only, no pickled code).
+* :func:`resolve_checkpoint` turns ``ckpt_path`` (``null``, a file, ``last`` or ``auto``) into a file that
+  loads; a checkpoint that does not load (torn by a crash on a filesystem without atomic rename, disk
+  full, bit rot) is renamed to ``<name>.corrupt`` with a warning, in favour of the next newest, so the
+  run's next saves keep their names (``last.ckpt``, not ``last-v1.ckpt``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from camouflage_train.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Keys every Lightning training checkpoint has (a file without them is not one, whatever it loads as).
+_REQUIRED_KEYS = ("state_dict", "global_step", "loops", "optimizer_states")
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint cannot be used; the message names the file and why."""
+
+
+def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]:
+    """Load a training checkpoint on the CPU with ``weights_only=True`` and check it is complete.
+
+    The error never repeats torch's hint to retry with ``weights_only=False``: a file that only loads that way
+    is not one of ours, and unpickling it could run arbitrary code. ``key`` names the config key in errors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{key}: '{path}' does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        what = (
+            "it holds pickled Python objects, which are never loaded (they could run code)"
+            if "Unsupported global" in str(error)
+            else "it is unreadable as a PyTorch checkpoint (torn, truncated or another kind of file)"
+        )
+        raise CheckpointError(f"{key}: '{path}' is not a training checkpoint: {what}") from None
+    except Exception as error:  # a torn zip archive, an empty file, ...
+        raise CheckpointError(
+            f"{key}: '{path}' is not a training checkpoint: it is unreadable ({type(error).__name__}; torn, "
+            "truncated or another kind of file)"
+        ) from None
+    missing = [name for name in _REQUIRED_KEYS if not isinstance(checkpoint, dict) or name not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{key}: '{path}' is not a complete training checkpoint (incomplete: no {missing})")
+    return checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` with temp-file + fsync + rename saves and ``weights_only`` loads (local paths)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if "://" in str(path):  # remote filesystems: Lightning's own transactional save
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(staging, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(staging, path)
+        finally:
+            staging.unlink(missing_ok=True)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if weights_only is False:
+            raise CheckpointError(f"refusing to load '{path}' with weights_only=False (arbitrary code in pickles)")
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+def checkpoint_folder(trainer: Any, fallback: Path) -> Path:
+    """Where ``trainer`` writes checkpoints: its ``ModelCheckpoint``'s folder, else ``fallback``."""
+    callback = trainer.checkpoint_callback
+    return Path(callback.dirpath) if callback is not None and callback.dirpath else fallback
+
+
+def resolve_checkpoint(ckpt_path: str | Path | None, checkpoint_dir: Path) -> str | None:
+    """The checkpoint file to resume from.
+
+    ``None``: start fresh. A path: that file, which must load. ``last``: the newest loadable checkpoint in
+    ``checkpoint_dir`` (by modification time); an error if there is none.
+    ``auto``: the same, but start fresh when the folder has none (re-running a killed job's command continues it).
+    Unloadable checkpoints of the folder are renamed ``<name>.corrupt`` (by rank 0; the others skip them).
+    """
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) not in ("last", "auto"):
+        read_checkpoint(ckpt_path, key="ckpt_path")
+        return str(ckpt_path)
+    _remove_stale_staging(checkpoint_dir)
+    # Newest first by modification time: a run killed between writing step_N.ckpt and last.ckpt resumes from N.
+    files = sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for index, file in enumerate(files):
+        try:
+            read_checkpoint(file, key=f"ckpt_path={ckpt_path}")
+        except CheckpointError as error:
+            following = files[index + 1].name if index + 1 < len(files) else "nothing"
+            aside = _move_aside(file) if rank_zero_only.rank == 0 else None
+            moved = f"; moved to {aside.name}" if aside else ""
+            log.warning("%s%s; falling back to %s", error, moved, following)
+            continue
+        log.info("resuming from %s", file)
+        return str(file)
+    if str(ckpt_path) == "last":
+        raise CheckpointError(f"ckpt_path=last: no loadable checkpoint in '{checkpoint_dir}' ({len(files)} found)")
+    return None
+
+
+def _move_aside(file: Path) -> Path | None:
+    """Rename an unloadable checkpoint to ``<name>.corrupt`` (``.corrupt-1``, ... if taken): kept for inspection,
+    out of the way of the resumed run's saves and of ``ls checkpoints/last.ckpt``."""
+    target, number = file.with_name(f"{file.name}.corrupt"), 0
+    while target.exists():
+        number += 1
+        target = file.with_name(f"{file.name}.corrupt-{number}")
+    try:
+        file.rename(target)
+    except FileNotFoundError:  # another process moved it first
+        return None
+    return target
+
+
+def _remove_stale_staging(checkpoint_dir: Path) -> None:
+    """Delete temp files of saves that were killed mid-write (their writer process is gone)."""
+    for staging in checkpoint_dir.glob(".*.tmp-*"):
+        pid = staging.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            log.warning("removing %s, left by a save that was interrupted", staging)
+            staging.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,115 @@
+"""The core install (``pip install camouflage-train``, no extras) imports every module of the package.
+
+Offline, a fresh ``pip install`` cannot download the dependencies, so the fresh virtual environment gets
+exactly the distributions the package's declared requirements resolve to (markers and requested extras
+evaluated, recursively), linked from this environment's installed copies; then pip builds and installs the
+package itself into it from this checkout (non-editable: package data must ship). An import that needs an
+undeclared package, or an optional one imported eagerly, fails here.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+import subprocess
+import sys
+import sysconfig
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from tests.conftest import REPO
+
+IMPORT_EVERY_MODULE = """
+import importlib, pkgutil, sys
+import camouflage_train
+assert "site-packages" in camouflage_train.__file__, camouflage_train.__file__  # the installed copy
+names = ["camouflage_train"] + [m.name for m in pkgutil.walk_packages(camouflage_train.__path__, "camouflage_train.")]
+failed = []
+for name in names:
+    try:
+        importlib.import_module(name)
+    except Exception as error:
+        failed.append(f"{name}: {type(error).__name__}: {error}")
+print(len(names), "modules")
+print("\\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def _closure(root: str, extras: tuple[str, ...] = ()) -> set[str]:
+    """Canonical names of ``root`` and every distribution its requirements pull in (for ``extras`` of root)."""
+    seen: set[str] = set()
+    pending: list[tuple[str, tuple[str, ...]]] = [(root, extras)]
+    while pending:
+        name, wanted = pending.pop()
+        key = canonicalize_name(name)
+        if key in seen and not wanted:
+            continue
+        seen.add(key)
+        for line in metadata.requires(name) or []:
+            requirement = Requirement(line)
+            environments = [{"extra": extra} for extra in ("", *wanted)]
+            if requirement.marker is None or any(requirement.marker.evaluate(env) for env in environments):
+                pending.append((requirement.name, tuple(requirement.extras)))
+    return seen
+
+
+def _link_distributions(names: set[str], site: Path) -> None:
+    """Make the installed files of ``names`` visible in ``site`` (whole top-level folders where no other
+    installed distribution shares them, file by file where one does, e.g. namespace packages)."""
+    owners: dict[str, set[str]] = defaultdict(set)
+    files: dict[str, list[Path]] = {}
+    here = Path(sysconfig.get_paths()["purelib"])
+    for dist in metadata.distributions():
+        key = canonicalize_name(dist.metadata["Name"])
+        paths = [Path(str(f)) for f in dist.files or [] if not str(f).startswith("..")]
+        files[key] = paths
+        for path in paths:
+            owners[path.parts[0]].add(key)
+    for key in names - {"camouflage-train"}:
+        for top in {p.parts[0] for p in files.get(key, [])}:
+            if owners[top] <= names:
+                if not (site / top).exists():
+                    (site / top).symlink_to(here / top)
+                continue
+            for path in (p for p in files[key] if p.parts[0] == top):
+                target = site / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not target.exists() and (here / path).exists():
+                    target.symlink_to(here / path)
+
+
+@pytest.mark.slow
+def test_core_install_without_extras_imports_every_module(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    core = _closure("camouflage-train")
+    assert {"torch", "lightning", "diffusers", "pyyaml", "tqdm"} <= core
+    assert not {"insightface", "onnxruntime", "opencv-python", "controlnet-aux"} & core  # extras stay out
+    # Build backend (only to build the package, as pip's isolated build would provide it).
+    _link_distributions(core | _closure("setuptools") | _closure("wheel"), site)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
+         "--no-build-isolation", "--quiet", str(REPO)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    done = subprocess.run(
+        [python, "-c", IMPORT_EVERY_MODULE], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert int(done.stdout.split()[0]) > 40  # the walk found the package's modules
