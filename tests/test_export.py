@@ -5,9 +5,11 @@ import stat
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from safetensors.torch import load_file
 
+from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.data.synthetic import draw_scene
 from camouflage_train.export import ExportError, export_adapter
 from camouflage_train.inference import load_attribute_encoder, person_inputs
@@ -198,3 +200,20 @@ def test_export_cli_replaces_only_an_earlier_export_and_follows_the_umask(traine
     assert set(manifest["files"]) == {
         p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "export_manifest.json"
     }
+
+
+def test_readme_code_is_the_model_card_code_for_sd15(schema):
+    """The README's stock-diffusers example is what an SD 1.5 export's model card says (that code runs, above)."""
+    from camouflage_train.export import model_card_snippet
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Exporting an adapter for stock diffusers", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    face = AttributeSchema.from_config(yaml.safe_load((REPO / "configs/attributes/face.yaml").read_text()))
+    config = {
+        "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "resolution": 512,
+        "schema": face.to_config(),
+    }
+    assert code == model_card_snippet(config, "exports/camouflage-light")
