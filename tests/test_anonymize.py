@@ -135,3 +135,28 @@ def test_an_output_of_other_settings_is_refused_then_replaced_with_overwrite(
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["model"]["checkpoint"]["path"] == str(path)
     assert Image.open(out / "images" / "sub" / "group.jpg").size == (64, 64)
+
+
+@pytest.mark.slow
+def test_bad_rows_of_a_given_sidecar_are_recorded_as_skipped(tmp_path, schema, tiny_model_dir):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    lines = []
+    for i in range(2):
+        image, persons = draw_scene(i, schema, 64)
+        image.save(folder / f"{i}.png")
+        lines.append(json.dumps({"file": f"{i}.png", "persons": persons}))
+    lines += ["{torn", json.dumps({"file": "../../etc/passwd.png", "persons": []}), json.dumps({"persons": []})]
+    sidecar = tmp_path / "persons.jsonl"
+    sidecar.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    done = _anonymize(folder, out, "model=base_tiny", f"persons={sidecar}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["file"] for r in rows if r["status"] == "done") == ["0.png", "1.png"]
+    skipped = {(r["file"], r["reason"]) for r in rows if r["status"] == "skipped"}
+    assert skipped == {
+        (f"{sidecar}:3", "malformed JSON"),
+        ("../../etc/passwd.png", "unsafe file name"),
+        (f"{sidecar}:5", "no 'file' field"),
+    }

@@ -89,26 +89,25 @@ def _example_record(schema: dict[str, Any]) -> dict[str, Any]:
 def model_card_snippet(config: dict[str, Any], folder: str | Path) -> str:
     """Python that generates one image with this export and stock diffusers, runnable as written (tested
     against the project's Light pipeline)."""
-    base = config["base_model"]
+    base = str(config["base_model"])
     size = config.get("resolution") or 512
-    if str(base).startswith("preset:"):  # the project's offline test models: built locally, not on the hub
-        preset = str(base).removeprefix("preset:")
-        load_base = "from camouflage_train.models.presets import materialize_preset\n\n"
-        load_base += f'base = materialize_preset("{preset}")'
-    else:
-        load_base = f"base = {str(base)!r}"
+    imports, load_base = "", f"base = {json.dumps(base)}"
+    if base.startswith("preset:"):  # the project's offline test models: built locally, not on the hub
+        imports = "from camouflage_train.models.presets import materialize_preset\n"
+        load_base = f"base = materialize_preset({json.dumps(base.removeprefix('preset:'))})"
     return f"""import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from camouflage_train.inference import load_attribute_encoder, person_inputs
+{imports}
 {load_base}
-
-folder = {str(folder)!r}  # this export folder
+folder = {json.dumps(str(folder))}  # the export folder
 pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
 pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler camouflage-train uses
 pipe.load_ip_adapter(folder, subfolder="", weight_name="{WEIGHT_NAME}.safetensors", image_encoder_folder=None)
 encoder = load_attribute_encoder(folder)
-records = [[{_example_record(config["schema"])!r}]]  # one list of persons per image
+# One list of person records per image; folder= applies the export's region masks.
+records = [[{json.dumps(_example_record(config["schema"]))}]]
 embeds, kwargs = person_inputs(
     encoder, records, {size}, {size}, guidance=True, vae_scale_factor=pipe.vae_scale_factor, folder=folder
 )
@@ -154,8 +153,7 @@ Up to {config["max_persons"]} persons, {config["tokens_per_person"]} tokens per 
 ```python
 {model_card_snippet(config, folder)}```
 
-Person records: `{{"box": [x0, y0, x1, y1] (0..1), ...attributes}}` as in `config.json`'s schema. `folder=`
-makes each person act only inside its region, as in training.
+Person records: `{{"box": [x0, y0, x1, y1] (0..1), ...attributes}}` as in `config.json`'s schema.
 
 ## Intended use and limitations
 

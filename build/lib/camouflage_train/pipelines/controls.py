@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-import cv2  # noqa
 import numpy as np
 from PIL import Image
 
