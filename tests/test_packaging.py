@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -102,9 +103,15 @@ def test_core_install_without_extras_imports_every_module(tmp_path):
     # Build backend (only to build the package, as pip's isolated build would provide it).
     _link_distributions(core | _closure("setuptools") | _closure("wheel"), site)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    source = tmp_path / "source"  # setuptools writes build/ next to the sources: never into the repository
+    shutil.copytree(
+        REPO / "camouflage_train", source / "camouflage_train", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     install = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
-         "--no-build-isolation", "--quiet", str(REPO)],
+         "--no-build-isolation", "--quiet", str(source)],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert install.returncode == 0, install.stderr[-3000:]
