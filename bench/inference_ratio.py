@@ -29,10 +29,11 @@ from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.data.sources import SyntheticSource
 from camouflage_train.models.attribute_encoder import AttributeEncoder
 from camouflage_train.models.backbone import load_frozen_backbone
+from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.models.ip_adapter import AdapterConfig, initial_state_dict, install_ip_adapter
 from camouflage_train.pipelines.base import CamouflageBase, build_controls
 from camouflage_train.pipelines.controls import CannyEdges, SobelLines
-from camouflage_train.pipelines.light import CamouflageLight, PersonBatch
+from camouflage_train.pipelines.light import CamouflageLight
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -74,9 +75,7 @@ def main() -> None:
     backbone = load_frozen_backbone(f"preset:{args.preset}", weight_dtype=args.dtype)
     config = AdapterConfig(**adapter_config(args.preset))
     install_ip_adapter(backbone.unet, initial_state_dict(backbone.unet, config))
-    encoder = AttributeEncoder(
-        schema=schema.to_config(), embed_dim=config.embed_dim, width=config.encoder_width, depth=config.encoder_depth
-    )
+    encoder = AttributeEncoder.from_adapter_config(schema.to_config(), config)
     light = CamouflageLight(backbone, encoder, config, guidance_scale=5.0, num_inference_steps=args.steps).to(device)
     persons = PersonBatch.from_batch(batch)
 
@@ -90,7 +89,7 @@ def main() -> None:
         run(fn)  # warm-up
         return timed(lambda: run(fn), args.repeats, device) / args.batch
 
-    base_s = per_image(lambda: base(images, seeds, prompts))
+    base_s = per_image(lambda: base(images, persons, seeds, prompts))
     light_s = per_image(lambda: light(images, persons, seeds, prompts))
     emit(
         {

@@ -1,4 +1,5 @@
-"""Anonymize a folder of images with CAMOUFLaGE-Base or -Light (``anonymize.py``).
+"""Anonymize a folder of images with any anonymizer (``anonymize.py``; CAMOUFLaGE-Base, -Light, blur, yours:
+see :mod:`camouflage_train.pipelines.anonymizer`).
 
 Flow: check the config, the input paths and the output folder -> load the model -> annotate the folder into
 person records (resumable; or use a given sidecar) -> the training data path (robust decoding, resize +
@@ -17,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import zlib
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,71 +33,16 @@ from tqdm import tqdm
 
 from camouflage_train.annotation.run import ImageListing, annotate_dataset
 from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset, collate_skipping
+from camouflage_train.data.sampling import image_seed
 from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.data.sources import FolderSource, file_sha256
 from camouflage_train.errors import UserError
-from camouflage_train.models.backbone import load_frozen_backbone
-from camouflage_train.models.ip_adapter import person_region_masks
-from camouflage_train.pipelines.base import CamouflageBase, build_controls
-from camouflage_train.pipelines.light import CamouflageLight, PersonBatch
+from camouflage_train.models.conditioning import PersonBatch
+from camouflage_train.utils.atomic import atomic_file
 from camouflage_train.utils.config_checks import validate_config
 from camouflage_train.utils.paths import UnsafePathError, check_input_paths, inside
 
 log = logging.getLogger(__name__)
-
-
-def build_base(
-    backbone: Mapping[str, Any],
-    controlnets: Mapping[str, Mapping[str, Any]],
-    anonymization: Mapping[str, Any],
-    guidance_scale: float = 7.5,
-    num_inference_steps: int = 25,
-    strength: float | None = None,
-    prompt: str = "a photo of people",
-    negative_prompt: str = "",
-) -> CamouflageBase:
-    """Load the frozen SD, the structure ControlNets and the reconstruction ControlNet."""
-    frozen = load_frozen_backbone(**backbone)
-    controls = build_controls(controlnets, backbone.get("weight_dtype", "fp32"), backbone.get("cache_dir"))
-    return CamouflageBase(
-        frozen,
-        controls,
-        dict(anonymization),
-        guidance_scale=guidance_scale,
-        num_inference_steps=num_inference_steps,
-        strength=strength,
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        cache_dir=backbone.get("cache_dir"),
-    )
-
-
-def build_light(
-    checkpoint: str,
-    weight_dtype: str = "fp32",
-    controlnets: Mapping[str, Mapping[str, Any]] | None = None,
-    cache_dir: str | None = None,
-    guidance_scale: float = 7.5,
-    num_inference_steps: int = 25,
-    negative_prompt: str = "",
-    adapter_scale: float | None = None,
-) -> CamouflageLight:
-    """Load a training checkpoint's backbone and adapter, plus the optional ControlNets."""
-    controls = build_controls(controlnets or {}, weight_dtype, cache_dir)
-    return CamouflageLight.from_checkpoint(
-        checkpoint,
-        weight_dtype=weight_dtype,
-        controls=controls,
-        guidance_scale=guidance_scale,
-        num_inference_steps=num_inference_steps,
-        negative_prompt=negative_prompt,
-        adapter_scale=adapter_scale,
-    )
-
-
-def image_seed(seed: int, name: str) -> int:
-    """A per-image seed from its file name: independent of batch size, order and reruns."""
-    return (seed + zlib.crc32(name.encode("utf-8"))) % 2**31
 
 
 def _device(name: str) -> torch.device:
@@ -140,7 +84,6 @@ class AnonymizeConfig:
     seed: int = 0
     device: str = "auto"
     cpu_offload: bool = False
-    region_expand: float = 1.5
     captions: CaptionSettings = field(default_factory=CaptionSettings)
     overwrite: bool = False
     task_name: str = "anonymize"
@@ -171,11 +114,9 @@ def output_name(name: str) -> str:
 
 def _save(image: Any, path: Path) -> None:
     """Write in the format the file name says, atomically: a killed run never leaves a half-written image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     fmt = _WRITE_AS[path.suffix.lower()]
-    image.save(tmp, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
-    os.replace(tmp, path)
+    with atomic_file(path) as staging:
+        image.save(staging, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
 
 
 def _without(node: Any, drop: set[str]) -> Any:
@@ -198,7 +139,6 @@ def output_settings(cfg: DictConfig) -> dict[str, Any]:
         "model": model,
         "resolution": cfg.resolution,
         "seed": cfg.seed,
-        "region_expand": cfg.region_expand,
         "captions": plain(cfg.captions),
         "attributes": plain(cfg.attributes),
         "persons": persons,
@@ -315,7 +255,7 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
         max_skipped_fraction=cfg.input.max_skipped_fraction,
     )
     dataset = PersonImageDataset(source, schema, cfg.resolution, captions=CaptionBuilder(**cfg.captions))
-    if cfg.get("cpu_offload") and device.type == "cuda":
+    if cfg.get("cpu_offload") and device.type == "cuda" and hasattr(model, "pipe"):
         model.pipe.enable_model_cpu_offload(device=device)
     else:
         model.to(device)
@@ -326,7 +266,6 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
         Subset(dataset, pending), batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_skipping
     )
     summary: dict[str, Any] = {"done": 0, "skipped": Counter(), "already_done": len(done)}
-    latent = cfg.resolution // model.pipe.vae_scale_factor
     with (output / "manifest.jsonl").open("a", encoding="utf-8") as handle:
 
         def record(row: dict[str, Any]) -> None:
@@ -348,16 +287,7 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
             images = [TF.to_pil_image((pixels + 1) / 2) for pixels in batch["pixel_values"]]
             seeds = [image_seed(cfg.seed, name) for name in batch["name"]]
             persons = PersonBatch.from_batch(batch)
-            if isinstance(model, CamouflageLight):
-                outputs = model(images, persons, seeds, list(batch["caption"]))
-            else:
-                regions = person_region_masks(persons.boxes, persons.mask, (latent, latent), cfg.region_expand)
-                outputs = model(
-                    images,
-                    seeds,
-                    prompts=list(batch["caption"]),
-                    region_masks=regions.amax(dim=1, keepdim=True).to(device),
-                )
+            outputs = model(images, persons, seeds, list(batch["caption"]))
             for name, seed, image, count in zip(
                 batch["name"], seeds, outputs, persons.mask.sum(1).tolist(), strict=True
             ):

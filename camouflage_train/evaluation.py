@@ -1,5 +1,5 @@
-"""``evaluate.py``: build the rows (identity, blur, Base, Light) and the metrics from config, run
-``trainer.test`` and return the results table (also written to the run folder)."""
+"""``evaluate.py``: build the rows (the anonymizers named in ``rows``, from ``anonymizers``) and the metrics from
+config, run ``trainer.test`` and return the results table (also written to the run folder)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from camouflage_train.metrics.clip import ClipScorer
 from camouflage_train.metrics.faces import FaceAnalyzer
-from camouflage_train.modules.evaluation_module import (
-    JointEvaluationModule,
-    base_row,
-    blur_row,
-    identity_row,
-    light_row,
-)
-from camouflage_train.training import instantiate_group
+from camouflage_train.modules.evaluation_module import JointEvaluationModule
 from camouflage_train.utils.config_checks import ConfigError, validate_config
+from camouflage_train.utils.instantiators import instantiate_group, instantiate_named
 from camouflage_train.utils.paths import check_input_paths
 
 
@@ -30,10 +24,9 @@ class EvaluateConfig:
     """The top-level keys of ``configs/evaluate.yaml`` (``evaluate.py``)."""
 
     rows: list
+    anonymizers: Any
     seed: int = 0
     light_checkpoint: str | None = None
-    blur: Any = None
-    region_expand: float = 1.5
     grid_batches: int = 2
     metrics: Any = None
     trainer: Any = None
@@ -42,41 +35,23 @@ class EvaluateConfig:
     data: Any = None
     faces: Any = None
     recognisers: Any = None
-    base: Any = None
-    light: Any = None
     logger: Any = None
     paths: Any = None
 
 
 def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
     validate_config(cfg, EvaluateConfig)
-    unknown = set(cfg.rows) - {"identity", "blur", "base", "light"}
-    if unknown:
-        raise ConfigError(f"rows: unknown {sorted(unknown)}; choose from identity, blur, base, light")
     if "light" in cfg.rows and not cfg.get("light_checkpoint"):
         raise ConfigError(
             "rows has 'light': pass light_checkpoint=<training checkpoint>, or drop it: rows=[identity,blur,base]"
         )
     check_input_paths({"light_checkpoint": (cfg.light_checkpoint if "light" in cfg.rows else None, "file")})
     L.seed_everything(cfg.seed, workers=True)
+    anonymizers = instantiate_named(cfg.anonymizers, list(cfg.rows), "rows")
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    anonymizers: dict[str, Any] = {}
-    pipelines: list[Any] = []
-    for row in cfg.rows:
-        if row == "identity":
-            anonymizers[row] = identity_row
-        elif row == "blur":
-            anonymizers[row] = blur_row(cfg.blur.expand, cfg.blur.sigma)
-        elif row == "base":
-            pipelines.append(instantiate(cfg.base))
-            anonymizers[row] = base_row(pipelines[-1], cfg.region_expand)
-        else:
-            pipelines.append(instantiate(cfg.light))
-            anonymizers[row] = light_row(pipelines[-1])
-    detector = {k: v for k, v in OmegaConf.to_container(cfg.faces, resolve=True).items() if k != "_target_"}
-    faces = FaceAnalyzer(detector, OmegaConf.to_container(cfg.recognisers, resolve=True))
+    faces = FaceAnalyzer(instantiate(cfg.faces), instantiate(cfg.recognisers))
     feature = cfg.metrics.fid.feature
     fid_feature = instantiate(feature) if isinstance(feature, DictConfig) else int(feature)
     module = JointEvaluationModule(
@@ -88,7 +63,6 @@ def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
         str(output_dir),
         cfg.grid_batches,
         cfg.seed,
-        pipelines=pipelines,
     )
     trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")))
     trainer.test(module, datamodule=instantiate(cfg.data))

@@ -30,15 +30,14 @@ import torch
 from safetensors.torch import save_file
 
 from camouflage_train.errors import UserError
-from camouflage_train.models.attribute_encoder import AttributeEncoder
-from camouflage_train.models.ip_adapter import image_proj_to_original
+from camouflage_train.models.attribute_encoder import AttributeEncoder, encoder_state_dict
+from camouflage_train.models.ip_adapter import checkpoint_state_dict
 from camouflage_train.utils.atomic import atomic_folder
 from camouflage_train.utils.checkpoints import read_checkpoint
 
 WEIGHT_NAME = "ip-adapter_camouflage"
 MANIFEST = "export_manifest.json"
 _TOOL = "camouflage-train export"
-_PROJ_PREFIX = "unet.encoder_hid_proj.image_projection_layers.0."
 
 
 class ExportError(UserError, ValueError):
@@ -56,20 +55,6 @@ class ExportConfig:
     dataset: str | None = None
     task_name: str = "export"
     paths: Any = None
-
-
-def ip_adapter_state_dict(checkpoint: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
-    """The checkpoint's adapter in the original IP-Adapter layout."""
-    state, keys = checkpoint["state_dict"], checkpoint["camouflage"]["ip_adapter_keys"]
-    image_proj = {k.removeprefix(_PROJ_PREFIX): v for k, v in state.items() if k.startswith(_PROJ_PREFIX)}
-    ip_adapter = {}
-    for name, key_id in keys.items():
-        for kind in ("to_k_ip", "to_v_ip"):
-            ip_adapter[f"{key_id}.{kind}.weight"] = state[f"unet.{name}.{kind}.0.weight"]
-    if not image_proj or len(ip_adapter) != 2 * len(keys):
-        raise ExportError("checkpoint holds no complete IP-Adapter (projection or to_k_ip/to_v_ip missing)")
-    as_float = lambda d: {k: v.detach().float().contiguous() for k, v in d.items()}  # noqa: E731
-    return {"image_proj": as_float(image_proj_to_original(image_proj)), "ip_adapter": as_float(ip_adapter)}
 
 
 def _attribute_names(schema: dict[str, Any]) -> list[str]:
@@ -225,18 +210,12 @@ def export_adapter(
             "an adapter only works with the UNet it was trained on"
         )
     adapter = meta["adapter"]
-    state = ip_adapter_state_dict(checkpoint)
-    encoder = AttributeEncoder(
-        schema=meta["schema"],
-        embed_dim=adapter["embed_dim"],
-        width=adapter["encoder_width"],
-        depth=adapter["encoder_depth"],
-        fourier_freqs=adapter["fourier_freqs"],
-        category_dim=adapter["category_dim"],
-    )
-    encoder.load_state_dict(
-        {k.removeprefix("encoder."): v for k, v in checkpoint["state_dict"].items() if k.startswith("encoder.")}
-    )
+    try:
+        state = checkpoint_state_dict(checkpoint)
+    except ValueError as error:
+        raise ExportError(f"checkpoint: {checkpoint_path}: {error}") from None
+    encoder = AttributeEncoder.from_adapter_config(meta["schema"], adapter)
+    encoder.load_state_dict(encoder_state_dict(checkpoint))
     config = {
         "format": 1,
         "base_model": meta["backbone"],

@@ -17,12 +17,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.models.attribute_encoder import AttributeEncoder
-from camouflage_train.models.ip_adapter import person_region_masks
+from camouflage_train.models.conditioning import PersonBatch, conditioning_inputs
 
 
 def load_attribute_encoder(folder: str | Path) -> AttributeEncoder:
@@ -43,18 +42,13 @@ def person_inputs(
     """``ip_adapter_image_embeds`` and ``cross_attention_kwargs`` for a batch of images' person records.
 
     ``region_expand`` (or the export's ``config.json`` when ``folder`` is given) restricts each person to its
-    box grown that much; ``None`` without a folder means whole-image masks.
+    box grown that much; ``None`` without a folder means whole-image masks. ``vae_scale_factor``: the
+    pipeline's (``pipe.vae_scale_factor``).
     """
-    schema = AttributeSchema.from_config(encoder.config.schema)
     if folder is not None:
         config = json.loads((Path(folder) / "config.json").read_text())
         region_expand = config["region_expand"] if config.get("region_masks", True) else None
-    arrays = [schema.to_arrays(list(persons), f"image {i}") for i, persons in enumerate(records)]
-    stack = lambda name: torch.from_numpy(np.stack([getattr(a, name) for a in arrays]))  # noqa: E731
-    boxes, mask = stack("boxes"), stack("mask")
-    embeds = encoder(boxes, stack("continuous"), stack("categorical"))
-    masks = person_region_masks(boxes, mask, (height // vae_scale_factor, width // vae_scale_factor), region_expand)
-    if guidance:
-        embeds = torch.cat([torch.zeros_like(embeds), embeds])
-        masks = torch.cat([torch.zeros_like(masks), masks])
+    persons = PersonBatch.from_records(AttributeSchema.from_config(encoder.config.schema), records)
+    latent = (height // vae_scale_factor, width // vae_scale_factor)
+    embeds, masks = conditioning_inputs(encoder, persons, latent, region_expand, guidance=guidance)
     return [embeds], {"ip_adapter_masks": [masks]}

@@ -10,11 +10,13 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from camouflage_train.errors import DataError
 from camouflage_train.utils.checkpoints import checkpoint_folder, resolve_checkpoint
 from camouflage_train.utils.config_checks import validate_config
+from camouflage_train.utils.instantiators import instantiate_group
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,6 @@ class TrainConfig:
     paths: Any = None
 
 
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Instantiate every entry of a callbacks/logger group that has a ``_target_``."""
-    if not group:
-        return []
-    return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
-
-
 def run_training(cfg: DictConfig) -> dict[str, float]:
     """Fit the model described by ``cfg``; return the final callback metrics (also written to ``metrics.json``)."""
     validate_config(cfg, TrainConfig)  # before anything is built or written
@@ -59,7 +54,11 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(resolved)
     if trainer.is_global_zero:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), checkpoint_folder(trainer, output_dir / "checkpoints"))
+    ckpt_path = resolve_checkpoint(
+        cfg.get("ckpt_path"),
+        checkpoint_folder(trainer, output_dir / "checkpoints"),
+        move_corrupt=rank_zero_only.rank == 0,  # one process renames unreadable files; the others skip them
+    )
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:

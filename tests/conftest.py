@@ -75,9 +75,9 @@ def person(box: list[float], age: float = 30.0, gender: str = "female", yaw: flo
 
 @pytest.fixture(scope="session")
 def tiny_faces_dir() -> Path:
-    from camouflage_train.utils.resolvers import _tiny_face_pack
+    from camouflage_train.stand_ins.face_pack import tiny_face_pack
 
-    return Path(_tiny_face_pack(os.environ["CAMOUFLAGE_CACHE"]))
+    return Path(tiny_face_pack(os.environ["CAMOUFLAGE_CACHE"]))
 
 
 @pytest.fixture(scope="session")

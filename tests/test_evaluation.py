@@ -9,6 +9,7 @@ from PIL import Image
 from torch import nn
 from torchmetrics.image import FrechetInceptionDistance, KernelInceptionDistance
 
+from camouflage_train.annotation.faces import FaceAnnotator
 from camouflage_train.data.datamodule import PersonDataModule
 from camouflage_train.data.sources import FolderSource
 from camouflage_train.evaluation import run_evaluation
@@ -16,7 +17,9 @@ from camouflage_train.metrics.attributes import AttributePreservation
 from camouflage_train.metrics.clip import ClipScorer, WeightsUnavailableError
 from camouflage_train.metrics.faces import FaceAnalyzer, FaceModelUnavailableError
 from camouflage_train.metrics.reid import ReIdentification, match_faces
-from camouflage_train.modules.evaluation_module import JointEvaluationModule, blur_persons, identity_row
+from camouflage_train.models.conditioning import PersonBatch
+from camouflage_train.modules.evaluation_module import JointEvaluationModule
+from camouflage_train.pipelines.anonymizer import Blur, Identity
 from tests.conftest import REPO, cpu_trainer
 
 
@@ -81,7 +84,10 @@ def test_fid_and_kid_on_known_gaussians():
 def test_blur_baseline_blurs_only_person_regions():
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    out = blur_persons([image], torch.tensor([[[0.0, 0.0, 0.25, 0.25]]]), torch.tensor([[True]]), expand=1.0)[0]
+    persons = PersonBatch(
+        torch.tensor([[[0.0, 0.0, 0.25, 0.25]]]), torch.zeros(1, 1, 0), torch.zeros(1, 1, 0), torch.tensor([[True]])
+    )
+    out = Blur(expand=1.0)([image], persons, [0], [""])[0]
     a, b = np.asarray(image).astype(int), np.asarray(out).astype(int)
     assert np.abs(a[:16, :16] - b[:16, :16]).mean() > 10 and np.array_equal(a[20:, 20:], b[20:, 20:])
 
@@ -109,10 +115,10 @@ def test_identity_row_reidentifies_every_real_face(tmp_path, group_photo, tiny_f
     schema = {"max_persons": 2, "continuous": {}, "categorical": {}}
     source = FolderSource(tmp_path, tmp_path / "p.jsonl", schema=schema)
     dm = PersonDataModule(source, schema, 256, val_source=source, batch_size=2, random_crop=False)
-    detector = {"model_name": str(tiny_faces_dir), "providers": ["CPUExecutionProvider"], "ctx_id": -1}
+    detector = FaceAnnotator(model_name=str(tiny_faces_dir), providers=["CPUExecutionProvider"], ctx_id=-1)
     faces = FaceAnalyzer(detector, {"tiny": {"model": str(tiny_faces_dir / "w600k_tiny.onnx"), "threshold": 0.3}})
     module = JointEvaluationModule(
-        {"identity": identity_row},
+        {"identity": Identity()},
         faces,
         ClipScorer("tiny-clip", None),
         fid_feature=_Features(),

@@ -13,9 +13,10 @@ from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.data.synthetic import draw_scene
 from camouflage_train.export import ExportError, export_adapter
 from camouflage_train.inference import load_attribute_encoder, person_inputs
+from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.pipelines.base import build_controls, control_kwargs
 from camouflage_train.pipelines.controls import CannyEdges
-from camouflage_train.pipelines.light import CamouflageLight, PersonBatch, generate_light
+from camouflage_train.pipelines.light import CamouflageLight, generate_light
 from tests.conftest import assert_user_error, run_script
 
 

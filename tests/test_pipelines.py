@@ -6,9 +6,10 @@ from hydra.utils import instantiate
 from camouflage_train.data.dataset import PersonImageDataset, collate_skipping
 from camouflage_train.data.sources import SyntheticSource
 from camouflage_train.models.backbone import load_frozen_backbone
+from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.pipelines.base import CamouflageBase, build_controls, control_kwargs, stock_controlnet_pipeline
 from camouflage_train.pipelines.controls import CannyEdges, SobelLines
-from camouflage_train.pipelines.light import CamouflageLight, PersonBatch, build_pipeline
+from camouflage_train.pipelines.light import CamouflageLight, build_pipeline
 
 STEPS = 3
 CONTROLS = {
@@ -58,47 +59,51 @@ def _count_calls(module):
 
 
 def test_base_without_guidance_is_the_stock_controlnet_pipeline(scenes, tiny_model_dir):
-    images, _ = scenes
+    images, batch = scenes
+    persons = PersonBatch.from_batch(batch)
     backbone = load_frozen_backbone("preset:tiny")
     controls = build_controls(CONTROLS, "fp32", None)
     prompts = ["a photo of people", "two people"]
     stock = _stock(backbone, controls, images, prompts)
     base = CamouflageBase(backbone, controls, {"enabled": False}, guidance_scale=5.0, num_inference_steps=STEPS)
-    assert np.array_equal(_arrays(base(images, seeds=[7, 8], prompts=prompts)), _arrays(stock))
+    assert np.array_equal(_arrays(base(images, persons, [7, 8], prompts)), _arrays(stock))
     # The reconstruction branch at scale 0, or outside its step range, changes nothing either.
     for anonymization in ({**RECON, "scale": 0.0}, {**RECON, "end": 0.3}):  # 0.3 < 1/3: no step in range
         off = CamouflageBase(backbone, controls, anonymization, guidance_scale=5.0, num_inference_steps=STEPS)
-        assert np.array_equal(_arrays(off(images, seeds=[7, 8], prompts=prompts)), _arrays(stock))
+        assert np.array_equal(_arrays(off(images, persons, [7, 8], prompts)), _arrays(stock))
 
 
 def test_anonymization_guidance_changes_output_with_one_extra_controlnet_pass(scenes, tiny_model_dir):
-    images, _ = scenes
+    images, batch = scenes
+    persons, prompts = PersonBatch.from_batch(batch), ["a photo of people"] * 2
     backbone = load_frozen_backbone("preset:tiny")
     controls = build_controls(CONTROLS, "fp32", None)
     base = CamouflageBase(backbone, controls, RECON, guidance_scale=5.0, num_inference_steps=STEPS)
     unet_calls, recon_calls = _count_calls(backbone.unet), _count_calls(base.reconstruction.controlnet)
     structure_calls = [_count_calls(c.controlnet) for c in controls]
-    guided = base(images, seeds=[7, 8])
+    guided = base(images, persons, [7, 8], prompts)
     assert len(unet_calls) == STEPS and len(recon_calls) == STEPS
     assert [len(c) for c in structure_calls] == [STEPS, STEPS]
     stock = _stock(backbone, controls, images, ["a photo of people"] * 2)
     assert np.abs(_arrays(guided) - _arrays(stock)).mean() > 1.0
-    # Restricted to empty person regions, the guidance has nothing to act on.
+    # Restricted to person regions, an image without persons gives the guidance nothing to act on.
     base.anonymization["person_regions"] = True
-    empty = torch.zeros(2, 1, 32, 32)
-    assert np.array_equal(_arrays(base(images, seeds=[7, 8], region_masks=empty)), _arrays(stock))
+    nobody = PersonBatch(persons.boxes, persons.continuous, persons.categorical, torch.zeros_like(persons.mask))
+    assert np.array_equal(_arrays(base(images, nobody, [7, 8], prompts)), _arrays(stock))
+    assert not np.array_equal(_arrays(base(images, persons, [7, 8], prompts)), _arrays(stock))
     with pytest.raises(ValueError, match="guidance_scale > 1"):
         CamouflageBase(backbone, controls, RECON, guidance_scale=1.0)
 
 
 def test_base_img2img_and_seeds(scenes, tiny_model_dir):
-    images, _ = scenes
+    images, batch = scenes
+    persons, prompts = PersonBatch.from_batch(batch), ["a photo of people"] * 2
     backbone = load_frozen_backbone("preset:tiny")
     controls = build_controls(CONTROLS, "fp32", None)
     base = CamouflageBase(backbone, controls, RECON, guidance_scale=5.0, num_inference_steps=4, strength=0.5)
-    a, b = base(images, seeds=[1, 2]), base(images, seeds=[1, 2])
+    a, b = base(images, persons, [1, 2], prompts), base(images, persons, [1, 2], prompts)
     assert np.array_equal(_arrays(a), _arrays(b))
-    assert not np.array_equal(_arrays(a)[0], _arrays(base(images[:1], seeds=[3]))[0])
+    assert not np.array_equal(_arrays(a)[0], _arrays(base(images[:1], persons[:1], [3], prompts[:1]))[0])
 
 
 def test_light_at_adapter_scale_zero_is_the_stock_pipeline(scenes, make_cfg, tiny_model_dir):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from camouflage_train.utils.checkpoints import AtomicCheckpointIO, CheckpointError, read_checkpoint
+from camouflage_train.utils.checkpoint_io import AtomicCheckpointIO
+from camouflage_train.utils.checkpoints import CheckpointError, read_checkpoint
 from camouflage_train.utils.config_checks import ConfigError, validate_config
 from camouflage_train.utils.paths import UnsafePathError, inside
 from tests.conftest import REPO, run_script
@@ -82,9 +83,9 @@ def test_every_torch_load_is_weights_only_and_no_remote_code():
                     loads.append(func)
             if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
                 raise AssertionError(f"{path}:{node.lineno} passes trust_remote_code")
-    # The scan saw the package's loads (read_checkpoint, used by export, resume and the Light pipeline, and the
-    # Light pipeline's module load), so it can fail.
-    assert loads.count("torch.load") >= 1 and any(f.endswith(".load_from_checkpoint") for f in loads), loads
+    # The scan saw the package's one load (read_checkpoint, which export, resume and the Light pipeline use), so it
+    # can fail; no Lightning load_from_checkpoint is left.
+    assert loads == ["torch.load"], loads
 
 
 class _Payload:

@@ -1,7 +1,8 @@
 import numpy as np
 import torch
 
-from camouflage_train.pipelines.light import PersonBatch, build_pipeline, generate_light
+from camouflage_train.models.conditioning import PersonBatch
+from camouflage_train.pipelines.light import build_pipeline, generate_light
 from tests.test_module import _batch
 
 

@@ -28,8 +28,13 @@ def test_every_experiment_composes_and_resolves(make_cfg, experiment, tmp_path):
                 overrides=[f"experiment={experiment}", f"paths.output_dir={tmp_path}", "light_checkpoint=x.ckpt"],
             )
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        assert resolved["rows"] == ["identity", "blur", "base", "light"] and resolved["light"]["checkpoint"] == "x.ckpt"
-        for group in ("base", "light", "data", "trainer", "faces"):
+        anonymizers = resolved["anonymizers"]
+        assert (
+            resolved["rows"] == ["identity", "blur", "base", "light"] and anonymizers["light"]["checkpoint"] == "x.ckpt"
+        )
+        for row in resolved["rows"]:  # every row is an anonymizer built from its _target_
+            assert "_target_" in anonymizers[row], row
+        for group in ("data", "trainer", "faces"):
             assert "_target_" in resolved[group], group
         return
     cfg = make_cfg(f"experiment={experiment}")

@@ -64,7 +64,8 @@ class FaceAnnotator:
         if missing:
             raise FaceModelUnavailableError(f"insightface pack '{model_name}' has no {sorted(missing)} model")
         self.app.prepare(ctx_id=ctx_id, det_size=tuple(det_size), det_thresh=det_thresh)
-        self.model_name = model_name
+        self.model_name, self.model_root, self.ctx_id = model_name, model_root, ctx_id
+        self.providers = list(providers) if providers else None
 
     def detect(self, image: Image.Image) -> tuple[np.ndarray, list[Any]]:
         """The BGR array insightface works on and its ``Face`` objects (pixel boxes, keypoints, gender, age)."""

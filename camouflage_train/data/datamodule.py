@@ -152,7 +152,8 @@ class PersonDataModule(L.LightningDataModule):
         self.val_set = Subset(self._dataset(self.train_source, train=False), order[:n_val])
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled per epoch from ``seed``, sharded over ranks; resumes mid-epoch where a checkpoint left off."""
+        """Shuffled per epoch from ``seed``, sharded over ranks; resumes mid-epoch where a checkpoint left off
+        (:class:`~camouflage_train.data.sampling.ResumableLoader`)."""
         assert self.train_set is not None, "call setup() first"
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
@@ -165,14 +166,7 @@ class PersonDataModule(L.LightningDataModule):
                 "data.batch_size or data.val_fraction, or add data"
             )
         if trainer is not None:
-            # Lightning restores the loop progress before asking for the loader: continue that epoch exactly.
-            # "processed", not "completed": a checkpoint written in on_train_batch_end (ModelCheckpoint's
-            # every_n_train_steps) is saved after the batch was trained but before it counts as completed.
-            sampler.set_epoch(trainer.current_epoch)
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            if 0 < done * self.batch_size < sampler.num_samples:
-                log.info("resuming epoch %d after %d batches", trainer.current_epoch, done)
-                sampler.start_at(done * self.batch_size)
+            sampler.set_epoch(trainer.current_epoch)  # the loader's checkpointed state continues a resumed epoch
         return ResumableLoader(
             self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, **self.loader_kwargs
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -29,6 +30,12 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for everything random about sample ``index`` in ``epoch``."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def image_seed(seed: int, name: str) -> int:
+    """The generation seed of an image (anonymization, evaluation) from its file name: independent of batch
+    size, order and reruns."""
+    return (seed + zlib.crc32(name.encode("utf-8"))) % 2**31
 
 
 def split_key(key: int | SampleKey) -> tuple[int, torch.Generator | None]:
@@ -81,11 +88,34 @@ class ResumableSampler(DistributedSampler):
 
 
 class ResumableLoader(DataLoader):
-    """A ``DataLoader`` over a :class:`ResumableSampler` that tells Lightning it resumes (its position is restored
-    by the data module from the loop progress) and records the seed, to warn when a resumed run changed it."""
+    """A ``DataLoader`` over a :class:`ResumableSampler` whose position is part of the checkpoint.
+
+    Lightning saves a loader's ``state_dict`` with every checkpoint and hands it back through
+    ``load_state_dict`` before the restored epoch starts. The state is the seed, the epoch and how many batches
+    this epoch has yielded (Lightning does not prefetch from a loader whose length it knows, so at a checkpoint
+    that is exactly the batches trained); the resumed epoch then starts after them.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._yielded = 0
+        self._restored: dict[str, Any] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        restored, self._restored = self._restored, None
+        self._yielded = 0
+        if restored is not None and restored.get("epoch") == self.sampler.epoch:
+            position = int(restored.get("batches", 0)) * self.batch_size
+            if 0 < position <= self.sampler.num_samples:
+                log.info("resuming epoch %d after %d batches", self.sampler.epoch, restored["batches"])
+                self.sampler.start_at(position)
+                self._yielded = int(restored["batches"])
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.sampler.seed, "epoch": self.sampler.epoch}
+        return {"seed": self.sampler.seed, "epoch": self.sampler.epoch, "batches": self._yielded}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seed") != self.sampler.seed:
@@ -94,3 +124,6 @@ class ResumableLoader(DataLoader):
                 self.sampler.seed,
                 state.get("seed"),
             )
+        if "batches" not in state:
+            log.warning("the checkpoint records no loader position (an older format): its epoch starts over")
+        self._restored = dict(state)

@@ -57,10 +57,11 @@ def _load_recogniser(model: str, model_root: str, ctx_id: int, providers: list[s
 class FaceAnalyzer:
     """Detector + gender/age (an insightface pack) and several recognisers, run on one image at a time."""
 
-    def __init__(self, detector: Mapping[str, Any], recognisers: Mapping[str, Mapping[str, Any]]) -> None:
-        self.detector = FaceAnnotator(**detector)
-        root = str(detector.get("model_root", "~/.insightface"))
-        ctx_id, providers = int(detector.get("ctx_id", 0)), detector.get("providers")
+    def __init__(self, detector: FaceAnnotator, recognisers: Mapping[str, Mapping[str, Any]]) -> None:
+        """``detector``: the ``faces=`` annotator (its model root, device and providers serve the recognisers too);
+        ``recognisers``: name -> ``{model: pack name, folder or .onnx file, threshold}``."""
+        self.detector = detector
+        root, ctx_id, providers = str(detector.model_root), int(detector.ctx_id), detector.providers
         self.recognisers = {
             name: _load_recogniser(str(spec["model"]), root, ctx_id, providers) for name, spec in recognisers.items()
         }

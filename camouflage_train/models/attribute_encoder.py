@@ -76,6 +76,20 @@ class AttributeEncoder(ModelMixin, ConfigMixin):
         layers.append(nn.Linear(width, embed_dim))
         self.mlp = nn.Sequential(*layers)
 
+    @classmethod
+    def from_adapter_config(cls, schema: dict[str, Any], config: Any) -> AttributeEncoder:
+        """The encoder of an adapter of size ``config`` (an :class:`~camouflage_train.models.ip_adapter.AdapterConfig`
+        or its dict, as stored in training checkpoints)."""
+        get = config.get if isinstance(config, dict) else lambda name: getattr(config, name)
+        return cls(
+            schema=schema,
+            embed_dim=get("embed_dim"),
+            width=get("encoder_width"),
+            depth=get("encoder_depth"),
+            fourier_freqs=get("fourier_freqs"),
+            category_dim=get("category_dim"),
+        )
+
     def forward(self, boxes: torch.Tensor, continuous: torch.Tensor, categorical: torch.Tensor) -> torch.Tensor:
         if continuous.shape[-1] != self.num_continuous or categorical.shape[-1] != self.num_categorical:
             raise ValueError(
@@ -86,3 +100,8 @@ class AttributeEncoder(ModelMixin, ConfigMixin):
         scalars = torch.cat([boxes, continuous], dim=-1).to(dtype)
         parts = [self.fourier(scalars)] + [emb(categorical[..., i]) for i, emb in enumerate(self.categories)]
         return self.mlp(torch.cat(parts, dim=-1))
+
+
+def encoder_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The attribute encoder's weights in a training checkpoint (keys ``encoder.*``)."""
+    return {k.removeprefix("encoder."): v for k, v in checkpoint["state_dict"].items() if k.startswith("encoder.")}

@@ -1,7 +1,8 @@
 """Decoupled cross-attention on a frozen UNet, built with diffusers' own IP-Adapter machinery.
 
-The adapter is installed by handing ``unet._load_ip_adapter_weights`` an IP-Adapter state dict in the
-original ``{"image_proj", "ip_adapter"}`` layout, so the modules it creates are exactly those a stock
+The adapter is installed by handing ``unet._load_ip_adapter_weights`` (what a pipeline's public
+``load_ip_adapter`` calls; diffusers is pinned to the tested minor version for it) an IP-Adapter state dict in
+the original ``{"image_proj", "ip_adapter"}`` layout, so the modules it creates are exactly those a stock
 pipeline creates from an exported file:
 
 * ``unet.encoder_hid_proj``: a FaceID-style projection (``proj.0``/``proj.2``/``norm`` keys), the one
@@ -17,6 +18,7 @@ contribute exactly nothing; without region masks a real person's mask is the who
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,8 @@ from torch import nn
 
 # diffusers' FaceID projection names -> the original IP-Adapter file names it converts from.
 _PROJ_TO_ORIGINAL = (("ff.net.0.proj.", "proj.0."), ("ff.net.2.", "proj.2."))
+# Where the projection sits in a training checkpoint's state dict.
+_PROJ_PREFIX = "unet.encoder_hid_proj.image_projection_layers.0."
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,23 @@ def image_proj_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
             key = key.replace(new, old)
         out[key] = value
     return out
+
+
+def checkpoint_state_dict(checkpoint: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """A training checkpoint's adapter in the original ``{"image_proj", "ip_adapter"}`` layout (fp32): what
+    export writes and what :func:`install_ip_adapter` (and so a stock pipeline) loads."""
+    state, keys = checkpoint["state_dict"], checkpoint["camouflage"]["ip_adapter_keys"]
+    image_proj = {k.removeprefix(_PROJ_PREFIX): v for k, v in state.items() if k.startswith(_PROJ_PREFIX)}
+    ip_adapter = {}
+    for name, key_id in keys.items():
+        for kind in ("to_k_ip", "to_v_ip"):
+            weight = state.get(f"unet.{name}.{kind}.0.weight")
+            if weight is not None:
+                ip_adapter[f"{key_id}.{kind}.weight"] = weight
+    if not image_proj or len(ip_adapter) != 2 * len(keys):
+        raise ValueError("checkpoint holds no complete IP-Adapter (projection or to_k_ip/to_v_ip missing)")
+    as_float = lambda d: {k: v.detach().float().contiguous() for k, v in d.items()}  # noqa: E731
+    return {"image_proj": as_float(image_proj_to_original(image_proj)), "ip_adapter": as_float(ip_adapter)}
 
 
 def initial_state_dict(unet: nn.Module, config: AdapterConfig) -> dict[str, dict[str, torch.Tensor]]:
@@ -127,7 +148,15 @@ def install_ip_adapter(
     ``to_k_ip``/``to_v_ip`` compute in the UNet's dtype (:class:`ComputeDtypeLinear`), so a bf16 UNet
     needs no autocast; the projection ``encoder_hid_proj`` computes in fp32 (a few tokens per person).
     """
-    unet._load_ip_adapter_weights([state_dict], low_cpu_mem_usage=False)
+    # diffusers has no public UNet-level loader (the pipelines' load_ip_adapter calls this one); pyproject pins
+    # diffusers to the minor version this is tested with, and test_adapter fails loudly if the function changes.
+    loader = getattr(unet, "_load_ip_adapter_weights", None)
+    if loader is None:
+        raise RuntimeError(
+            "this diffusers version has no UNet2DConditionModel._load_ip_adapter_weights; camouflage-train is "
+            "tested with diffusers 0.42 (pip install 'diffusers>=0.42,<0.43')"
+        )
+    loader([state_dict], low_cpu_mem_usage=False)
     modules = adapter_modules(unet)
     for module in modules:
         module.to(torch.float32)

@@ -1,9 +1,9 @@
 """Joint evaluation of anonymizers: every row anonymizes the same batch with the same seeds, then shares
 one set of metrics definitions (re-ID per recogniser, attributes, FID/KID, CLIP-T/CLIP-I).
 
-Rows: ``identity`` (output = input: re-ID ~100 %, FID ~0, the anchor), ``blur`` (Gaussian blur of person
-regions), ``base`` and ``light`` (the CAMOUFLaGE pipelines). All metrics are torchmetrics ``Metric``s, so the
-Trainer's devices/processes give the same numbers as one process.
+Rows are anonymizers with the one interface of :mod:`camouflage_train.pipelines.anonymizer` (identity, blur,
+CAMOUFLaGE-Base and -Light by default; any other one from config). All metrics are torchmetrics ``Metric``s, so
+the Trainer's devices/processes give the same numbers as one process.
 """
 
 from __future__ import annotations
@@ -11,55 +11,27 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
 from torch import nn
 from torchmetrics.image import FrechetInceptionDistance, KernelInceptionDistance
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import make_grid
 
-from camouflage_train.anonymization import image_seed
+from camouflage_train.data.sampling import image_seed
 from camouflage_train.metrics.attributes import AttributePreservation
 from camouflage_train.metrics.clip import ClipScorer, ClipScores, WeightsUnavailableError
 from camouflage_train.metrics.faces import FaceAnalyzer, FaceSet
 from camouflage_train.metrics.reid import ReIdentification, match_faces
-from camouflage_train.pipelines.light import PersonBatch
+from camouflage_train.models.conditioning import PersonBatch
+from camouflage_train.pipelines.anonymizer import Anonymizer
 
 log = logging.getLogger(__name__)
-Anonymizer = Callable[[list[Image.Image], dict[str, Any], list[int]], list[Image.Image]]
-
-
-def blur_persons(
-    images: Sequence[Image.Image], boxes: torch.Tensor, mask: torch.Tensor, expand: float = 1.5, sigma: float = 0.15
-) -> list[Image.Image]:
-    """Gaussian-blur each person's box (grown ``expand`` times), radius ``sigma`` x the box's longer side."""
-    out = []
-    for image, person_boxes, person_mask in zip(images, boxes, mask, strict=True):
-        image = image.copy()
-        width, height = image.size
-        for (x0, y0, x1, y1), real in zip(person_boxes.tolist(), person_mask.tolist(), strict=True):
-            if not real:
-                continue
-            cx, cy, hw, hh = (x0 + x1) / 2 * width, (y0 + y1) / 2 * height, (x1 - x0) * width, (y1 - y0) * height
-            region = (
-                max(0, int(cx - hw * expand / 2)),
-                max(0, int(cy - hh * expand / 2)),
-                min(width, math.ceil(cx + hw * expand / 2)),
-                min(height, math.ceil(cy + hh * expand / 2)),
-            )
-            if region[2] <= region[0] or region[3] <= region[1]:
-                continue
-            radius = max(1.0, sigma * max(hw, hh))
-            image.paste(image.crop(region).filter(ImageFilter.GaussianBlur(radius)), region[:2])
-        out.append(image)
-    return out
 
 
 def _fid_metrics(feature: int | nn.Module, kid_subset_size: int) -> tuple[FrechetInceptionDistance, Any]:
@@ -79,8 +51,8 @@ class JointEvaluationModule(L.LightningModule):
     """``test_step`` anonymizes each batch with every row and updates each row's metrics.
 
     Args:
-        anonymizers: row name -> callable ``(images, batch, seeds) -> images`` (``identity`` and ``blur`` are
-            built in); the order is the table's.
+        anonymizers: row name -> anonymizer (``(images, persons, seeds, prompts) -> images``); the order is the
+            table's. They are moved to this process's device when testing starts.
         faces: detector + recognisers for re-ID and attributes.
         clip: open_clip scorer for CLIP-T/CLIP-I.
         fid_feature: torchmetrics FID/KID ``feature`` (2048 = Inception, or an ``nn.Module``).
@@ -99,10 +71,8 @@ class JointEvaluationModule(L.LightningModule):
         output_dir: str = ".",
         grid_batches: int = 2,
         seed: int = 0,
-        pipelines: Sequence[Any] = (),
     ) -> None:
         super().__init__()
-        self.pipelines = list(pipelines)  # moved to this process's device at test start
         self.anonymizers = dict(anonymizers)
         self.rows = list(self.anonymizers)
         self.faces, self.clip, self.seed = faces, clip, seed
@@ -123,8 +93,8 @@ class JointEvaluationModule(L.LightningModule):
         self.results: list[dict[str, Any]] = []
 
     def on_test_start(self) -> None:
-        for pipeline in self.pipelines:
-            pipeline.to(self.device)
+        for anonymizer in self.anonymizers.values():
+            anonymizer.to(self.device)
         self.clip.to(self.device)
 
     def _update_faces(self, row: str, originals: list[FaceSet], outputs: list[FaceSet]) -> None:
@@ -152,10 +122,13 @@ class JointEvaluationModule(L.LightningModule):
         original_faces = [self.faces(image) for image in originals]
         real_uint8 = torch.stack([TF.pil_to_tensor(image) for image in originals]).to(self.device)
         original_clip = self.clip.image_features(originals)
-        caption_clip = self.clip.text_features(list(batch["caption"]))
+        prompts = list(batch["caption"])
+        caption_clip = self.clip.text_features(prompts)
+        persons = PersonBatch.from_batch(batch)
         grid = [real_uint8.cpu()]
         for row, anonymize in self.anonymizers.items():
-            outputs = [image.convert("RGB").resize(originals[0].size) for image in anonymize(originals, batch, seeds)]
+            made = anonymize(originals, persons, seeds, prompts)
+            outputs = [image.convert("RGB").resize(originals[0].size) for image in made]
             fake_uint8 = torch.stack([TF.pil_to_tensor(image) for image in outputs]).to(self.device)
             self._update_faces(row, original_faces, [self.faces(image) for image in outputs])
             self.fid[row].update(real_uint8, real=True)
@@ -221,32 +194,3 @@ def write_results(results: list[dict[str, Any]], output_dir: Path) -> str:
     log.info("evaluation results:\n%s", table)
     print(table)
     return table
-
-
-def identity_row(images: list[Image.Image], batch: dict[str, Any], seeds: list[int]) -> list[Image.Image]:
-    return list(images)
-
-
-def blur_row(expand: float = 1.5, sigma: float = 0.15) -> Anonymizer:
-    def blur(images: list[Image.Image], batch: dict[str, Any], seeds: list[int]) -> list[Image.Image]:
-        return blur_persons(images, batch["boxes"], batch["person_mask"], expand, sigma)
-
-    return blur
-
-
-def base_row(base: Any, region_expand: float = 1.5) -> Anonymizer:
-    from camouflage_train.models.ip_adapter import person_region_masks
-
-    def run(images: list[Image.Image], batch: dict[str, Any], seeds: list[int]) -> list[Image.Image]:
-        latent = images[0].size[1] // base.pipe.vae_scale_factor
-        regions = person_region_masks(batch["boxes"], batch["person_mask"], (latent, latent), region_expand)
-        return base(images, seeds, prompts=list(batch["caption"]), region_masks=regions.amax(1, keepdim=True))
-
-    return run
-
-
-def light_row(light: Any) -> Anonymizer:
-    def run(images: list[Image.Image], batch: dict[str, Any], seeds: list[int]) -> list[Image.Image]:
-        return light(images, PersonBatch.from_batch(batch), seeds, list(batch["caption"]))
-
-    return run

@@ -14,6 +14,7 @@ grid), ``configure_optimizers``, ``on_train_start`` (log parameter counts), ``on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,13 +30,14 @@ from torch.optim import Optimizer
 from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.models.attribute_encoder import AttributeEncoder
 from camouflage_train.models.backbone import load_frozen_backbone, parse_dtype
+from camouflage_train.models.conditioning import PersonBatch, conditioning_inputs
 from camouflage_train.models.ip_adapter import (
     AdapterConfig,
     cross_attention_keys,
     initial_state_dict,
     install_ip_adapter,
 )
-from camouflage_train.pipelines.light import PersonBatch, adapter_inputs, build_pipeline, generate_light
+from camouflage_train.pipelines.light import build_pipeline, generate_light
 from camouflage_train.utils.checkpoints import checkpoint_folder
 from camouflage_train.utils.images import save_sample_grid
 
@@ -89,7 +91,7 @@ class LightAdapterModule(L.LightningModule):
     def __init__(
         self,
         backbone: Mapping[str, Any],
-        adapter: Mapping[str, Any],
+        adapter: AdapterConfig | Mapping[str, Any],
         schema: Mapping[str, Any],
         optimizer: Callable[[Iterable[torch.nn.Parameter]], Optimizer],
         lr_scheduler: Mapping[str, Any] | None = None,
@@ -110,7 +112,7 @@ class LightAdapterModule(L.LightningModule):
                 raise ValueError(f"model.{name} must be in [0, 1), got {p}")
         self.optimizer_factory = optimizer
         self.schema = AttributeSchema.from_config(schema)
-        self.adapter_config = AdapterConfig(**adapter)
+        self.adapter_config = adapter if isinstance(adapter, AdapterConfig) else AdapterConfig(**adapter)
         self.weight_dtype = parse_dtype(backbone.get("weight_dtype", "fp32"))
 
         frozen = load_frozen_backbone(**backbone)
@@ -119,14 +121,7 @@ class LightAdapterModule(L.LightningModule):
         self.tokenizer, self.noise_scheduler = frozen.tokenizer, frozen.noise_scheduler
 
         cfg = self.adapter_config
-        self.encoder = AttributeEncoder(
-            schema=self.schema.to_config(),
-            embed_dim=cfg.embed_dim,
-            width=cfg.encoder_width,
-            depth=cfg.encoder_depth,
-            fourier_freqs=cfg.fourier_freqs,
-            category_dim=cfg.category_dim,
-        )
+        self.encoder = AttributeEncoder.from_adapter_config(self.schema.to_config(), cfg)
         install_ip_adapter(self.unet, initial_state_dict(self.unet, cfg), scale=cfg.scale)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -161,7 +156,7 @@ class LightAdapterModule(L.LightningModule):
             "backbone": self.backbone_name,
             "backbone_source": str(self.backbone_source),
             "schema": self.schema.to_config(),
-            "adapter": dict(self.hparams["adapter"]),
+            "adapter": dataclasses.asdict(self.adapter_config),
             # What export needs without rebuilding the UNet: processor name -> IP-Adapter key id.
             "ip_adapter_keys": dict(cross_attention_keys(self.unet)),
             "resolution": getattr(datamodule, "resolution", None),
@@ -322,7 +317,8 @@ class LightAdapterModule(L.LightningModule):
         if self.hparams.noise_offset:
             noise = noise + self.hparams.noise_offset * draw.offset
         noisy = self.noise_scheduler.add_noise(latents, noise, draw.timesteps)
-        embeds, masks = adapter_inputs(self.encoder, self.adapter_config, persons, tuple(latents.shape[-2:]))
+        expand = self.adapter_config.region_expand if self.adapter_config.region_masks else None
+        embeds, masks = conditioning_inputs(self.encoder, persons, tuple(latents.shape[-2:]), expand)
         with self._frozen_compute():
             prediction = self.unet(
                 noisy.to(self.weight_dtype, memory_format=self.memory_format),
@@ -403,7 +399,7 @@ class LightAdapterModule(L.LightningModule):
         count = min(int(settings["num_images"]), batch["pixel_values"].shape[0])
         if count <= 0 or not self.trainer.is_global_zero:
             return
-        persons = PersonBatch(*(batch[k][:count] for k in ("boxes", "continuous", "categorical", "person_mask")))
+        persons = PersonBatch.from_batch(batch)[:count]
         height, width = batch["pixel_values"].shape[-2:]
         pipe = build_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, self.noise_scheduler.config)
         images = generate_light(

@@ -33,7 +33,9 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from camouflage_train.models.backbone import FrozenBackbone, load_controlnet, parse_dtype
+from camouflage_train.models.backbone import FrozenBackbone, load_controlnet, load_frozen_backbone, parse_dtype
+from camouflage_train.models.conditioning import PersonBatch
+from camouflage_train.models.ip_adapter import person_region_masks
 from camouflage_train.pipelines.controls import Preprocessor
 
 
@@ -162,7 +164,9 @@ class CamouflageBase:
             reconstruction ControlNet (hub id, folder or preset), fed with the real image.
         guidance_scale, num_inference_steps: sampling settings.
         strength: ``None`` to start from noise, else img2img from the real image's noised latents.
-        prompt, negative_prompt: used when no per-image prompts are given.
+        prompt, negative_prompt: ``prompt`` is used for images whose prompt is empty.
+        region_expand: with ``anonymization.person_regions``, the guidance acts inside each person's box grown
+            this much.
     """
 
     def __init__(
@@ -176,8 +180,10 @@ class CamouflageBase:
         prompt: str = "a photo of people",
         negative_prompt: str = "",
         cache_dir: str | None = None,
+        region_expand: float = 1.5,
     ) -> None:
         self.backbone, self.controls = backbone, list(controls)
+        self.region_expand = region_expand
         self.anonymization = dict(anonymization or {})
         self.guidance_scale, self.num_inference_steps, self.strength = guidance_scale, num_inference_steps, strength
         self.prompt, self.negative_prompt = prompt, negative_prompt
@@ -218,20 +224,20 @@ class CamouflageBase:
 
     @torch.no_grad()
     def __call__(
-        self,
-        images: Sequence[Image.Image],
-        seeds: Sequence[int],
-        prompts: Sequence[str] | None = None,
-        region_masks: torch.Tensor | None = None,
+        self, images: Sequence[Image.Image], persons: PersonBatch, seeds: Sequence[int], prompts: Sequence[str]
     ) -> list[Image.Image]:
-        """Anonymize ``images`` (all of one size); ``region_masks`` ``[B, 1, h, w]`` restrict the guidance to
-        person regions when ``anonymization.person_regions`` is on."""
+        """Anonymize ``images`` (all of one size); with ``anonymization.person_regions`` the guidance acts only in
+        the persons' regions."""
         width, height = images[0].size
         if self.reconstruction is not None:
-            use_regions = self.anonymization.get("person_regions") and region_masks is not None
-            # The negative half of the CFG batch is the first B entries, which the masks describe.
-            self.reconstruction.region_mask = region_masks if use_regions else None
-        prompts = list(prompts) if prompts is not None else [self.prompt] * len(images)
+            regions = None
+            if self.anonymization.get("person_regions"):
+                latent = (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
+                masks = person_region_masks(persons.boxes, persons.mask, latent, self.region_expand)
+                # The negative half of the CFG batch is the first B entries, which these masks describe.
+                regions = masks.amax(dim=1, keepdim=True).to(self.pipe._execution_device)
+            self.reconstruction.region_mask = regions
+        prompts = [prompt or self.prompt for prompt in prompts]
         return self.pipe(
             prompt=prompts,
             negative_prompt=[self.negative_prompt] * len(images),
@@ -243,3 +249,32 @@ class CamouflageBase:
             output_type="pil",
             **self.pipeline_kwargs(images),
         ).images
+
+
+def build_base(
+    backbone: Mapping[str, Any],
+    controlnets: Mapping[str, Mapping[str, Any]],
+    anonymization: Mapping[str, Any],
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 25,
+    strength: float | None = None,
+    prompt: str = "a photo of people",
+    negative_prompt: str = "",
+    region_expand: float = 1.5,
+) -> CamouflageBase:
+    """``configs/anonymize/model/base*.yaml``: the frozen SD, the structure ControlNets and the reconstruction
+    ControlNet."""
+    frozen = load_frozen_backbone(**backbone)
+    controls = build_controls(controlnets, backbone.get("weight_dtype", "fp32"), backbone.get("cache_dir"))
+    return CamouflageBase(
+        frozen,
+        controls,
+        dict(anonymization),
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        strength=strength,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        cache_dir=backbone.get("cache_dir"),
+        region_expand=region_expand,
+    )

@@ -9,43 +9,20 @@ attribute dropout.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from camouflage_train.models.attribute_encoder import AttributeEncoder
-from camouflage_train.models.backbone import FrozenBackbone
-from camouflage_train.models.ip_adapter import AdapterConfig, adapter_modules, person_region_masks
-from camouflage_train.pipelines.base import control_kwargs, stock_controlnet_pipeline
-
-
-@dataclass(frozen=True)
-class PersonBatch:
-    """Padded person arrays for a batch, as produced by the data pipeline."""
-
-    boxes: torch.Tensor  # [B, P, 4]
-    continuous: torch.Tensor  # [B, P, C]
-    categorical: torch.Tensor  # [B, P, K]
-    mask: torch.Tensor  # [B, P] bool
-
-    @classmethod
-    def from_batch(cls, batch: dict[str, torch.Tensor]) -> PersonBatch:
-        return cls(batch["boxes"], batch["continuous"], batch["categorical"], batch["person_mask"])
-
-
-def adapter_inputs(
-    encoder: AttributeEncoder, config: AdapterConfig, persons: PersonBatch, latent_size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Person embeddings ``[B, P, E]`` and region masks ``[B, P, h, w]`` at latent resolution."""
-    embeds = encoder(persons.boxes, persons.continuous, persons.categorical)
-    expand = config.region_expand if config.region_masks else None
-    masks = person_region_masks(persons.boxes, persons.mask, latent_size, expand)
-    return embeds, masks
+from camouflage_train.errors import UserError
+from camouflage_train.models.attribute_encoder import AttributeEncoder, encoder_state_dict
+from camouflage_train.models.backbone import FrozenBackbone, load_frozen_backbone
+from camouflage_train.models.conditioning import PersonBatch, conditioning_inputs
+from camouflage_train.models.ip_adapter import AdapterConfig, adapter_modules, checkpoint_state_dict, install_ip_adapter
+from camouflage_train.pipelines.base import build_controls, control_kwargs, stock_controlnet_pipeline
+from camouflage_train.utils.checkpoints import read_checkpoint
 
 
 def build_pipeline(
@@ -92,10 +69,13 @@ def generate_light(
     ``pipe`` may be a stock SD or ControlNet pipeline; ``pipe_kwargs`` go to it (control images, scales).
     """
     scale = pipe.vae_scale_factor
-    embeds, masks = adapter_inputs(encoder, config, persons, (height // scale, width // scale))
-    if guidance_scale > 1.0:
-        embeds = torch.cat([torch.zeros_like(embeds), embeds])
-        masks = torch.cat([torch.zeros_like(masks), masks])
+    embeds, masks = conditioning_inputs(
+        encoder,
+        persons,
+        (height // scale, width // scale),
+        config.region_expand if config.region_masks else None,
+        guidance=guidance_scale > 1.0,
+    )
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
     device = pipe._execution_device
     return pipe(
@@ -150,35 +130,28 @@ class CamouflageLight:
             self.set_adapter_scale(adapter_scale)
 
     @classmethod
-    def from_checkpoint(cls, path: str, weight_dtype: str | None = None, **kwargs: Any) -> CamouflageLight:
-        """Rebuild the frozen backbone named in a training checkpoint and load its adapter weights."""
-        from camouflage_train.modules.light_module import LightAdapterModule
-        from camouflage_train.utils.checkpoints import read_checkpoint
-
-        hparams = read_checkpoint(path, key="checkpoint")["hyper_parameters"]
-        backbone_cfg = dict(hparams["backbone"], **({"weight_dtype": weight_dtype} if weight_dtype else {}))
-        with warnings.catch_warnings():  # frozen weights are not in our checkpoints, by design
-            warnings.filterwarnings("ignore", message=".*are in the model state dict but not in the checkpoint.*")
-            module = LightAdapterModule.load_from_checkpoint(
-                path, map_location="cpu", optimizer=None, backbone=backbone_cfg, weights_only=True
-            )
-        for part in adapter_modules(module.unet):  # inference: the adapter runs in the backbone's dtype
-            part.to(module.unet.dtype)
-        backbone = FrozenBackbone(
-            vae=module.vae,
-            text_encoder=module.text_encoder,
-            tokenizer=module.tokenizer,
-            unet=module.unet,
-            noise_scheduler=module.noise_scheduler,
-            name=module.backbone_name,
-            source=module.backbone_source,
-        )
-        return cls(backbone, module.encoder.eval(), module.adapter_config, **kwargs)
+    def from_checkpoint(
+        cls, path: str, weight_dtype: str | None = None, cache_dir: str | None = None, **kwargs: Any
+    ) -> CamouflageLight:
+        """Rebuild the frozen backbone named in a training checkpoint and install its adapter the way an export
+        is loaded (the original IP-Adapter layout through diffusers' loader); no training code involved."""
+        checkpoint = read_checkpoint(path, key="checkpoint")
+        meta = checkpoint.get("camouflage")
+        if not meta or "ip_adapter_keys" not in meta:
+            raise UserError(f"checkpoint: '{path}' is a Lightning checkpoint but not a camouflage-train Light one")
+        backbone_cfg = dict(checkpoint["hyper_parameters"]["backbone"])
+        backbone_cfg.update({k: v for k, v in (("weight_dtype", weight_dtype), ("cache_dir", cache_dir)) if v})
+        backbone = load_frozen_backbone(**backbone_cfg)
+        config = AdapterConfig(**meta["adapter"])
+        install_ip_adapter(backbone.unet, checkpoint_state_dict(checkpoint), scale=config.scale)
+        for part in adapter_modules(backbone.unet):  # inference: the adapter runs in the backbone's dtype
+            part.to(backbone.unet.dtype).requires_grad_(False)
+        encoder = AttributeEncoder.from_adapter_config(meta["schema"], config)
+        encoder.load_state_dict(encoder_state_dict(checkpoint))
+        return cls(backbone, encoder.eval(), config, **kwargs)
 
     def set_adapter_scale(self, scale: float) -> None:
-        for processor in self.backbone.unet.attn_processors.values():
-            if hasattr(processor, "to_k_ip"):
-                processor.scale = [scale]
+        self.pipe.set_ip_adapter_scale(scale)
 
     def to(self, device: torch.device | str) -> CamouflageLight:
         self.pipe.to(device)
@@ -190,10 +163,7 @@ class CamouflageLight:
         self, images: Sequence[Image.Image], persons: PersonBatch, seeds: Sequence[int], prompts: Sequence[str]
     ) -> list[Image.Image]:
         width, height = images[0].size
-        device = self.pipe._execution_device
-        persons = PersonBatch(
-            *(t.to(device) for t in (persons.boxes, persons.continuous, persons.categorical, persons.mask))
-        )
+        persons = persons.to(self.pipe._execution_device)
         kwargs = control_kwargs(self.controls, images) if self.controls else {}
         return generate_light(
             self.pipe,
@@ -209,3 +179,27 @@ class CamouflageLight:
             negative_prompt=self.negative_prompt,
             **kwargs,
         )
+
+
+def build_light(
+    checkpoint: str,
+    weight_dtype: str = "fp32",
+    controlnets: Mapping[str, Mapping[str, Any]] | None = None,
+    cache_dir: str | None = None,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 25,
+    negative_prompt: str = "",
+    adapter_scale: float | None = None,
+) -> CamouflageLight:
+    """``configs/anonymize/model/light*.yaml``: a training checkpoint's backbone and adapter, plus optional
+    structure ControlNets."""
+    return CamouflageLight.from_checkpoint(
+        checkpoint,
+        weight_dtype=weight_dtype,
+        cache_dir=cache_dir,
+        controls=build_controls(controlnets or {}, weight_dtype, cache_dir),
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        negative_prompt=negative_prompt,
+        adapter_scale=adapter_scale,
+    )

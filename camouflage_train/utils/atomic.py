@@ -1,4 +1,6 @@
-"""Write a folder all at once: build it under a hidden temporary name, rename it into place when complete."""
+"""Write a file or a folder all at once: build it under a hidden temporary name beside the target, rename it
+into place when complete. A process killed meanwhile leaves the previous target intact, never a torn one
+(checkpoints, anonymized images, exports, caches, presets all go through here)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,34 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+STAGING_MARK = ".tmp-"  # staging names: .<name>.tmp-<pid> (a later run removes those of dead writers)
+
+
+@contextmanager
+def atomic_file(target: str | Path, durable: bool = False) -> Iterator[Path]:
+    """Yield a staging path beside ``target`` to write; on success it replaces ``target``.
+
+    ``durable``: fsync the file and its folder, so the rename survives a power cut (checkpoints); without it
+    the write is still all-or-nothing for a killed process.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}{STAGING_MARK}{os.getpid()}")
+    try:
+        yield staging
+        if durable:
+            with open(staging, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
+    if durable:
+        folder = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 @contextmanager

@@ -1,8 +1,8 @@
-"""Crash-safe training checkpoints: atomic writes, safe reads, and choosing what to resume from.
+"""Reading training checkpoints safely, and choosing what to resume from (no Lightning needed: inference
+and export use it too; the trainer plugin that writes them is :mod:`camouflage_train.utils.checkpoint_io`).
 
-* :class:`AtomicCheckpointIO` writes ``<name>.tmp-<pid>``, fsyncs it and renames it over ``<name>``, so a
-  process killed mid-write leaves the previous file intact and never a torn one under the real name; it
-  reads with ``torch.load(weights_only=True)`` (plain tensors and containers only, no pickled code).
+* :func:`read_checkpoint` loads with ``torch.load(weights_only=True)`` (plain tensors and containers only, no
+  pickled code) and checks the file is a complete training checkpoint;
 * :func:`resolve_checkpoint` turns ``ckpt_path`` (``null``, a file, ``last`` or ``auto``) into a file that
   loads; a checkpoint that does not load (torn by a crash on a filesystem without atomic rename, disk
   full, bit rot) is renamed to ``<name>.corrupt`` with a warning, in favour of the next newest, so the
@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from camouflage_train.errors import UserError
+from camouflage_train.utils.atomic import STAGING_MARK
 
 log = logging.getLogger(__name__)
 
@@ -62,50 +61,20 @@ def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]
     return checkpoint
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` with temp-file + fsync + rename saves and ``weights_only`` loads (local paths)."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        if "://" in str(path):  # remote filesystems: Lightning's own transactional save
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(staging, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(staging, path)
-        finally:
-            staging.unlink(missing_ok=True)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself survives a power cut
-        finally:
-            os.close(directory)
-
-    def load_checkpoint(
-        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        if weights_only is False:
-            raise CheckpointError(f"refusing to load '{path}' with weights_only=False (arbitrary code in pickles)")
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-
-
 def checkpoint_folder(trainer: Any, fallback: Path) -> Path:
     """Where ``trainer`` writes checkpoints: its ``ModelCheckpoint``'s folder, else ``fallback``."""
     callback = trainer.checkpoint_callback
     return Path(callback.dirpath) if callback is not None and callback.dirpath else fallback
 
 
-def resolve_checkpoint(ckpt_path: str | Path | None, checkpoint_dir: Path) -> str | None:
+def resolve_checkpoint(ckpt_path: str | Path | None, checkpoint_dir: Path, move_corrupt: bool = True) -> str | None:
     """The checkpoint file to resume from.
 
     ``None``: start fresh. A path: that file, which must load. ``last``: the newest loadable checkpoint in
     ``checkpoint_dir`` (by modification time); an error if there is none.
     ``auto``: the same, but start fresh when the folder has none (re-running a killed job's command continues it).
-    Unloadable checkpoints of the folder are renamed ``<name>.corrupt`` (by rank 0; the others skip them).
+    Unloadable checkpoints of the folder are renamed ``<name>.corrupt`` when ``move_corrupt`` (pass it on rank 0
+    only: the other ranks skip them).
     """
     if ckpt_path is None:
         return None
@@ -120,7 +89,7 @@ def resolve_checkpoint(ckpt_path: str | Path | None, checkpoint_dir: Path) -> st
             read_checkpoint(file, key=f"ckpt_path={ckpt_path}")
         except CheckpointError as error:
             following = files[index + 1].name if index + 1 < len(files) else "nothing"
-            aside = _move_aside(file) if rank_zero_only.rank == 0 else None
+            aside = _move_aside(file) if move_corrupt else None
             moved = f"; moved to {aside.name}" if aside else ""
             log.warning("%s%s; falling back to %s", error, moved, following)
             continue
@@ -147,7 +116,7 @@ def _move_aside(file: Path) -> Path | None:
 
 def _remove_stale_staging(checkpoint_dir: Path) -> None:
     """Delete temp files of saves that were killed mid-write (their writer process is gone)."""
-    for staging in checkpoint_dir.glob(".*.tmp-*"):
+    for staging in checkpoint_dir.glob(f".*{STAGING_MARK}*"):
         pid = staging.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
             log.warning("removing %s, left by a save that was interrupted", staging)

@@ -3,8 +3,8 @@
 Hydra merges config files without a schema, so a typo in an experiment file (``model.adapter.tokens_per_persn``)
 or a wrong type (``data.batch_size: eight``) would otherwise be ignored or fail deep inside a constructor.
 Every node with a ``_target_`` is checked against its target's signature (unknown keys unless it takes
-``**kwargs``; simple annotated types), plain-dict parameters with a known schema (``model.adapter`` ->
-:class:`~camouflage_train.models.ip_adapter.AdapterConfig`) against their fields, and keys named like secrets
+``**kwargs``; simple annotated types), parameters annotated with a dataclass (``model.adapter`` ->
+:class:`~camouflage_train.models.ip_adapter.AdapterConfig`) against its fields, and keys named like secrets
 are refused: tokens and API keys are read from the environment (``WANDB_API_KEY``, ``HF_TOKEN``), never from
 configs, which are saved with every run. An entry point's own top-level keys (``export.py``'s ``checkpoint``,
 ``anonymize.py``'s ``resolution``, ...) are checked against its settings dataclass, nested dataclasses included.
@@ -35,13 +35,6 @@ _SECRET = re.compile(r"(^|_)(api_?key|token|password|secret)$", re.IGNORECASE)
 
 class ConfigError(UserError, ValueError):
     """A config value is unknown, of the wrong type, or a secret; the message names key and source."""
-
-
-def _dict_schemas() -> dict[str, type]:
-    """Plain-dict parameters whose fields are known: ``<target class>.<parameter>`` -> dataclass."""
-    from camouflage_train.models.ip_adapter import AdapterConfig
-
-    return {"camouflage_train.modules.light_module.LightAdapterModule.adapter": AdapterConfig}
 
 
 def _walk(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
@@ -114,10 +107,9 @@ def _field_problems(
     variadic: bool,
     owner: str,
     path: str,
-    schemas: Mapping[str, type],
 ) -> Iterator[tuple[str, str]]:
     """Unknown keys and wrong types of ``node`` against ``accepted`` names with ``hints``; recurses into
-    plain-dict fields that have a known schema (``<owner>.<key>`` in ``schemas``)."""
+    fields annotated with a dataclass (alone or in a union, e.g. ``AdapterConfig | Mapping``)."""
     for key in node:
         if key in _SPECIAL_KEYS:
             continue
@@ -132,9 +124,7 @@ def _field_problems(
             continue
         if value is not None and key in hints and not _matches(value, hints[key]):  # null: "not set here"
             yield where, f"{value!r} is not a valid {_type_name(hints[key])} for {owner}"
-        schema = schemas.get(f"{owner}.{key}")
-        if schema is None and dataclasses.is_dataclass(hints.get(key)):
-            schema = hints[key]
+        schema = _dataclass_in(hints.get(key))
         if schema is not None and isinstance(value, DictConfig):
             yield from _dataclass_problems(value, schema, where)
 
@@ -142,7 +132,18 @@ def _field_problems(
 def _dataclass_problems(node: DictConfig, schema: type, path: str) -> Iterator[tuple[str, str]]:
     """Unknown keys and wrong types of ``node`` against the fields of the dataclass ``schema``."""
     fields = [f.name for f in dataclasses.fields(schema)]
-    yield from _field_problems(node, fields, typing.get_type_hints(schema), False, schema.__name__, path, {})
+    yield from _field_problems(node, fields, typing.get_type_hints(schema), False, schema.__name__, path)
+
+
+def _dataclass_in(annotation: Any) -> type | None:
+    """The dataclass whose fields a config mapping for ``annotation`` must use: the annotation itself, or one
+    member of a union (``AdapterConfig | Mapping``) unless that class reads another form (``from_config``)."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation  # type: ignore[return-value]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if dataclasses.is_dataclass(a)]
+        return next((a for a in members if not hasattr(a, "from_config")), None)
+    return None
 
 
 def unknown_key_message(key: str, accepted: Collection[str], owner: str) -> str:
@@ -153,7 +154,6 @@ def unknown_key_message(key: str, accepted: Collection[str], owner: str) -> str:
 
 
 def _problems(cfg: DictConfig, settings: type | None) -> Iterator[tuple[str, str]]:
-    schemas = _dict_schemas()
     if settings is not None:
         yield from _dataclass_problems(cfg, settings, "")
     for path, node in _walk(cfg):
@@ -178,7 +178,7 @@ def _problems(cfg: DictConfig, settings: type | None) -> Iterator[tuple[str, str
             continue
         parameters, hints, variadic = _signature(target)
         owner = f"{target.__module__}.{target.__qualname__}"
-        yield from _field_problems(node, parameters, hints, variadic, owner, path, schemas)
+        yield from _field_problems(node, parameters, hints, variadic, owner, path)
 
 
 def _type_name(annotation: Any) -> str:

@@ -108,3 +108,10 @@ def build_tiny_face_pack(folder: str | Path, seed: int = 0) -> Path:
         _export(TinyConvHead(3, sigmoid_tail=1), torch.zeros(1, 3, 96, 96), staging / names[1], ["fc1"], False)
         _export(TinyConvHead(512), torch.zeros(1, 3, 112, 112), staging / names[2], ["embedding"], False)
     return folder
+
+
+def tiny_face_pack(cache_dir: str | Path, file: str | None = None) -> str:
+    """The tiny pack's folder under ``cache_dir`` (built on first use), or ``file`` inside it: the config
+    factory behind ``faces=tiny`` and ``recognisers=tiny``, called where the pack is needed."""
+    folder = build_tiny_face_pack(Path(cache_dir) / "faces-tiny-v1")
+    return str(folder / file if file else folder)

@@ -1,0 +1,82 @@
+"""The one interface every anonymizer has, and the two reference methods.
+
+An anonymizer takes a batch of same-size RGB images, their persons (:class:`PersonBatch`: boxes and attributes,
+as annotated), one seed per image and one prompt per image, and returns the anonymized images in order:
+
+    anonymizer(images, persons, seeds, prompts) -> images
+    anonymizer.to(device) -> anonymizer
+
+``anonymize.py`` and ``evaluate.py`` only use this, so a new method is one class plus one config file with its
+``_target_`` (see the README, "Adding an anonymizer"). :class:`Identity` (output = input, the re-identification
+anchor) and :class:`Blur` (Gaussian blur of person regions) are the reference rows of every evaluation;
+CAMOUFLaGE-Base and -Light live in :mod:`~camouflage_train.pipelines.base` and
+:mod:`~camouflage_train.pipelines.light`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from PIL import Image, ImageFilter
+
+from camouflage_train.models.conditioning import PersonBatch
+
+
+class Anonymizer(Protocol):
+    def __call__(
+        self, images: Sequence[Image.Image], persons: PersonBatch, seeds: Sequence[int], prompts: Sequence[str]
+    ) -> list[Image.Image]: ...
+
+    def to(self, device: torch.device | str) -> Anonymizer: ...
+
+
+class Identity:
+    """Output = input: re-identification near 100 %, FID near 0; the anchor of every table."""
+
+    def __call__(
+        self, images: Sequence[Image.Image], persons: PersonBatch, seeds: Sequence[int], prompts: Sequence[str]
+    ) -> list[Image.Image]:
+        return [image.copy() for image in images]
+
+    def to(self, device: torch.device | str) -> Identity:
+        return self
+
+
+class Blur:
+    """Gaussian-blur each person's box grown ``expand`` times, radius ``sigma`` x the box's longer side."""
+
+    def __init__(self, expand: float = 1.5, sigma: float = 0.15) -> None:
+        self.expand, self.sigma = expand, sigma
+
+    def __call__(
+        self, images: Sequence[Image.Image], persons: PersonBatch, seeds: Sequence[int], prompts: Sequence[str]
+    ) -> list[Image.Image]:
+        return [
+            self._blur(image, boxes.tolist(), mask.tolist())
+            for image, boxes, mask in zip(images, persons.boxes, persons.mask, strict=True)
+        ]
+
+    def _blur(self, image: Image.Image, boxes: list[list[float]], mask: list[bool]) -> Image.Image:
+        image = image.copy()
+        width, height = image.size
+        for (x0, y0, x1, y1), real in zip(boxes, mask, strict=True):
+            if not real:
+                continue
+            cx, cy, hw, hh = (x0 + x1) / 2 * width, (y0 + y1) / 2 * height, (x1 - x0) * width, (y1 - y0) * height
+            region = (
+                max(0, int(cx - hw * self.expand / 2)),
+                max(0, int(cy - hh * self.expand / 2)),
+                min(width, math.ceil(cx + hw * self.expand / 2)),
+                min(height, math.ceil(cy + hh * self.expand / 2)),
+            )
+            if region[2] <= region[0] or region[3] <= region[1]:
+                continue
+            radius = max(1.0, self.sigma * max(hw, hh))
+            image.paste(image.crop(region).filter(ImageFilter.GaussianBlur(radius)), region[:2])
+        return image
+
+    def to(self, device: torch.device | str) -> Blur:
+        return self

@@ -1,0 +1,89 @@
+"""The package's import graph: no cycles (lazy imports inside functions included), and the inference side
+(models, pipelines, metrics, inference, export) never imports Lightning or the training stack."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+PACKAGE = REPO / "camouflage_train"
+INFERENCE_SIDE = ("models", "pipelines", "metrics", "inference", "export")
+TRAINING_STACK = ("lightning", "camouflage_train.modules", "camouflage_train.training")
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules and the ``lightning`` package it imports, at any depth of its code."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, *([node.module] if node.module else [])])
+                imported.add(base)
+                imported |= {f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules}
+        edges = set()
+        for target in imported:
+            if target.split(".")[0] in ("lightning", "pytorch_lightning"):
+                edges.add("lightning")
+            elif target.startswith("camouflage_train"):
+                while target not in modules:
+                    target = target.rpartition(".")[0]
+                if target != name:
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, stack = set(), [start]
+    while stack:
+        for child in graph.get(stack.pop(), ()):
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return seen
+
+
+def test_the_package_has_no_import_cycle():
+    graph = import_graph()
+    assert len(graph) > 40 and "camouflage_train.models.conditioning" in graph  # the walk sees the package
+    cycles = sorted(name for name in graph if name in _reachable(graph, name))
+    assert not cycles, f"modules on an import cycle: {cycles}"
+
+
+def test_the_inference_side_never_reaches_lightning_or_training():
+    graph = import_graph()
+    side = [n for n in graph if n.removeprefix("camouflage_train.").split(".")[0] in INFERENCE_SIDE]
+    assert "camouflage_train.pipelines.light" in side and "camouflage_train.export" in side
+    for name in side:
+        bad = sorted(t for t in _reachable(graph, name) if t.startswith(TRAINING_STACK))
+        assert not bad, f"{name} imports {bad}"
+    # And at run time, third-party imports included: loading a checkpoint for inference and exporting it.
+    code = (
+        "import sys, camouflage_train.pipelines.light, camouflage_train.export, camouflage_train.inference, "
+        "camouflage_train.metrics.faces, camouflage_train.pipelines.anonymizer; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning') "
+        "or m.startswith(('camouflage_train.modules', 'camouflage_train.training'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
