@@ -4,7 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # each runs a benchmark script in a fresh process
 
 
 def _run(script: str, *args: str, tmp_path) -> dict:

@@ -176,6 +176,8 @@ def test_light_from_training_checkpoint(scenes, trained_checkpoint):
         num_inference_steps=STEPS,
     )
     persons, prompts = PersonBatch.from_batch(batch), list(batch["caption"])
-    assert np.array_equal(
-        _arrays(loaded(images, persons, [5, 6], prompts)), _arrays(direct(images, persons, [5, 6], prompts))
-    )
+    a, b = _arrays(loaded(images, persons, [5, 6], prompts)), _arrays(direct(images, persons, [5, 6], prompts))
+    # Bit-identical weights, built by different code (the checkpoint through diffusers' loader vs the training
+    # module's own init), so not the very same computation: a last bit may round differently. At most one 8-bit
+    # step (measured: 1 level in 0.004 % of the values when other tests ran first, none when run alone).
+    assert np.abs(a - b).max() <= 1 and np.abs(a - b).mean() < 0.01

@@ -60,6 +60,7 @@ def one_process_run(tmp_path_factory, tiny_model_dir) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, straight_run):
     steps = RESUME_STEPS
     expected = _adapter(straight_run / "checkpoints/last.ckpt")
@@ -142,6 +143,7 @@ def _launch_as_slurm_tasks(run_dir: Path, *overrides: str) -> None:
         assert process.returncode == 0, stderr[-4000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launch", ["lightning-ddp", "slurm-2-nodes"])
 def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path, one_process_run, launch):
     steps = ("trainer.max_steps=4",)
@@ -162,6 +164,7 @@ def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path, 
     assert not (REPO / ".hydra").exists() and not (REPO / "checkpoints").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(tmp_path, straight_run, damage, caplog):
     from camouflage_train.utils.checkpoints import CheckpointError, resolve_checkpoint
@@ -202,6 +205,7 @@ def test_cluster_configs_compose_and_build(tmp_path):
     assert isinstance(instantiate(fsdp.trainer.strategy), FSDPStrategy)
 
 
+@pytest.mark.slow
 def test_resume_after_corrupt_checkpoints_keeps_checkpoint_names(tmp_path, straight_run):
     """``last.ckpt`` and the newest ``step_N.ckpt`` torn: the rerun resumes from the one before, moves the torn
     files aside, and saves under the usual names again (no ``last-v1.ckpt``), ending where the straight run did."""
@@ -227,6 +231,7 @@ def test_resume_after_corrupt_checkpoints_keeps_checkpoint_names(tmp_path, strai
         assert torch.equal(got[key], expected[key]), key
 
 
+@pytest.mark.slow
 def test_a_resumed_run_logs_to_the_same_wandb_run_and_continues_its_csv(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     common = ("logger=default", "trainer.log_every_n_steps=1", "data.batch_size=2")

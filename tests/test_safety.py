@@ -19,6 +19,7 @@ def _train(*overrides: str, env: dict | None = None) -> subprocess.CompletedProc
     return run_script("train.py", *overrides, env=env)
 
 
+@pytest.mark.slow
 def test_bad_experiment_file_names_the_file_and_the_keys(tmp_path):
     extra = tmp_path / "configs"
     (extra / "experiment").mkdir(parents=True)
@@ -51,6 +52,7 @@ def test_every_shipped_experiment_validates(tmp_path):
         validate_config(cfg)
 
 
+@pytest.mark.slow
 def test_secrets_are_refused_in_configs_and_never_written(tmp_path, make_cfg, tiny_model_dir):
     with pytest.raises(ConfigError, match=r"logger\.wandb\.api_key: looks like a secret"):
         validate_config(make_cfg("experiment=demo", "+logger.wandb.api_key=abc"))
