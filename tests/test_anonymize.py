@@ -118,7 +118,8 @@ def test_an_output_of_other_settings_is_refused_then_replaced_with_overwrite(
     assert_user_error(
         refused,
         f"output: {out} already holds 5 image(s) made with other settings",
-        'model._target_: "camouflage_train.anonymization.build_base" -> "camouflage_train.anonymization.build_light"',
+        'model._target_: "camouflage_train.pipelines.base.build_base" -> '
+        '"camouflage_train.pipelines.light.build_light"',
         "model.checkpoint.sha256: (not set) -> ",
         "pass overwrite=true",
     )

@@ -78,7 +78,8 @@ def test_bad_values_are_all_listed_before_annotation_or_model_loading(tmp_path, 
     assert_user_error(
         done,
         "command-line override 'resolution=abc': resolution: 'abc' is not a valid int for AnonymizeConfig",
-        "model.guidance_scal: unknown key for camouflage_train.anonymization.build_base; did you mean 'guidance_scale'",
+        "model.guidance_scal: unknown key for camouflage_train.pipelines.base.build_base; "
+        "did you mean 'guidance_scale'",
     )
     assert not out.exists()
     full = run_script(
