@@ -41,11 +41,21 @@ class EvaluateConfig:
 
 def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
     validate_config(cfg, EvaluateConfig)
-    if "light" in cfg.rows and not cfg.get("light_checkpoint"):
+    with_checkpoint = [row for row in cfg.rows if "checkpoint" in cfg.anonymizers.get(row, {})]
+    unset = [row for row in with_checkpoint if not cfg.anonymizers[row].checkpoint]
+    if unset:
+        kept = [row for row in cfg.rows if row not in unset]
         raise ConfigError(
-            "rows has 'light': pass light_checkpoint=<training checkpoint>, or drop it: rows=[identity,blur,base]"
+            f"rows has {unset}, which need a training checkpoint: pass light_checkpoint=<training checkpoint>, "
+            f"or drop them: rows=[{','.join(kept)}]"
         )
-    check_input_paths({"light_checkpoint": (cfg.light_checkpoint if "light" in cfg.rows else None, "file")})
+    check_input_paths(
+        {
+            "light_checkpoint" if path == cfg.light_checkpoint else f"anonymizers.{row}.checkpoint": (path, "file")
+            for row in with_checkpoint
+            for path in [cfg.anonymizers[row].checkpoint]
+        }
+    )
     L.seed_everything(cfg.seed, workers=True)
     anonymizers = instantiate_named(cfg.anonymizers, list(cfg.rows), "rows")
     output_dir = Path(cfg.paths.output_dir)

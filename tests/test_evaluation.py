@@ -13,10 +13,10 @@ from camouflage_train.annotation.faces import FaceAnnotator
 from camouflage_train.data.datamodule import PersonDataModule
 from camouflage_train.data.sources import FolderSource
 from camouflage_train.evaluation import run_evaluation
-from camouflage_train.metrics.attributes import AttributePreservation
+from camouflage_train.metrics.attributes import AttributePreservation, BoxAgreement
 from camouflage_train.metrics.clip import ClipScorer, WeightsUnavailableError
 from camouflage_train.metrics.faces import FaceAnalyzer, FaceModelUnavailableError
-from camouflage_train.metrics.reid import ReIdentification, match_faces
+from camouflage_train.metrics.reid import ReIdentification, match_faces, requested_box_iou
 from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.modules.evaluation_module import JointEvaluationModule
 from camouflage_train.pipelines.anonymizer import Blur, Identity
@@ -41,6 +41,18 @@ def test_face_matching_by_box_overlap():
     output = np.array([[21, 21, 31, 31], [1, 0, 11, 10], [80, 80, 90, 90]], dtype=float)
     assert sorted(match_faces(original, output)) == [(0, 1), (1, 0)]
     assert match_faces(original, np.zeros((0, 4))) == []
+
+
+def test_box_agreement_counts_missing_faces_as_zero():
+    requested = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], dtype=float)
+    detected = np.array([[0, 0, 10, 5], [20, 20, 30, 30]], dtype=float)  # half of the first, all of the second
+    ious = requested_box_iou(requested, detected)
+    np.testing.assert_allclose(ious, [0.5, 1.0, 0.0], atol=1e-6)
+    metric = BoxAgreement()
+    metric.update(torch.as_tensor(ious))
+    metric.update(torch.as_tensor(requested_box_iou(requested[:1], np.zeros((0, 4)))))  # nothing detected
+    assert float(metric.compute()) == pytest.approx(1.5 / 4)
+    assert math.isnan(float(BoxAgreement().compute()))
 
 
 def test_attribute_preservation_maths():
@@ -160,10 +172,11 @@ def test_eval_demo_end_to_end(tmp_path, trained_checkpoint, tiny_faces_dir):
             ],
         )
     results = run_evaluation(cfg)
-    assert [r["model"] for r in results] == ["identity", "blur", "base", "light"]
+    assert [r["model"] for r in results] == ["identity", "blur", "base", "light", "no_adapter"]
     identity = results[0]
     assert identity["fid"] == pytest.approx(0.0, abs=1e-2) and identity["reid/tiny_arcface/verification"] == 1.0
     assert all(math.isfinite(r["fid"]) for r in results) and results[2]["fid"] > 0
+    assert all(0.0 <= r["attr/box_iou"] <= 1.0 for r in results)  # synthetic scenes always request boxes
     out = tmp_path / "eval"
     for name in ("results.md", "results.csv", "results.json", "config.yaml", "samples/batch_000.png"):
         assert (out / name).is_file(), name

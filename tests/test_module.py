@@ -198,3 +198,23 @@ def test_consecutive_nonfinite_losses_save_the_last_good_state_and_stop(make_cfg
     state = torch.load(saved, map_location="cpu", weights_only=True)
     for name, value in _trainable(module).items():  # weights after the one good step
         assert torch.equal(state["state_dict"][name], value), name
+
+
+def test_conditioning_gain_swaps_persons_at_the_same_noise(tiny_module):
+    """The gain is exactly zero when persons cannot act (adapter scale 0: the same computation twice, same noise
+    and timesteps), non-zero when they can, and depends only on which persons each image gets."""
+    batch = _batch(tiny_module, size=3)
+    loss, gain = tiny_module.validation_losses(batch, 0)
+    again, same_gain = tiny_module.validation_losses(batch, 0)
+    assert float(loss) == float(again) and float(gain) == float(same_gain)  # same computation: seeded
+    assert float(gain) != 0.0
+    for processor in tiny_module.unet.attn_processors.values():
+        if hasattr(processor, "to_k_ip"):
+            processor.scale = [0.0]
+    _, no_effect = tiny_module.validation_losses(batch, 0)
+    assert float(no_effect) == 0.0
+    tiny_module.hparams.validation = {"conditioning_gain": False}
+    assert tiny_module.validation_losses(batch, 0)[1] is None
+    tiny_module.hparams.validation = {}
+    one = {k: v[:1] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
+    assert tiny_module.validation_losses(one, 0)[1] is None  # nobody to swap with

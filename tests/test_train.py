@@ -30,7 +30,8 @@ def test_every_experiment_composes_and_resolves(make_cfg, experiment, tmp_path):
         resolved = OmegaConf.to_container(cfg, resolve=True)
         anonymizers = resolved["anonymizers"]
         assert (
-            resolved["rows"] == ["identity", "blur", "base", "light"] and anonymizers["light"]["checkpoint"] == "x.ckpt"
+            resolved["rows"][:4] == ["identity", "blur", "base", "light"]
+            and anonymizers["light"]["checkpoint"] == anonymizers["no_adapter"]["checkpoint"] == "x.ckpt"
         )
         for row in resolved["rows"]:  # every row is an anonymizer built from its _target_
             assert "_target_" in anonymizers[row], row
@@ -78,6 +79,7 @@ def test_tiny_train_and_validate_run(make_cfg, tmp_path, tiny_model_dir):
     assert {"train/loss", "val/loss"} <= set(metrics)
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert [r["step"] for r in rows if r.get("val/loss")] == ["1", "3"]
+    assert [r["step"] for r in rows if r.get("val/conditioning_gain")] == ["1", "3"]  # logged at every validation
     assert sum(1 for r in rows if r.get("train/loss_step")) >= 1
     assert (tmp_path / "samples" / "step_0000004.png").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

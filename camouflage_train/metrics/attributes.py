@@ -1,5 +1,6 @@
 """Attribute preservation between matched original and anonymized faces: age MAE, gender agreement, and
-head-pose (yaw/pitch/roll from the five keypoints) mean absolute error."""
+head-pose (yaw/pitch/roll from the five keypoints) mean absolute error; and box agreement, the mean IoU between
+each requested person box and the face detected for it in the output (0 when none is)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,26 @@ class AttributePreservation(Metric):
             "gender_agreement": self.gender_same / pairs,
             "pose_mae": self.pose_abs / pairs,
         }
+
+
+class BoxAgreement(Metric):
+    """Mean IoU of requested boxes with their assigned output faces
+    (:func:`~camouflage_train.metrics.reid.requested_box_iou`); a request without a face counts 0, so a method
+    that draws fewer people than asked is not rewarded."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("iou_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("requests", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, ious: torch.Tensor) -> None:
+        """``ious``: one value per requested box."""
+        self.iou_sum += ious.double().sum()
+        self.requests += ious.numel()
+
+    def compute(self) -> torch.Tensor:
+        if self.requests == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        return self.iou_sum / self.requests

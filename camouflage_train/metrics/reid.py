@@ -29,6 +29,17 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
 
 
+def requested_box_iou(requested: np.ndarray, detected: np.ndarray) -> np.ndarray:
+    """For each requested box ``[R, 4]``, its IoU with the detected face ``[D, 4]`` it is assigned to (Hungarian
+    on IoU); 0 for a request no face was assigned to (fewer faces than requests, or no overlap)."""
+    out = np.zeros(len(requested))
+    iou = box_iou(requested, detected)
+    if iou.size:
+        rows, cols = linear_sum_assignment(-iou)
+        out[rows] = iou[rows, cols]
+    return out
+
+
 def match_faces(original: np.ndarray, anonymized: np.ndarray, min_iou: float = 0.3) -> list[tuple[int, int]]:
     """Pairs (original index, anonymized index) maximising total IoU, each with IoU >= ``min_iou``."""
     iou = box_iou(original, anonymized)

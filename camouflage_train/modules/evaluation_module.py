@@ -24,10 +24,10 @@ from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import make_grid
 
 from camouflage_train.data.sampling import image_seed
-from camouflage_train.metrics.attributes import AttributePreservation
+from camouflage_train.metrics.attributes import AttributePreservation, BoxAgreement
 from camouflage_train.metrics.clip import ClipScorer, ClipScores, WeightsUnavailableError
 from camouflage_train.metrics.faces import FaceAnalyzer, FaceSet
-from camouflage_train.metrics.reid import ReIdentification, match_faces
+from camouflage_train.metrics.reid import ReIdentification, match_faces, requested_box_iou
 from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.pipelines.anonymizer import Anonymizer
 
@@ -84,6 +84,7 @@ class JointEvaluationModule(L.LightningModule):
             }
         )
         self.attributes = nn.ModuleDict({row: AttributePreservation() for row in self.rows})
+        self.boxes = nn.ModuleDict({row: BoxAgreement() for row in self.rows})
         self.clip_scores = nn.ModuleDict({row: ClipScores() for row in self.rows})
         fids, kids = zip(*(_fid_metrics(fid_feature, kid_subset_size) for _ in self.rows), strict=True)
         self.fid, self.kid = (
@@ -97,8 +98,12 @@ class JointEvaluationModule(L.LightningModule):
             anonymizer.to(self.device)
         self.clip.to(self.device)
 
-    def _update_faces(self, row: str, originals: list[FaceSet], outputs: list[FaceSet]) -> None:
+    def _update_faces(
+        self, row: str, originals: list[FaceSet], outputs: list[FaceSet], requested: list[np.ndarray]
+    ) -> None:
         ages, genders, poses = [], [], []
+        for boxes, output in zip(requested, outputs, strict=True):
+            self.boxes[row].update(torch.as_tensor(requested_box_iou(boxes, output.boxes)))
         for original, output in zip(originals, outputs, strict=True):
             pairs = match_faces(original.boxes, output.boxes)
             matched_o = [i for i, _ in pairs]
@@ -125,12 +130,18 @@ class JointEvaluationModule(L.LightningModule):
         prompts = list(batch["caption"])
         caption_clip = self.clip.text_features(prompts)
         persons = PersonBatch.from_batch(batch)
+        width, height = originals[0].size
+        scale = np.array([width, height, width, height], dtype=np.float64)
+        requested = [  # the person boxes the outputs should show faces in, in pixels
+            boxes.cpu().double().numpy()[mask.cpu().numpy()] * scale
+            for boxes, mask in zip(persons.boxes, persons.mask, strict=True)
+        ]
         grid = [real_uint8.cpu()]
         for row, anonymize in self.anonymizers.items():
             made = anonymize(originals, persons, seeds, prompts)
             outputs = [image.convert("RGB").resize(originals[0].size) for image in made]
             fake_uint8 = torch.stack([TF.pil_to_tensor(image) for image in outputs]).to(self.device)
-            self._update_faces(row, original_faces, [self.faces(image) for image in outputs])
+            self._update_faces(row, original_faces, [self.faces(image) for image in outputs], requested)
             self.fid[row].update(real_uint8, real=True)
             self.fid[row].update(fake_uint8, real=False)
             self.kid[row].update(real_uint8, real=True)
@@ -151,6 +162,7 @@ class JointEvaluationModule(L.LightningModule):
                 for key, value in metric.compute().items():
                     result[f"reid/{rec}/{key}"] = float(value)
             result.update({f"attr/{k}": float(v) for k, v in self.attributes[row].compute().items()})
+            result["attr/box_iou"] = float(self.boxes[row].compute())
             clip = self.clip_scores[row].compute()
             result["clip/clip_t"], result["clip/clip_i"] = float(clip["clip_t"]), float(clip["clip_i"])
             result["n_images"] = int(clip["n"])  # synchronized across processes

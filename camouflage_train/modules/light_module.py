@@ -44,6 +44,7 @@ from camouflage_train.utils.images import save_sample_grid
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+_PERSON_KEYS = ("boxes", "continuous", "categorical", "person_mask")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,7 +86,8 @@ class LightAdapterModule(L.LightningModule):
             changes, though Lightning still counts the step) and counted in ``train/nonfinite_skipped``; this
             many in a row save ``nonfinite-stop.ckpt`` (the last good weights) and stop the run with
             :class:`NonFiniteLossError`.
-        validation: ``{num_images, num_inference_steps, guidance_scale, seed}`` for the sample grid.
+        validation: ``{num_images, num_inference_steps, guidance_scale, seed}`` for the sample grid, and
+            ``conditioning_gain`` (default true) to log ``val/conditioning_gain`` (see :meth:`validation_losses`).
     """
 
     def __init__(
@@ -383,19 +385,35 @@ class LightAdapterModule(L.LightningModule):
         self._log_skipped(batch, "val")
         if batch.get("size", 1) == 0:
             return
-        # Seeded per batch, so val/loss moves only when the adapter does.
-        generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
-        loss = self.diffusion_loss(batch, generator=generator)
-        self.log(
-            "val/loss", loss, prog_bar=True, on_epoch=True, batch_size=batch["pixel_values"].shape[0], sync_dist=True
-        )
+        size = batch["person_mask"].shape[0]
+        loss, gain = self.validation_losses(batch, batch_idx)
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=size, sync_dist=True)
+        if gain is not None:
+            self.log("val/conditioning_gain", gain, on_epoch=True, batch_size=size, sync_dist=True)
         if batch_idx == 0 and not self.trainer.sanity_checking:
             self.log_samples(batch)
+
+    def validation_losses(self, batch: dict[str, Any], batch_idx: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The validation loss, and the conditioning gain: the loss with every image's persons replaced by the next
+        image's, minus the loss with its own, at the same noise and timesteps. Positive means the adapter uses the
+        attributes (what to watch during a long run); ``None`` for a one-image batch or when switched off
+        (``model.validation.conditioning_gain=false``)."""
+        seed = 10_000 + batch_idx  # seeded per batch, so both move only when the adapter does
+
+        def loss_of(sample: dict[str, Any]) -> torch.Tensor:
+            return self.diffusion_loss(sample, generator=torch.Generator(device=self.device).manual_seed(seed))
+
+        loss = loss_of(batch)
+        wanted = (self.hparams.validation or {}).get("conditioning_gain", True)
+        if not wanted or batch["person_mask"].shape[0] < 2:
+            return loss, None
+        swapped = {**batch, **{k: batch[k].roll(1, dims=0) for k in _PERSON_KEYS}}
+        return loss, loss_of(swapped) - loss
 
     def log_samples(self, batch: dict[str, Any]) -> None:
         """Generate from the batch's persons and captions; save a grid (real | generated) and log it."""
         settings = {"num_images": 4, "num_inference_steps": 25, "guidance_scale": 7.5, "seed": 0}
-        settings.update(self.hparams.validation or {})
+        settings.update({k: v for k, v in (self.hparams.validation or {}).items() if k != "conditioning_gain"})
         count = min(int(settings["num_images"]), batch["pixel_values"].shape[0])
         if count <= 0 or not self.trainer.is_global_zero:
             return
