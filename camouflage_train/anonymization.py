@@ -35,12 +35,12 @@ from camouflage_train.annotation.run import ImageListing, annotate_dataset
 from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset, collate_skipping
 from camouflage_train.data.sampling import image_seed
 from camouflage_train.data.schema import AttributeSchema
-from camouflage_train.data.sources import FolderSource, file_sha256
+from camouflage_train.data.sources import FolderSource
 from camouflage_train.errors import UserError
 from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.utils.atomic import atomic_file
 from camouflage_train.utils.config_checks import validate_config
-from camouflage_train.utils.paths import UnsafePathError, check_input_paths, inside
+from camouflage_train.utils.paths import UnsafePathError, check_input_paths, file_sha256, inside
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,11 @@ def _read_manifest(manifest: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def claim_output(output: Path, settings: Mapping[str, Any], overwrite: bool, annotated_here: bool) -> list[dict]:
+def claim_output(
+    output: Path, settings: Mapping[str, Any], overwrite: bool, annotated_here: bool
+) -> tuple[list[dict[str, Any]], str]:
     """Make ``output`` this run's: refuse results of other settings unless ``overwrite`` (then remove what an
-    earlier run wrote there); write ``run.json``; return the manifest rows to keep."""
+    earlier run wrote there); write ``run.json``; return the manifest rows to keep and the settings' fingerprint."""
     manifest, record = output / "manifest.jsonl", output / "run.json"
     rows = _read_manifest(manifest)
     fingerprint = _fingerprint(settings)
@@ -215,7 +217,7 @@ def claim_output(output: Path, settings: Mapping[str, Any], overwrite: bool, ann
         rows = []
     output.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=2))
-    return rows
+    return rows, fingerprint
 
 
 def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
@@ -233,8 +235,7 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
     settings = output_settings(cfg)
     schema = AttributeSchema.from_config(cfg.attributes)
     listing = None if cfg.get("persons") else ImageListing(cfg.input.folder, min_image_size=cfg.input.min_image_size)
-    kept_rows = claim_output(output, settings, bool(cfg.overwrite), annotated_here=listing is not None)
-    fingerprint = _fingerprint(settings)
+    kept_rows, fingerprint = claim_output(output, settings, bool(cfg.overwrite), annotated_here=listing is not None)
     device = _device(cfg.device)
     model = instantiate(cfg.model)  # before annotating: a model that does not load fails in seconds, not hours
     sidecar = Path(cfg.persons) if cfg.get("persons") else output / "persons.jsonl"

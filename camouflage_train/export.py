@@ -20,7 +20,6 @@ A checkpoint trained on another base model than ``base_model`` is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,10 @@ from safetensors.torch import save_file
 
 from camouflage_train.errors import UserError
 from camouflage_train.models.attribute_encoder import AttributeEncoder, encoder_state_dict
-from camouflage_train.models.ip_adapter import checkpoint_state_dict
+from camouflage_train.models.ip_adapter import AdapterConfig, checkpoint_state_dict
 from camouflage_train.utils.atomic import atomic_folder
 from camouflage_train.utils.checkpoints import read_checkpoint
+from camouflage_train.utils.paths import file_sha256
 
 WEIGHT_NAME = "ip-adapter_camouflage"
 MANIFEST = "export_manifest.json"
@@ -158,11 +158,10 @@ def _check_replaceable(output: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise ExportError(f"output: {output} exists; pass overwrite=true to replace an earlier export")
-    manifest = output / MANIFEST
     try:
-        listed = set(json.loads(manifest.read_text())["files"]) if output.is_dir() else None
-        tool = json.loads(manifest.read_text()).get("tool")
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = json.loads((output / MANIFEST).read_text())
+        listed, tool = set(manifest["files"]), manifest.get("tool")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, not JSON, not our layout
         listed, tool = None, None
     if listed is None or tool != _TOOL:
         raise ExportError(
@@ -179,11 +178,7 @@ def _check_replaceable(output: Path, overwrite: bool) -> None:
 
 
 def _write_manifest(folder: Path) -> None:
-    files = {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+    files = {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
     (folder / MANIFEST).write_text(json.dumps({"tool": _TOOL, "files": files}, indent=2))
 
 
@@ -214,7 +209,7 @@ def export_adapter(
         state = checkpoint_state_dict(checkpoint)
     except ValueError as error:
         raise ExportError(f"checkpoint: {checkpoint_path}: {error}") from None
-    encoder = AttributeEncoder.from_adapter_config(meta["schema"], adapter)
+    encoder = AttributeEncoder.from_adapter_config(meta["schema"], AdapterConfig(**adapter))
     encoder.load_state_dict(encoder_state_dict(checkpoint))
     config = {
         "format": 1,

@@ -12,7 +12,7 @@ from tests.conftest import assert_user_error, run_script
 
 # Batched and single-image generation run different kernels (BLAS blocking, thread splits), so the same image
 # made in another batch may differ in the last bit, which can flip an 8-bit rounding. Measured on the tiny
-# models (4 steps, fp32, 2-core AMD EPYC): at most 1 level, in 0.003 % of the pixel values. Asserted with room:
+# models (4 steps, fp32, 2-core AMD EPYC): at most 1 level, in under 0.01 % of the values. Asserted with room:
 BATCH_TOLERANCE_MAX, BATCH_TOLERANCE_MEAN = 3, 0.05  # 8-bit levels
 
 
@@ -97,6 +97,8 @@ def test_base_anonymizes_a_mixed_folder_resumes_and_is_batch_independent(mixed_f
     shutil.rmtree(out)
     assert _anonymize(mixed_folder, out, "model=base_tiny", "batch_size=1").returncode == 0
     gaps = [np.abs(_pixels(out / "images" / name) - pixels) for name, pixels in first.items()]
+    values = sum(g.size for g in gaps)
+    print(f"batch 1 vs 4: max {max(g.max() for g in gaps)}/255, {sum((g > 0).sum() for g in gaps) / values:.4%} differ")
     assert max(g.max() for g in gaps) <= BATCH_TOLERANCE_MAX and np.mean(gaps) <= BATCH_TOLERANCE_MEAN, [
         (g.max(), g.mean()) for g in gaps
     ]

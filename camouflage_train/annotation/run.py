@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -32,6 +33,7 @@ from camouflage_train.annotation.faces import RECORD_SCHEMA_VERSION
 from camouflage_train.data.images import BadSampleError, load_rgb
 from camouflage_train.data.schema import keep_largest
 from camouflage_train.errors import DataError, InputError
+from camouflage_train.utils.config_checks import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -243,10 +245,6 @@ class AnnotateConfig:
 
 def run_annotation(cfg: DictConfig) -> AnnotationSummary:
     """``annotate.py``: check the config and inputs, list the images, build the annotator, annotate."""
-    from hydra.utils import instantiate
-
-    from camouflage_train.utils.config_checks import validate_config
-
     validate_config(cfg, AnnotateConfig)
     listing = ImageListing(**cfg.input)
     return annotate_dataset(

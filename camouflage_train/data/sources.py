@@ -25,6 +25,7 @@ from camouflage_train.data.images import load_rgb
 from camouflage_train.data.schema import AttributeSchema, InvalidRecordError, as_schema
 from camouflage_train.data.synthetic import draw_scene
 from camouflage_train.errors import DataError, InputError
+from camouflage_train.utils.paths import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +119,6 @@ def screen_rows(
             "raise the source's max_skipped_fraction (e.g. data.train_source.max_skipped_fraction=0.2)"
         )
     return kept, skipped, dropped
-
-
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_sidecar(path: str | Path) -> tuple[list[dict[str, Any]], list[RejectedRow]]:

@@ -20,6 +20,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from camouflage_train.data.schema import AttributeSchema
+from camouflage_train.models.ip_adapter import AdapterConfig
 
 
 class FourierFeatures(nn.Module):
@@ -77,17 +78,15 @@ class AttributeEncoder(ModelMixin, ConfigMixin):
         self.mlp = nn.Sequential(*layers)
 
     @classmethod
-    def from_adapter_config(cls, schema: dict[str, Any], config: Any) -> AttributeEncoder:
-        """The encoder of an adapter of size ``config`` (an :class:`~camouflage_train.models.ip_adapter.AdapterConfig`
-        or its dict, as stored in training checkpoints)."""
-        get = config.get if isinstance(config, dict) else lambda name: getattr(config, name)
+    def from_adapter_config(cls, schema: dict[str, Any], config: AdapterConfig) -> AttributeEncoder:
+        """The encoder of an adapter of size ``config`` (training, the Light pipeline and export build it so)."""
         return cls(
             schema=schema,
-            embed_dim=get("embed_dim"),
-            width=get("encoder_width"),
-            depth=get("encoder_depth"),
-            fourier_freqs=get("fourier_freqs"),
-            category_dim=get("category_dim"),
+            embed_dim=config.embed_dim,
+            width=config.encoder_width,
+            depth=config.encoder_depth,
+            fourier_freqs=config.fourier_freqs,
+            category_dim=config.category_dim,
         )
 
     def forward(self, boxes: torch.Tensor, continuous: torch.Tensor, categorical: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""Output paths built from data (file names in datasets and sidecars) must stay inside their folder."""
+"""Paths: output names built from data (file names in datasets and sidecars) must stay inside their folder;
+input paths are checked before any work; files are identified by content hash."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,3 +39,12 @@ def check_input_paths(expected: Mapping[str, tuple[str | Path | None, str]]) -> 
             problems.append(f"{key}: '{path}' is not a folder")
     if problems:
         raise InputError("missing input:\n  " + "\n  ".join(problems))
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's content, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
