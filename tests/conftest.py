@@ -45,7 +45,7 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
 @pytest.fixture
 def demo_cfg(make_cfg: Callable[..., DictConfig]) -> DictConfig:
-    return make_cfg("experiment=demo")
+    return make_cfg("experiment=demo_tiny")
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def cpu_trainer(tmp_path: Path, **kwargs):
 @pytest.fixture
 def trained_checkpoint(make_cfg, tmp_path, tiny_model_dir):
     """(checkpoint path, module) after two demo training steps."""
-    cfg = make_cfg("experiment=demo", "data.batch_size=2")
+    cfg = make_cfg("experiment=demo_tiny", "data.batch_size=2")
     module = instantiate(cfg.model)
     trainer = cpu_trainer(tmp_path, max_steps=2)
     trainer.fit(module, datamodule=instantiate(cfg.data))

@@ -102,7 +102,7 @@ def _sidecar(corpus, path):
 
 
 def test_sidecar_screening_caching_and_training_survive_the_corpus(corpus, tmp_path, make_cfg, tiny_model_dir):
-    cfg = make_cfg("experiment=demo")
+    cfg = make_cfg("experiment=demo_tiny")
     schema = dict(cfg.attributes)
     sidecar = _sidecar(corpus, tmp_path / "persons.jsonl")
     source = FolderSource(corpus, sidecar, schema=schema, min_image_size=8, max_skipped_fraction=0.3)
@@ -142,7 +142,7 @@ def test_sidecar_screening_caching_and_training_survive_the_corpus(corpus, tmp_p
 
 
 def test_a_fully_bad_dataset_stops_with_a_clear_error(corpus, tmp_path, make_cfg, tiny_model_dir):
-    cfg = make_cfg("experiment=demo")
+    cfg = make_cfg("experiment=demo_tiny")
     schema = dict(cfg.attributes)
     bad_rows = tmp_path / "bad_rows.jsonl"
     bad_rows.write_text(json.dumps({"file": "gray.png", "persons": [{"box": [0, 0, 1, 1]}]}) + "\n")

@@ -12,7 +12,7 @@ from camouflage_train.data.dataset import collate_skipping
 
 def _datamodule(make_cfg, tmp_path, *overrides):
     cfg = make_cfg(
-        "experiment=demo",
+        "experiment=demo_tiny",
         "data.cache.enabled=true",
         "data.cache.dtype=fp32",
         f"data.cache.root={tmp_path}/latents",

@@ -79,7 +79,7 @@ def test_a_users_method_runs_in_anonymize_and_evaluate(user_method, tmp_path, sc
         cfg = compose(
             "evaluate.yaml",
             overrides=[
-                "experiment=eval_demo",
+                "experiment=eval_tiny",
                 f"hydra.searchpath=[file://{user_method}]",
                 "+anonymize/model@anonymizers.pixelate=pixelate",
                 "rows=[identity,pixelate]",

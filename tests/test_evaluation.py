@@ -165,7 +165,7 @@ def test_eval_demo_end_to_end(tmp_path, trained_checkpoint, tiny_faces_dir):
         cfg = compose(
             "evaluate.yaml",
             overrides=[
-                "experiment=eval_demo",
+                "experiment=eval_tiny",
                 f"light_checkpoint={path}",
                 f"paths.output_dir={tmp_path / 'eval'}",
                 "logger=csv",
@@ -183,7 +183,7 @@ def test_eval_demo_end_to_end(tmp_path, trained_checkpoint, tiny_faces_dir):
     grid = Image.open(out / "samples" / "batch_000.png")
     assert grid.size[0] > 4 * 64  # original + 4 rows side by side
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        no_ckpt = compose("evaluate.yaml", overrides=["experiment=eval_demo", f"paths.output_dir={tmp_path}"])
+        no_ckpt = compose("evaluate.yaml", overrides=["experiment=eval_tiny", f"paths.output_dir={tmp_path}"])
     with pytest.raises(ValueError, match="light_checkpoint"):
         run_evaluation(no_ckpt)
 
@@ -200,7 +200,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path, tiny_faces_dir, tin
             [
                 sys.executable,
                 str(REPO / "evaluate.py"),
-                "experiment=eval_demo",
+                "experiment=eval_tiny",
                 "rows=[identity,blur,base]",
                 f"trainer.devices={devices}",
                 f"trainer.strategy={'ddp' if devices > 1 else 'auto'}",

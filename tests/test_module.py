@@ -77,7 +77,7 @@ def test_prediction_type_targets(tiny_module):
 
 
 def test_checkpoint_holds_only_trainable_weights_and_resumes(make_cfg, tmp_path, tiny_model_dir):
-    cfg = make_cfg("experiment=demo")
+    cfg = make_cfg("experiment=demo_tiny")
     module = instantiate(cfg.model)
     frozen_before = {k: v.clone() for k, v in module.state_dict().items() if k.startswith(FROZEN_PREFIXES)}
     unet_frozen = {n: p.detach().clone() for n, p in module.unet.named_parameters() if not p.requires_grad}
@@ -120,25 +120,25 @@ def test_checkpoint_holds_only_trainable_weights_and_resumes(make_cfg, tmp_path,
 
 
 def test_checkpoint_from_another_adapter_size_is_refused(make_cfg, tmp_path, tiny_model_dir):
-    cfg = make_cfg("experiment=demo")
+    cfg = make_cfg("experiment=demo_tiny")
     module = instantiate(cfg.model)
     trainer = _trainer(tmp_path, max_steps=1)
     trainer.fit(module, datamodule=_datamodule(cfg))
     trainer.save_checkpoint(tmp_path / "a.ckpt")
-    other = instantiate(make_cfg("experiment=demo", "model.adapter.encoder_depth=3").model)
+    other = instantiate(make_cfg("experiment=demo_tiny", "model.adapter.encoder_depth=3").model)
     with pytest.raises(ValueError, match="checkpoint does not match this adapter"):
         _trainer(tmp_path, max_steps=2).fit(other, datamodule=_datamodule(cfg), ckpt_path=tmp_path / "a.ckpt")
 
 
 def test_precision_guards(make_cfg, tmp_path, tiny_model_dir):
-    cfg = make_cfg("experiment=demo", "model.backbone.weight_dtype=bf16")
+    cfg = make_cfg("experiment=demo_tiny", "model.backbone.weight_dtype=bf16")
     module = instantiate(cfg.model)
     autocast = instantiate(
-        make_cfg("experiment=demo", "model.backbone.weight_dtype=bf16", "model.frozen_autocast=true").model
+        make_cfg("experiment=demo_tiny", "model.backbone.weight_dtype=bf16", "model.frozen_autocast=true").model
     )
     with pytest.raises(ValueError, match="needs autocast"):
         _trainer(tmp_path, max_steps=1, precision="32-true").fit(autocast, datamodule=_datamodule(cfg))
-    fp16 = instantiate(make_cfg("experiment=demo", "model.backbone.weight_dtype=fp16").model)
+    fp16 = instantiate(make_cfg("experiment=demo_tiny", "model.backbone.weight_dtype=fp16").model)
     with pytest.raises(ValueError, match=r"fp16 needs trainer\.precision=16-mixed"):
         _trainer(tmp_path, max_steps=1, precision="bf16-mixed").fit(fp16, datamodule=_datamodule(cfg))
     with pytest.raises(ValueError, match="would cast the trainable adapter"):
@@ -146,7 +146,7 @@ def test_precision_guards(make_cfg, tmp_path, tiny_model_dir):
 
 
 def test_bf16_mixed_training_step_keeps_adapter_fp32(make_cfg, tmp_path, tiny_model_dir):
-    cfg = make_cfg("experiment=demo", "model.backbone.weight_dtype=bf16")
+    cfg = make_cfg("experiment=demo_tiny", "model.backbone.weight_dtype=bf16")
     module = instantiate(cfg.model)
     trainer = _trainer(tmp_path, max_steps=2, precision="bf16-mixed")
     trainer.fit(module, datamodule=_datamodule(cfg))
@@ -167,7 +167,7 @@ def _trainable(module):
 
 def test_nonfinite_loss_steps_are_skipped_and_counted(make_cfg, tmp_path, tiny_model_dir):
     # No LR schedule: Lightning still counts a skipped step (optimizer/scheduler counters advance, no weights move).
-    cfg = make_cfg("experiment=demo", "data.batch_size=2", "model.nonfinite_patience=2", "model.lr_scheduler=null")
+    cfg = make_cfg("experiment=demo_tiny", "data.batch_size=2", "model.nonfinite_patience=2", "model.lr_scheduler=null")
     dm = instantiate(cfg.data)
     dm.setup("fit")
     good = list(itertools.islice(dm.train_dataloader(), 3))
@@ -185,7 +185,7 @@ def test_nonfinite_loss_steps_are_skipped_and_counted(make_cfg, tmp_path, tiny_m
 def test_consecutive_nonfinite_losses_save_the_last_good_state_and_stop(make_cfg, tmp_path, tiny_model_dir):
     from camouflage_train.modules.light_module import NonFiniteLossError
 
-    cfg = make_cfg("experiment=demo", "data.batch_size=2", "model.nonfinite_patience=2")
+    cfg = make_cfg("experiment=demo_tiny", "data.batch_size=2", "model.nonfinite_patience=2")
     dm = instantiate(cfg.data)
     dm.setup("fit")
     good = next(iter(dm.train_dataloader()))

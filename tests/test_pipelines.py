@@ -108,7 +108,7 @@ def test_base_img2img_and_seeds(scenes, tiny_model_dir):
 
 def test_light_at_adapter_scale_zero_is_the_stock_pipeline(scenes, make_cfg, tiny_model_dir):
     images, batch = scenes
-    module = instantiate(make_cfg("experiment=demo").model)
+    module = instantiate(make_cfg("experiment=demo_tiny").model)
     backbone = load_frozen_backbone("preset:tiny")
     persons = PersonBatch.from_batch(batch)
     prompts = list(batch["caption"])

@@ -19,7 +19,7 @@ from tests.conftest import REPO
 # Small and deterministic: 16 images, batch 2 -> 8 steps per epoch, so step 12 is in the second epoch and
 # a kill after step 6 lands mid-epoch. Checkpoints every 3 steps, no validation (it never touches weights).
 COMMON = (
-    "experiment=demo",
+    "experiment=demo_tiny",
     "logger=csv",
     "data.train_source.num_samples=16",
     "trainer.limit_val_batches=0",

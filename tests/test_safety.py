@@ -55,15 +55,15 @@ def test_every_shipped_experiment_validates(tmp_path):
 @pytest.mark.slow
 def test_secrets_are_refused_in_configs_and_never_written(tmp_path, make_cfg, tiny_model_dir):
     with pytest.raises(ConfigError, match=r"logger\.wandb\.api_key: looks like a secret"):
-        validate_config(make_cfg("experiment=demo", "+logger.wandb.api_key=abc"))
+        validate_config(make_cfg("experiment=demo_tiny", "+logger.wandb.api_key=abc"))
     with pytest.raises(ConfigError, match=r"data\.train_source\.hf_token: looks like a secret"):
-        validate_config(make_cfg("experiment=demo", "+data.train_source.hf_token=abc"))
+        validate_config(make_cfg("experiment=demo_tiny", "+data.train_source.hf_token=abc"))
     # Tokens in the environment (where they belong) appear in no log, saved config or W&B file.
     sentinel = "sk-camouflage-sentinel-3141592653"
     env = {**os.environ, "WANDB_API_KEY": sentinel, "HF_TOKEN": sentinel, "WANDB_MODE": "offline"}
     run = tmp_path / "run"
     done = _train(
-        "experiment=demo", "trainer.max_steps=2", "trainer.limit_val_batches=0", f"hydra.run.dir={run}", env=env
+        "experiment=demo_tiny", "trainer.max_steps=2", "trainer.limit_val_batches=0", f"hydra.run.dir={run}", env=env
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert sentinel not in done.stdout + done.stderr

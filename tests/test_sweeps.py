@@ -42,7 +42,7 @@ def test_offline_multirun_over_adapter_sizes_writes_a_summary(tmp_path, tiny_mod
             sys.executable,
             str(REPO / "train.py"),
             "-m",
-            "experiment=demo",
+            "experiment=demo_tiny",
             "model.adapter.tokens_per_person=1,2",
             "trainer.max_steps=3",
             "trainer.val_check_interval=3",

@@ -66,7 +66,7 @@ def test_demo_data_instantiates(demo_cfg):
 @pytest.mark.slow
 def test_tiny_train_and_validate_run(make_cfg, tmp_path, tiny_model_dir):
     cfg = make_cfg(
-        "experiment=demo",
+        "experiment=demo_tiny",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
         "trainer.limit_val_batches=1",

@@ -26,7 +26,7 @@ def test_typos_name_the_key_and_the_closest_valid_one(tmp_path):
     added = run_script("export.py", f"checkpoint={tmp_path}/a.ckpt", f"output={tmp_path}/x", "+overwite=true")
     assert_user_error(added, "+overwite=true", "unknown key for ExportConfig; did you mean 'overwrite'?")
     existing = run_script(
-        "train.py", "experiment=demo", "model.adapter.tokens_per_persn=2", f"hydra.run.dir={tmp_path}"
+        "train.py", "experiment=demo_tiny", "model.adapter.tokens_per_persn=2", f"hydra.run.dir={tmp_path}"
     )
     assert_user_error(existing, "'model.adapter.tokens_per_persn': unknown key for model.adapter; did you mean")
     assert "'tokens_per_person'? (accepted: category_dim, embed_dim," in existing.stderr
@@ -44,7 +44,7 @@ def test_export_of_a_file_that_is_not_a_checkpoint_never_suggests_unsafe_loading
 def test_missing_inputs_are_named_with_their_key_before_any_work(tmp_path, images):
     missing = tmp_path / "nowhere" / "last.ckpt"
     evaluation = run_script(
-        "evaluate.py", "experiment=eval_demo", f"light_checkpoint={missing}", f"hydra.run.dir={tmp_path}/eval"
+        "evaluate.py", "experiment=eval_tiny", f"light_checkpoint={missing}", f"hydra.run.dir={tmp_path}/eval"
     )
     assert_user_error(evaluation, f"light_checkpoint: '{missing}' does not exist")
     out = tmp_path / "anon"
@@ -119,7 +119,7 @@ def _folder_dataset(root, schema, good: int, bad_lines: list[str] = ()):
     return root
 
 
-FOLDER = ("experiment=demo", "data=folder", "data.resolution=64", "data.num_workers=0", "logger=csv")
+FOLDER = ("experiment=demo_tiny", "data=folder", "data.resolution=64", "data.num_workers=0", "logger=csv")
 
 
 def test_a_dataset_too_small_for_one_batch_fails_with_the_numbers(tmp_path, schema):

@@ -8,6 +8,7 @@ feature tilt = roll), so an adapter has something real to learn.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ def _rotate(
     return [(cx + (x - cx) * cos - (y - cy) * sin, cy + (x - cx) * sin + (y - cy) * cos) for x, y in points]
 
 
-def _sample_person(rng: np.random.Generator, schema: AttributeSchema, occupied: list[list[float]]) -> dict[str, Any]:
+def sample_person(rng: np.random.Generator, schema: AttributeSchema, occupied: list[list[float]]) -> dict[str, Any]:
     """Draw a random face box that overlaps earlier ones little, plus attribute values inside the schema."""
     for _ in range(20):
         w = float(rng.uniform(0.15, 0.35))
@@ -43,9 +44,25 @@ def _sample_person(rng: np.random.Generator, schema: AttributeSchema, occupied: 
     return person
 
 
-def _draw_person(
-    draw: ImageDraw.ImageDraw, person: dict[str, Any], size: tuple[int, int], rng: np.random.Generator
-) -> None:
+@dataclass(frozen=True)
+class Appearance:
+    """What no attribute carries: the person's identity in this world (and the hair colour, grey past 45)."""
+
+    hair: tuple[int, int, int]
+    clothes: tuple[int, int, int]
+    skin: tuple[int, int, int]
+
+
+def sample_appearance(rng: np.random.Generator, age: float) -> Appearance:
+    grey = int(np.clip(40 + age * 2.0, 40, 235))
+    hair = (grey, grey, grey) if age > 45 else (int(rng.integers(40, 120)), int(rng.integers(20, 60)), 10)
+    clothes = tuple(int(v) for v in rng.integers(30, 225, size=3))
+    skin = tuple(int(v) for v in np.array([225, 185, 150]) * rng.uniform(0.55, 1.0))
+    return Appearance(hair, clothes, skin)  # type: ignore[arg-type]
+
+
+def _face_geometry(person: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
+    """Pixel geometry of a face: box, centre and the (roll-rotated) eye centres, nose triangle and mouth line."""
     width, height = size
     x0, y0, x1, y1 = (
         person["box"][0] * width,
@@ -55,25 +72,11 @@ def _draw_person(
     )
     fw, fh = x1 - x0, y1 - y0
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    age = float(person.get("age", 40.0))
-    grey = int(np.clip(40 + age * 2.0, 40, 235))
-    hair = (grey, grey, grey) if age > 45 else (int(rng.integers(40, 120)), int(rng.integers(20, 60)), 10)
-    long_hair = person.get("gender") in ("female", 0)
-    clothes = tuple(int(v) for v in rng.integers(30, 225, size=3))
-    skin = tuple(int(v) for v in np.array([225, 185, 150]) * rng.uniform(0.55, 1.0))
-    # Body below the face, then hair, then the face on top.
-    draw.rectangle([cx - 0.9 * fw, y1 + 0.05 * fh, cx + 0.9 * fw, min(height, y1 + 2.5 * fh)], fill=clothes)
-    hair_bottom = y1 + 0.4 * fh if long_hair else cy
-    draw.rectangle([x0 - 0.08 * fw, y0 - 0.1 * fh, x1 + 0.08 * fw, hair_bottom], fill=hair)
-    draw.ellipse([x0, y0 + 0.1 * fh, x1, y1], fill=skin)
     # Features shift with yaw/pitch and tilt with roll.
     dx = float(person.get("yaw", 0.0)) / 90.0 * 0.25 * fw
     dy = float(person.get("pitch", 0.0)) / 90.0 * 0.25 * fh
     roll = float(person.get("roll", 0.0))
-    eye_r = max(1.0, 0.07 * fw)
-    for ex in (-0.2, 0.2):
-        ((px, py),) = _rotate([(cx + ex * fw + dx, cy - 0.05 * fh + dy)], (cx, cy), roll)
-        draw.ellipse([px - eye_r, py - eye_r, px + eye_r, py + eye_r], fill=(20, 20, 20))
+    eyes = _rotate([(cx + ex * fw + dx, cy - 0.05 * fh + dy) for ex in (-0.2, 0.2)], (cx, cy), roll)
     nose = _rotate(
         [
             (cx + 1.4 * dx, cy + 0.08 * fh + dy),
@@ -83,11 +86,44 @@ def _draw_person(
         (cx, cy),
         roll,
     )
-    draw.polygon(nose, fill=(150, 90, 70))
     mouth = _rotate(
         [(cx - 0.15 * fw + dx, cy + 0.3 * fh + dy), (cx + 0.15 * fw + dx, cy + 0.3 * fh + dy)], (cx, cy), roll
     )
-    draw.line(mouth, fill=(120, 30, 30), width=max(1, int(0.04 * fh)))
+    return {"box": (x0, y0, x1, y1), "size": (fw, fh), "center": (cx, cy), "eyes": eyes, "nose": nose, "mouth": mouth}
+
+
+def face_keypoints(person: dict[str, Any], size: tuple[int, int]) -> np.ndarray:
+    """insightface's five keypoints of a drawn face in pixels ``[5, 2]``: eyes, nose tip, mouth corners."""
+    g = _face_geometry(person, size)
+    return np.array([g["eyes"][0], g["eyes"][1], g["nose"][0], g["mouth"][0], g["mouth"][1]], dtype=np.float32)
+
+
+def draw_person(
+    draw: ImageDraw.ImageDraw, person: dict[str, Any], size: tuple[int, int], appearance: Appearance
+) -> None:
+    g = _face_geometry(person, size)
+    x0, y0, x1, y1 = g["box"]
+    fw, fh = g["size"]
+    cx, cy = g["center"]
+    long_hair = person.get("gender") in ("female", 0)
+    # Body below the face, then hair, then the face on top.
+    draw.rectangle([cx - 0.9 * fw, y1 + 0.05 * fh, cx + 0.9 * fw, min(size[1], y1 + 2.5 * fh)], fill=appearance.clothes)
+    hair_bottom = y1 + 0.4 * fh if long_hair else cy
+    draw.rectangle([x0 - 0.08 * fw, y0 - 0.1 * fh, x1 + 0.08 * fw, hair_bottom], fill=appearance.hair)
+    draw.ellipse([x0, y0 + 0.1 * fh, x1, y1], fill=appearance.skin)
+    eye_r = max(1.0, 0.07 * fw)
+    for px, py in g["eyes"]:
+        draw.ellipse([px - eye_r, py - eye_r, px + eye_r, py + eye_r], fill=(20, 20, 20))
+    draw.polygon(g["nose"], fill=(150, 90, 70))
+    draw.line(g["mouth"], fill=(120, 30, 30), width=max(1, int(0.04 * fh)))
+
+
+def draw_background(rng: np.random.Generator, resolution: int) -> Image.Image:
+    """A vertical gradient between two random colours."""
+    top, bottom = rng.integers(0, 256, size=3), rng.integers(0, 256, size=3)
+    ramp = np.linspace(0.0, 1.0, resolution, dtype=np.float32)[:, None, None]
+    background = (top * (1 - ramp) + bottom * ramp).astype(np.uint8)
+    return Image.fromarray(np.broadcast_to(background, (resolution, resolution, 3)).copy())
 
 
 def draw_scene(
@@ -97,15 +133,12 @@ def draw_scene(
     rng = np.random.default_rng(seed)
     upper = schema.max_persons if max_persons is None else max_persons
     count = int(rng.integers(min_persons, upper + 1))
-    top, bottom = rng.integers(0, 256, size=3), rng.integers(0, 256, size=3)
-    ramp = np.linspace(0.0, 1.0, resolution, dtype=np.float32)[:, None, None]
-    background = (top * (1 - ramp) + bottom * ramp).astype(np.uint8)
-    image = Image.fromarray(np.broadcast_to(background, (resolution, resolution, 3)).copy())
+    image = draw_background(rng, resolution)
     draw = ImageDraw.Draw(image)
     persons: list[dict[str, Any]] = []
     for _ in range(count):
-        persons.append(_sample_person(rng, schema, [p["box"] for p in persons]))
+        persons.append(sample_person(rng, schema, [p["box"] for p in persons]))
     # Far persons (higher up) first, so nearer ones overlap them.
     for person in sorted(persons, key=lambda p: p["box"][3]):
-        _draw_person(draw, person, (resolution, resolution), rng)
+        draw_person(draw, person, (resolution, resolution), sample_appearance(rng, float(person.get("age", 40.0))))
     return image, persons

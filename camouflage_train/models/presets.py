@@ -51,6 +51,27 @@ def write_clip_tokenizer(folder: Path) -> None:
 CONFIG_ROOT = Path(__file__).parent / "configs"
 
 
+def write_model_index(folder: Path, scheduler_class: str) -> None:
+    """``model_index.json`` of a ``StableDiffusionPipeline`` without safety checker or image encoder."""
+    import diffusers
+
+    model_index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
+
+
 def build_from_configs(config_dir: Path, folder: Path, seed: int = 0) -> None:
     """Instantiate random weights from the component configs in ``config_dir`` and save a diffusers folder."""
     import diffusers
@@ -67,25 +88,15 @@ def build_from_configs(config_dir: Path, folder: Path, seed: int = 0) -> None:
     scheduler = read("scheduler")
     getattr(diffusers, scheduler["_class_name"]).from_config(scheduler).save_pretrained(folder / "scheduler")
     write_clip_tokenizer(folder / "tokenizer")
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", scheduler["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2), encoding="utf-8")
+    write_model_index(folder, scheduler["_class_name"])
 
 
 # name -> folder of component configs. `tiny`: ~4 M parameters, VAE downsamples x2, 6 cross-attention layers.
 # `sd15-shape`: the exact SD 1.5 architecture (UNet 860 M, VAE 84 M, CLIP-L text 123 M) with random weights.
 PRESETS: dict[str, Path] = {"tiny": CONFIG_ROOT / "tiny", "sd15-shape": CONFIG_ROOT / "sd15"}
+# name -> folder of *trained* weights committed with the package. `mini`: the miniature world's base
+# (camouflage_train/miniworld), ~10 M parameters at 64x64, trained on synthetic scenes.
+TRAINED_PRESETS: dict[str, Path] = {"mini": Path(__file__).resolve().parents[1] / "miniworld" / "weights" / "base"}
 
 
 def default_cache_dir() -> Path:
@@ -97,8 +108,8 @@ def build_preset_controlnet(folder: Path, base: str, seed: int, cache_dir: str |
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(materialize_preset(base, cache_dir), subfolder="unet")
-    # The conditioning embedding must downsample like the VAE: x2 for tiny, x8 (diffusers' default) for SD 1.5.
-    channels = (16, 32) if base == "tiny" else (16, 32, 96, 256)
+    # The conditioning embedding must downsample like the VAE: x2 for tiny, x4 for mini, x8 for SD 1.5.
+    channels = {"tiny": (16, 32), "mini": (16, 32, 64)}.get(base, (16, 32, 96, 256))
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -108,15 +119,20 @@ def build_preset_controlnet(folder: Path, base: str, seed: int, cache_dir: str |
 
 
 def materialize_preset(name: str, cache_dir: str | Path | None = None) -> Path:
-    """Return the folder of preset ``name`` (``tiny``, ``sd15-shape``, ``<one of them>-controlnet-<seed>``),
-    building it on first use."""
+    """Return the folder of preset ``name`` (``tiny``, ``sd15-shape``, ``mini``, ``<one of them>-controlnet-<seed>``),
+    building random-weight ones on first use."""
+    if name in TRAINED_PRESETS:
+        from camouflage_train.miniworld import weights_folder
+
+        return weights_folder(TRAINED_PRESETS[name].name)
     base, _, seed = name.rpartition("-controlnet-")
-    if base in PRESETS and seed.isdigit():
+    if (base in PRESETS or base in TRAINED_PRESETS) and seed.isdigit():
         return _materialize(
             name, cache_dir, "config.json", lambda folder: build_preset_controlnet(folder, base, int(seed), cache_dir)
         )
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset '{name}'; available: {sorted(PRESETS)} or <preset>-controlnet-<seed>")
+        available = sorted([*PRESETS, *TRAINED_PRESETS])
+        raise ValueError(f"unknown model preset '{name}'; available: {available} or <preset>-controlnet-<seed>")
     return _materialize(name, cache_dir, "model_index.json", lambda folder: build_from_configs(PRESETS[name], folder))
 
 

@@ -1,0 +1,37 @@
+"""The miniature world: a small Stable Diffusion and an insightface-format face pack, *trained* on the synthetic
+scenes of :mod:`camouflage_train.data.synthetic`, so that the paper's claims can be measured offline on a CPU.
+
+Built by one seeded command (``python -m camouflage_train.miniworld.build``); the result is committed under
+``camouflage_train/miniworld/weights`` and loaded as ``preset:mini`` (base), ``faces=mini`` and ``recognisers=mini``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+BUILD_COMMAND = "python -m camouflage_train.miniworld.build"
+
+
+def weights_folder(part: str) -> Path:
+    """The committed folder of one built part (``base``, ``faces``, ``features``); a clear error when absent."""
+    folder = WEIGHTS / part
+    if not (folder / "build.json").is_file():
+        raise FileNotFoundError(
+            f"the miniature world's '{part}' is missing from {folder}: restore it from git or rebuild it with "
+            f"`{BUILD_COMMAND} --part {part}`"
+        )
+    return folder
+
+
+def mini_face_pack(file: str | None = None) -> str:
+    """The trained mini face pack's folder, or ``file`` in it: behind ``faces=mini`` and ``recognisers=mini``."""
+    folder = weights_folder("faces")
+    return str(folder / file if file else folder)
+
+
+def mini_scene_features():  # -> SceneFeatures (imported lazily: torch)
+    """The FID/KID feature extractor trained in the miniature world (``metrics.fid.feature`` of ``eval_demo``)."""
+    from camouflage_train.stand_ins.scene_features import SceneFeatures
+
+    return SceneFeatures.from_pretrained(weights_folder("features"))

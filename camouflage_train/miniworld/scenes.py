@@ -1,0 +1,71 @@
+"""Scene banks for the mini-world builders: images, person records and captions drawn once, kept in memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from camouflage_train.data.dataset import CaptionBuilder
+from camouflage_train.data.schema import AttributeSchema
+from camouflage_train.data.synthetic import draw_scene
+
+# The base model learns from captions that name the number of people only: every per-person attribute and every
+# place must come from the adapter, so the `no_adapter` evaluation row measures what the base does on its own.
+MINI_CAPTIONS = CaptionBuilder(template="a photo of {count} people", prefer_dataset_caption=False)
+
+
+def face_schema() -> AttributeSchema:
+    """The attribute set of ``configs/attributes/face.yaml`` (the one the synthetic scenes draw)."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "attributes" / "face.yaml"
+    if path.is_file():
+        return AttributeSchema.from_config(yaml.safe_load(path.read_text(encoding="utf-8")))
+    return AttributeSchema.from_config(
+        {
+            "max_persons": 4,
+            "continuous": {
+                "age": {"low": 0, "high": 100},
+                "yaw": {"low": -90, "high": 90, "mirror": True},
+                "pitch": {"low": -90, "high": 90},
+                "roll": {"low": -90, "high": 90, "mirror": True},
+            },
+            "categorical": {"gender": ["female", "male"]},
+        }
+    )
+
+
+@dataclass
+class SceneBank:
+    images: torch.Tensor  # [N, 3, H, W] uint8
+    persons: list[list[dict[str, Any]]]
+    captions: list[str]
+    seeds: list[int]
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def pixels(self, index: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """Images ``index`` in [-1, 1]; rows where ``flip`` is true mirrored."""
+        x = self.images[index].float() / 127.5 - 1.0
+        if flip is not None:
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x
+
+
+def draw_bank(first_seed: int, count: int, resolution: int, schema: AttributeSchema | None = None) -> SceneBank:
+    """Scenes ``first_seed .. first_seed + count - 1`` exactly as :class:`SyntheticSource` draws them."""
+    schema = schema or face_schema()
+    images, persons, captions, seeds = [], [], [], []
+    for seed in range(first_seed, first_seed + count):
+        image, records = draw_scene(seed, schema, resolution)
+        images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+        persons.append(records)
+        captions.append(MINI_CAPTIONS(None, records))
+        seeds.append(seed)
+    return SceneBank(torch.stack(images), persons, captions, seeds)
