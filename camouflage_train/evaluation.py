@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from camouflage_train.metrics.clip import ClipScorer
 from camouflage_train.metrics.faces import FaceAnalyzer
@@ -25,6 +25,7 @@ class EvaluateConfig:
 
     rows: list
     anonymizers: Any
+    sweep: Any = None
     seed: int = 0
     light_checkpoint: str | None = None
     grid_batches: int = 2
@@ -39,8 +40,40 @@ class EvaluateConfig:
     paths: Any = None
 
 
+def expand_sweep(cfg: DictConfig) -> None:
+    """Replace ``sweep.row`` in ``rows`` by one row per value of its setting ``sweep.key`` (``<row>@<name>=<v>``),
+    each a copy of that anonymizer with the value set: same images, seeds and metrics for every value."""
+    spec = cfg.get("sweep")
+    if not spec:
+        return
+    row, key, values = spec.get("row"), spec.get("key"), list(spec.get("values") or [])
+    name = spec.get("name") or str(key).rsplit(".", 1)[-1]
+    if row not in cfg.rows:
+        raise ConfigError(f"sweep.row: '{row}' is not one of rows {list(cfg.rows)}")
+    if not values:
+        raise ConfigError("sweep.values: give at least one value")
+    if OmegaConf.select(cfg.anonymizers[row], str(key), default=_ABSENT) is _ABSENT:
+        raise ConfigError(f"sweep.key: anonymizers.{row} has no setting '{key}'")
+    rows = []
+    with open_dict(cfg):
+        for current in cfg.rows:
+            if current != row:
+                rows.append(current)
+                continue
+            for value in values:
+                label = f"{row}@{name}={value}"
+                cfg.anonymizers[label] = cfg.anonymizers[row]  # a copy, interpolations intact
+                OmegaConf.update(cfg.anonymizers[label], str(key), value, merge=False)
+                rows.append(label)
+        cfg.rows = rows
+
+
+_ABSENT = object()
+
+
 def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
     validate_config(cfg, EvaluateConfig)
+    expand_sweep(cfg)
     with_checkpoint = [row for row in cfg.rows if "checkpoint" in cfg.anonymizers.get(row, {})]
     unset = [row for row in with_checkpoint if not cfg.anonymizers[row].checkpoint]
     if unset:

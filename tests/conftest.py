@@ -22,6 +22,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from camouflage_train.data.schema import AttributeSchema  # noqa: E402
+from camouflage_train.miniworld.scenes import FACE_ATTRIBUTES  # noqa: E402
 from camouflage_train.models.presets import materialize_preset  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -55,18 +56,7 @@ def tiny_module(demo_cfg: DictConfig, tiny_model_dir: Path):
 
 @pytest.fixture
 def schema() -> AttributeSchema:
-    return AttributeSchema.from_config(
-        {
-            "max_persons": 3,
-            "continuous": {
-                "age": {"low": 0, "high": 100},
-                "yaw": {"low": -90, "high": 90, "mirror": True},
-                "pitch": {"low": -90, "high": 90},
-                "roll": {"low": -90, "high": 90, "mirror": True},
-            },
-            "categorical": {"gender": ["female", "male"]},
-        }
-    )
+    return AttributeSchema.from_config({**FACE_ATTRIBUTES, "max_persons": 3})
 
 
 def person(box: list[float], age: float = 30.0, gender: str = "female", yaw: float = 10.0) -> dict:

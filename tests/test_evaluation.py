@@ -20,6 +20,7 @@ from camouflage_train.metrics.reid import ReIdentification, match_faces, request
 from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.modules.evaluation_module import JointEvaluationModule
 from camouflage_train.pipelines.anonymizer import Blur, Identity
+from camouflage_train.utils.config_checks import ConfigError
 from tests.conftest import REPO, cpu_trainer
 
 
@@ -222,3 +223,33 @@ def test_two_process_evaluation_equals_one_process(tmp_path, tiny_faces_dir, tin
             if key == "model" or key.startswith("kid"):
                 continue
             assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-4), (a["model"], key)
+
+
+@pytest.mark.slow
+def test_a_sweep_writes_one_row_per_value_and_the_privacy_utility_plot(tmp_path, tiny_faces_dir, tiny_model_dir):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(
+            "evaluate.yaml",
+            overrides=[
+                "experiment=eval_tiny", "rows=[identity,base]", "data.val_source.num_samples=4", "logger=csv",
+                "sweep={row: base, key: anonymization.scale, name: guidance, values: [0, 0.5, 2]}",
+                f"paths.output_dir={tmp_path}",
+            ],
+        )  # fmt: skip
+    results = run_evaluation(cfg)
+    assert [r["model"] for r in results] == ["identity", "base@guidance=0", "base@guidance=0.5", "base@guidance=2"]
+    identity, *swept = results
+    assert identity["struct/edge_iou"] == 1.0 and identity["struct/ssim"] == pytest.approx(1.0, abs=1e-4)
+    assert all(0.0 <= r["struct/edge_iou"] < 1.0 and r["struct/ssim"] < 0.999 for r in swept)
+    # the same seeds for every value: guidance changes the images, so the rows differ
+    assert len({round(r["struct/ssim"], 6) for r in swept}) == 3
+    plot = Image.open(tmp_path / "privacy_utility.png")
+    assert plot.size[0] > 600 and len(set(plot.convert("L").getdata())) > 10  # drawn, not blank
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        bad = compose(
+            "evaluate.yaml",
+            overrides=["experiment=eval_tiny", "rows=[identity,base]", f"paths.output_dir={tmp_path / 'bad'}",
+                       "sweep={row: base, key: anonymization.scael, values: [0]}"],
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"anonymization\.scael"):
+        run_evaluation(bad)

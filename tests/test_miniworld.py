@@ -126,3 +126,11 @@ def test_a_short_light_run_on_the_mini_base_learns_places_and_attributes(tmp_pat
         )  # fmt: skip
     light, no_adapter = run_evaluation(eval_cfg)
     assert light["attr/box_iou"] > no_adapter["attr/box_iou"] + 0.15, (light, no_adapter)
+
+
+def test_the_mini_world_draws_the_attributes_of_the_face_config():
+    import yaml
+
+    from camouflage_train.miniworld.scenes import FACE_ATTRIBUTES
+
+    assert yaml.safe_load((REPO / "configs" / "attributes" / "face.yaml").read_text()) == FACE_ATTRIBUTES

@@ -43,7 +43,8 @@ def test_every_experiment_composes_and_resolves(make_cfg, experiment, tmp_path):
     assert resolved["task_name"] == experiment
     for group in ("model", "data", "trainer"):
         assert "_target_" in resolved[group], group
-    assert resolved["model"]["schema"] == resolved["attributes"]
+    if resolved["model"]["_target_"].endswith("LightAdapterModule"):
+        assert resolved["model"]["schema"] == resolved["attributes"]
 
 
 def test_light_celebahq_uses_real_sd15_at_512_bf16(make_cfg):

@@ -17,27 +17,21 @@ from camouflage_train.data.synthetic import draw_scene
 MINI_CAPTIONS = CaptionBuilder(template="a photo of {count} people", prefer_dataset_caption=False)
 
 
+# The attributes the synthetic scenes draw: configs/attributes/face.yaml as data (a test keeps the two equal).
+FACE_ATTRIBUTES: dict[str, Any] = {
+    "max_persons": 4,
+    "continuous": {
+        "age": {"low": 0, "high": 100},
+        "yaw": {"low": -90, "high": 90, "mirror": True},
+        "pitch": {"low": -90, "high": 90},
+        "roll": {"low": -90, "high": 90, "mirror": True},
+    },
+    "categorical": {"gender": ["female", "male"]},
+}
+
+
 def face_schema() -> AttributeSchema:
-    """The attribute set of ``configs/attributes/face.yaml`` (the one the synthetic scenes draw)."""
-    from pathlib import Path
-
-    import yaml
-
-    path = Path(__file__).resolve().parents[2] / "configs" / "attributes" / "face.yaml"
-    if path.is_file():
-        return AttributeSchema.from_config(yaml.safe_load(path.read_text(encoding="utf-8")))
-    return AttributeSchema.from_config(
-        {
-            "max_persons": 4,
-            "continuous": {
-                "age": {"low": 0, "high": 100},
-                "yaw": {"low": -90, "high": 90, "mirror": True},
-                "pitch": {"low": -90, "high": 90},
-                "roll": {"low": -90, "high": 90, "mirror": True},
-            },
-            "categorical": {"gender": ["female", "male"]},
-        }
-    )
+    return AttributeSchema.from_config(FACE_ATTRIBUTES)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics.image import FrechetInceptionDistance, KernelInceptionDistance
+from torchmetrics.image import FrechetInceptionDistance, KernelInceptionDistance, StructuralSimilarityIndexMeasure
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import make_grid
 
@@ -27,7 +27,9 @@ from camouflage_train.data.sampling import image_seed
 from camouflage_train.metrics.attributes import AttributePreservation, BoxAgreement
 from camouflage_train.metrics.clip import ClipScorer, ClipScores, WeightsUnavailableError
 from camouflage_train.metrics.faces import FaceAnalyzer, FaceSet
+from camouflage_train.metrics.privacy_utility import plot_privacy_utility
 from camouflage_train.metrics.reid import ReIdentification, match_faces, requested_box_iou
+from camouflage_train.metrics.structure import EdgeAgreement, edge_iou
 from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.pipelines.anonymizer import Anonymizer
 
@@ -75,21 +77,29 @@ class JointEvaluationModule(L.LightningModule):
         super().__init__()
         self.anonymizers = dict(anonymizers)
         self.rows = list(self.anonymizers)
+        # Module names cannot hold "." (sweep rows like base@guidance=0.5 do): metrics are kept under indices.
+        self.key = {row: f"row{i}" for i, row in enumerate(self.rows)}
         self.faces, self.clip, self.seed = faces, clip, seed
         self.output_dir, self.grid_batches = Path(output_dir), grid_batches
         self.reid = nn.ModuleDict(
             {
-                row: nn.ModuleDict({rec: ReIdentification(threshold=t) for rec, t in faces.thresholds.items()})
+                self.key[row]: nn.ModuleDict(
+                    {rec: ReIdentification(threshold=t) for rec, t in faces.thresholds.items()}
+                )
                 for row in self.rows
             }
         )
-        self.attributes = nn.ModuleDict({row: AttributePreservation() for row in self.rows})
-        self.boxes = nn.ModuleDict({row: BoxAgreement() for row in self.rows})
-        self.clip_scores = nn.ModuleDict({row: ClipScores() for row in self.rows})
+        self.attributes = nn.ModuleDict({self.key[row]: AttributePreservation() for row in self.rows})
+        self.boxes = nn.ModuleDict({self.key[row]: BoxAgreement() for row in self.rows})
+        self.clip_scores = nn.ModuleDict({self.key[row]: ClipScores() for row in self.rows})
+        self.edges = nn.ModuleDict({self.key[row]: EdgeAgreement() for row in self.rows})
+        self.ssim = nn.ModuleDict(
+            {self.key[row]: StructuralSimilarityIndexMeasure(data_range=1.0) for row in self.rows}
+        )
         fids, kids = zip(*(_fid_metrics(fid_feature, kid_subset_size) for _ in self.rows), strict=True)
         self.fid, self.kid = (
-            nn.ModuleDict(dict(zip(self.rows, fids, strict=True))),
-            nn.ModuleDict(dict(zip(self.rows, kids, strict=True))),
+            nn.ModuleDict(dict(zip(self.key.values(), fids, strict=True))),
+            nn.ModuleDict(dict(zip(self.key.values(), kids, strict=True))),
         )
         self.results: list[dict[str, Any]] = []
 
@@ -103,12 +113,12 @@ class JointEvaluationModule(L.LightningModule):
     ) -> None:
         ages, genders, poses = [], [], []
         for boxes, output in zip(requested, outputs, strict=True):
-            self.boxes[row].update(torch.as_tensor(requested_box_iou(boxes, output.boxes)))
+            self.boxes[self.key[row]].update(torch.as_tensor(requested_box_iou(boxes, output.boxes)))
         for original, output in zip(originals, outputs, strict=True):
             pairs = match_faces(original.boxes, output.boxes)
             matched_o = [i for i, _ in pairs]
             unmatched = [i for i in range(len(original.boxes)) if i not in matched_o]
-            for rec, metric in self.reid[row].items():
+            for rec, metric in self.reid[self.key[row]].items():
                 emb_o, emb_a = original.embeddings[rec], output.embeddings[rec]
                 take = lambda e, idx: torch.as_tensor(e[idx] if idx else np.zeros((0, 1)), dtype=torch.float32)  # noqa: E731
                 metric.update(take(emb_o, matched_o), take(emb_a, [j for _, j in pairs]), take(emb_o, unmatched))
@@ -117,7 +127,9 @@ class JointEvaluationModule(L.LightningModule):
                 genders.append([original.genders[i], output.genders[j]])
                 poses.append([original.poses[i], output.poses[j]])
         if ages:
-            self.attributes[row].update(torch.tensor(ages), torch.tensor(genders), torch.tensor(np.array(poses)))
+            self.attributes[self.key[row]].update(
+                torch.tensor(ages), torch.tensor(genders), torch.tensor(np.array(poses))
+            )
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if batch.get("size", 1) == 0:
@@ -142,11 +154,14 @@ class JointEvaluationModule(L.LightningModule):
             outputs = [image.convert("RGB").resize(originals[0].size) for image in made]
             fake_uint8 = torch.stack([TF.pil_to_tensor(image) for image in outputs]).to(self.device)
             self._update_faces(row, original_faces, [self.faces(image) for image in outputs], requested)
-            self.fid[row].update(real_uint8, real=True)
-            self.fid[row].update(fake_uint8, real=False)
-            self.kid[row].update(real_uint8, real=True)
-            self.kid[row].update(fake_uint8, real=False)
-            self.clip_scores[row].update(self.clip.image_features(outputs), original_clip, caption_clip)
+            self.fid[self.key[row]].update(real_uint8, real=True)
+            self.fid[self.key[row]].update(fake_uint8, real=False)
+            self.kid[self.key[row]].update(real_uint8, real=True)
+            self.kid[self.key[row]].update(fake_uint8, real=False)
+            self.clip_scores[self.key[row]].update(self.clip.image_features(outputs), original_clip, caption_clip)
+            pairs = zip(originals, outputs, strict=True)
+            self.edges[self.key[row]].update(torch.tensor([edge_iou(a, b) for a, b in pairs], dtype=torch.float64))
+            self.ssim[self.key[row]].update(fake_uint8.float() / 255, real_uint8.float() / 255)
             grid.append(fake_uint8.cpu())
         if batch_idx < self.grid_batches and self.trainer.is_global_zero:
             tiles = torch.stack(grid, dim=1).flatten(0, 1)  # per image: original, then each row
@@ -158,23 +173,28 @@ class JointEvaluationModule(L.LightningModule):
         self.results = []
         for row in self.rows:
             result: dict[str, Any] = {"model": row}
-            for rec, metric in self.reid[row].items():
+            for rec, metric in self.reid[self.key[row]].items():
                 for key, value in metric.compute().items():
                     result[f"reid/{rec}/{key}"] = float(value)
-            result.update({f"attr/{k}": float(v) for k, v in self.attributes[row].compute().items()})
-            result["attr/box_iou"] = float(self.boxes[row].compute())
-            clip = self.clip_scores[row].compute()
+            result.update({f"attr/{k}": float(v) for k, v in self.attributes[self.key[row]].compute().items()})
+            result["attr/box_iou"] = float(self.boxes[self.key[row]].compute())
+            result["struct/edge_iou"] = float(self.edges[self.key[row]].compute())
+            result["struct/ssim"] = float(self.ssim[self.key[row]].compute())
+            clip = self.clip_scores[self.key[row]].compute()
             result["clip/clip_t"], result["clip/clip_i"] = float(clip["clip_t"]), float(clip["clip_i"])
             result["n_images"] = int(clip["n"])  # synchronized across processes
-            result["fid"] = float(self.fid[row].compute())
-            kid_mean, kid_std = self.kid[row].compute()
+            result["fid"] = float(self.fid[self.key[row]].compute())
+            kid_mean, kid_std = self.kid[self.key[row]].compute()
             result["kid_mean"], result["kid_std"] = float(kid_mean), float(kid_std)
             self.results.append(result)
         flat = {f"{r['model']}/{k}": v for r in self.results for k, v in r.items() if k != "model"}
         self.log_dict({k: float(v) for k, v in flat.items()}, sync_dist=False, rank_zero_only=True)
         if self.trainer.is_global_zero:
             write_results(self.results, self.output_dir)
+            figure = plot_privacy_utility(self.results, self.output_dir / "privacy_utility.png")
             for logger in self.loggers:
+                if hasattr(logger, "log_image"):
+                    logger.log_image(key="eval/privacy_utility", images=[figure])
                 if hasattr(logger, "log_table"):
                     columns = list(self.results[0])
                     logger.log_table(

@@ -37,6 +37,7 @@ from camouflage_train.models.ip_adapter import (
     initial_state_dict,
     install_ip_adapter,
 )
+from camouflage_train.modules.schedules import with_schedule
 from camouflage_train.pipelines.light import build_pipeline, generate_light
 from camouflage_train.utils.checkpoints import checkpoint_folder
 from camouflage_train.utils.images import save_sample_grid
@@ -441,15 +442,4 @@ class LightAdapterModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
-        spec = self.hparams.lr_scheduler
-        if not spec:
-            return {"optimizer": optimizer}
-        from diffusers.optimization import get_scheduler
-
-        scheduler = get_scheduler(
-            spec.get("name", "constant_with_warmup"),
-            optimizer,
-            num_warmup_steps=int(spec.get("warmup_steps", 0)),
-            num_training_steps=int(self.trainer.estimated_stepping_batches),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return with_schedule(optimizer, self.hparams.lr_scheduler, self.trainer.estimated_stepping_batches)
