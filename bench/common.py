@@ -46,10 +46,10 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 def adapter_config(preset: str) -> dict[str, Any]:
-    """The adapter size of ``configs/model/light.yaml`` (SD shapes) or ``light_tiny.yaml`` over it (tiny)."""
+    """The adapter size of ``configs/model/light.yaml`` (SD shapes) or ``light_<preset>.yaml`` over it (tiny, mini)."""
     adapter = load_yaml(REPO / "configs/model/light.yaml")["adapter"]
-    if preset == "tiny":
-        adapter = {**adapter, **load_yaml(REPO / "configs/model/light_tiny.yaml")["adapter"]}
+    if preset in ("tiny", "mini"):
+        adapter = {**adapter, **load_yaml(REPO / f"configs/model/light_{preset}.yaml")["adapter"]}
     return adapter
 
 

@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--preset", default="tiny", help="tiny or sd15-shape")
+    parser.add_argument("--preset", default="tiny", help="tiny, mini (the trained miniature world) or sd15-shape")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", help="frozen weights: fp32, bf16 or fp16")
     parser.add_argument("--autocast", action="store_true", help="run under autocast instead of natively in --dtype")

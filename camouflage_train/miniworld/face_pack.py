@@ -148,7 +148,9 @@ def _export(model: torch.nn.Module, shape: tuple[int, ...], path: Path, outputs:
 
 def _train(model: torch.nn.Module, steps: int, lr: float, loss_fn: Callable[[int], torch.Tensor], log: Log, name: str):
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # OneCycle needs a warm-up of at least one step: few-step smoke builds warm up for half their steps.
+    pct_start = 0.1 if steps >= 20 else 0.5
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 4), pct_start=pct_start)
     model.train()
     start, losses = time.perf_counter(), []
     for step in range(steps):

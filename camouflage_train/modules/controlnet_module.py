@@ -176,4 +176,4 @@ class ControlNetModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory([p for p in self.controlnet.parameters() if p.requires_grad])
-        return with_schedule(optimizer, self.hparams.lr_scheduler, self.trainer.estimated_stepping_batches)
+        return with_schedule(optimizer, self.hparams.lr_scheduler, lambda: self.trainer.estimated_stepping_batches)

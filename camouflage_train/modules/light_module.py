@@ -442,4 +442,4 @@ class LightAdapterModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
-        return with_schedule(optimizer, self.hparams.lr_scheduler, self.trainer.estimated_stepping_batches)
+        return with_schedule(optimizer, self.hparams.lr_scheduler, lambda: self.trainer.estimated_stepping_batches)
