@@ -8,9 +8,7 @@ that a one-pixel shift is not a miss.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
-from torchmetrics import Metric
 
 from camouflage_train.pipelines.controls import CannyEdges
 from camouflage_train.utils.optional import optional_import
@@ -24,21 +22,3 @@ def edge_iou(original: Image.Image, output: Image.Image, edges: CannyEdges | Non
     a, b = (cv2.dilate(np.asarray(edges(image))[:, :, 0], kernel) > 0 for image in (original, output))
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
-class EdgeAgreement(Metric):
-    """Mean :func:`edge_iou` over image pairs (summed across processes)."""
-
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("pairs", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, ious: torch.Tensor) -> None:
-        self.total += ious.double().sum()
-        self.pairs += ious.numel()
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.pairs if self.pairs > 0 else torch.tensor(float("nan"), dtype=torch.float64)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from camouflage_train.data.synthetic import (
 )
 from camouflage_train.miniworld.face_nets import DET_STRIDE, SCRFD_STRIDES, CropNet, GridDetector
 from camouflage_train.miniworld.scenes import face_schema
+from camouflage_train.stand_ins.face_pack import export_onnx
 
 DETECTOR, GENDERAGE, RECOGNISER = "det_mini.onnx", "genderage_mini.onnx", "w600k_mini.onnx"
 Log = Callable[[str], None]
@@ -134,16 +134,6 @@ def recogniser_crop(image: np.ndarray, kps: np.ndarray) -> np.ndarray:
     from insightface.utils import face_align
 
     return face_align.norm_crop(image, landmark=kps.astype(np.float32), image_size=112)
-
-
-def _export(model: torch.nn.Module, shape: tuple[int, ...], path: Path, outputs: list[str], dynamic_hw: bool) -> None:
-    axes = {"input.1": {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(), (torch.zeros(shape),), str(path), input_names=["input.1"], output_names=outputs,
-            dynamic_axes=axes, opset_version=17, dynamo=False,
-        )  # fmt: skip
 
 
 def _train(model: torch.nn.Module, steps: int, lr: float, loss_fn: Callable[[int], torch.Tensor], log: Log, name: str):
@@ -271,9 +261,9 @@ def build_mini_face_pack(folder: Path, cfg: FaceBuildConfig, log: Log = print) -
         recogniser, cfg.recogniser_steps, cfg.lr, recogniser_loss, log, "recogniser"
     )
     det_outputs = [f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in SCRFD_STRIDES]
-    _export(detector, (1, 3, 64, 64), folder / DETECTOR, det_outputs, dynamic_hw=True)
-    _export(genderage, (1, 3, 96, 96), folder / GENDERAGE, ["fc1"], dynamic_hw=False)
-    _export(recogniser, (1, 3, 112, 112), folder / RECOGNISER, ["embedding"], dynamic_hw=False)
+    export_onnx(detector, torch.zeros(1, 3, 64, 64), folder / DETECTOR, det_outputs, dynamic_hw=True)
+    export_onnx(genderage, torch.zeros(1, 3, 96, 96), folder / GENDERAGE, ["fc1"], dynamic_hw=False)
+    export_onnx(recogniser, torch.zeros(1, 3, 112, 112), folder / RECOGNISER, ["embedding"], dynamic_hw=False)
     metrics["seconds"] = time.perf_counter() - start
     (folder / "build.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics

@@ -19,6 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
+from torchmetrics.aggregation import MeanMetric
 from torchmetrics.image import FrechetInceptionDistance, KernelInceptionDistance, StructuralSimilarityIndexMeasure
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import make_grid
@@ -29,7 +30,7 @@ from camouflage_train.metrics.clip import ClipScorer, ClipScores, WeightsUnavail
 from camouflage_train.metrics.faces import FaceAnalyzer, FaceSet
 from camouflage_train.metrics.privacy_utility import plot_privacy_utility
 from camouflage_train.metrics.reid import ReIdentification, match_faces, requested_box_iou
-from camouflage_train.metrics.structure import EdgeAgreement, edge_iou
+from camouflage_train.metrics.structure import edge_iou
 from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.pipelines.anonymizer import Anonymizer
 
@@ -92,7 +93,7 @@ class JointEvaluationModule(L.LightningModule):
         self.attributes = nn.ModuleDict({self.key[row]: AttributePreservation() for row in self.rows})
         self.boxes = nn.ModuleDict({self.key[row]: BoxAgreement() for row in self.rows})
         self.clip_scores = nn.ModuleDict({self.key[row]: ClipScores() for row in self.rows})
-        self.edges = nn.ModuleDict({self.key[row]: EdgeAgreement() for row in self.rows})
+        self.edges = nn.ModuleDict({self.key[row]: MeanMetric() for row in self.rows})
         self.ssim = nn.ModuleDict(
             {self.key[row]: StructuralSimilarityIndexMeasure(data_range=1.0) for row in self.rows}
         )

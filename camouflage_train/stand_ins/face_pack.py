@@ -79,7 +79,8 @@ class TinyConvHead(nn.Module):
         return out
 
 
-def _export(model: nn.Module, example: torch.Tensor, path: Path, outputs: list[str], dynamic_hw: bool) -> None:
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, outputs: list[str], dynamic_hw: bool) -> None:
+    """The ONNX layout insightface reads: input ``input.1``, opset 17, dynamic batch (and H/W for detectors)."""
     axes = {"input.1": {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -104,9 +105,9 @@ def build_tiny_face_pack(folder: str | Path, seed: int = 0) -> Path:
     with atomic_folder(folder, replace=True) as staging:
         torch.manual_seed(seed)
         det_outputs = [f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in STRIDES]
-        _export(SkinBlobDetector(), torch.zeros(1, 3, 640, 640), staging / names[0], det_outputs, dynamic_hw=True)
-        _export(TinyConvHead(3, sigmoid_tail=1), torch.zeros(1, 3, 96, 96), staging / names[1], ["fc1"], False)
-        _export(TinyConvHead(512), torch.zeros(1, 3, 112, 112), staging / names[2], ["embedding"], False)
+        export_onnx(SkinBlobDetector(), torch.zeros(1, 3, 640, 640), staging / names[0], det_outputs, dynamic_hw=True)
+        export_onnx(TinyConvHead(3, sigmoid_tail=1), torch.zeros(1, 3, 96, 96), staging / names[1], ["fc1"], False)
+        export_onnx(TinyConvHead(512), torch.zeros(1, 3, 112, 112), staging / names[2], ["embedding"], False)
     return folder
 
 
