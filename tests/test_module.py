@@ -67,13 +67,13 @@ def test_fixed_batch_loss_falls(tiny_module):
 
 def test_prediction_type_targets(tiny_module):
     latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
-    assert torch.equal(tiny_module._target(latents, noise, t), noise)
+    assert torch.equal(tiny_module.prediction_target(latents, noise, t), noise)
     tiny_module.noise_scheduler.register_to_config(prediction_type="v_prediction")
     velocity = tiny_module.noise_scheduler.get_velocity(latents, noise, t)
-    assert torch.equal(tiny_module._target(latents, noise, t), velocity)
+    assert torch.equal(tiny_module.prediction_target(latents, noise, t), velocity)
     tiny_module.noise_scheduler.register_to_config(prediction_type="flow")
     with pytest.raises(ValueError, match="unsupported scheduler prediction_type"):
-        tiny_module._target(latents, noise, t)
+        tiny_module.prediction_target(latents, noise, t)
 
 
 def test_checkpoint_holds_only_trainable_weights_and_resumes(make_cfg, tmp_path, tiny_model_dir):

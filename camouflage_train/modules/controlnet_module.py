@@ -23,6 +23,7 @@ from PIL import Image
 from torch.optim import Optimizer
 
 from camouflage_train.models.backbone import load_frozen_backbone, parse_dtype
+from camouflage_train.modules.frozen_diffusion import FrozenDiffusionMixin
 from camouflage_train.modules.schedules import with_schedule
 from camouflage_train.pipelines.controls import Preprocessor
 from camouflage_train.utils.atomic import atomic_folder
@@ -41,7 +42,7 @@ def conditioning_channels(vae_factor: int) -> tuple[int, ...]:
     return _EMBEDDING_CHANNELS[: steps + 1]
 
 
-class ControlNetModule(L.LightningModule):
+class ControlNetModule(FrozenDiffusionMixin, L.LightningModule):
     """Train a ControlNet with the noise-prediction objective of the frozen base.
 
     Args:
@@ -80,12 +81,6 @@ class ControlNetModule(L.LightningModule):
         self.controlnet.to(torch.float32).train().requires_grad_(True)
         self.strict_loading = False  # checkpoints hold the ControlNet only
 
-    def train(self, mode: bool = True) -> ControlNetModule:
-        super().train(mode)
-        for module in (self.vae, self.text_encoder, self.unet):
-            module.eval()
-        return self
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("controlnet.")}
         checkpoint["camouflage"] = {"kind": "controlnet", "backbone": self.backbone_name}
@@ -114,11 +109,7 @@ class ControlNetModule(L.LightningModule):
         sample = torch.randn(dist.mean.shape, generator=generator, device=self.device, dtype=dist.mean.dtype)
         latents = (dist.mean + dist.std * sample) * self.vae.config.scaling_factor
         captions = ["" if d else c for d, c in zip(drop_text.tolist(), batch["caption"], strict=True)]
-        ids = self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids  # fmt: skip
-        return latents, self.text_encoder(ids.to(self.device))[0]
+        return latents, self.encode_text(captions)
 
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         n = batch["pixel_values"].shape[0]
@@ -141,14 +132,7 @@ class ControlNetModule(L.LightningModule):
             down_block_additional_residuals=[r.to(self.weight_dtype) for r in down],
             mid_block_additional_residual=mid.to(self.weight_dtype),
         ).sample
-        prediction_type = self.noise_scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            raise ValueError(f"unsupported scheduler prediction_type '{prediction_type}'")
-        return F.mse_loss(prediction.float(), target.float())
+        return F.mse_loss(prediction.float(), self.prediction_target(latents, noise, timesteps).float())
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if batch.get("size", 1) == 0:

@@ -37,6 +37,7 @@ from camouflage_train.models.ip_adapter import (
     initial_state_dict,
     install_ip_adapter,
 )
+from camouflage_train.modules.frozen_diffusion import FrozenDiffusionMixin
 from camouflage_train.modules.schedules import with_schedule
 from camouflage_train.pipelines.light import build_pipeline, generate_light
 from camouflage_train.utils.checkpoints import checkpoint_folder
@@ -63,7 +64,7 @@ class StepNoise(NamedTuple):
     offset: torch.Tensor  # [B, C, 1, 1]: offset noise
 
 
-class LightAdapterModule(L.LightningModule):
+class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
     """Train the Light adapter with the standard noise-prediction objective.
 
     Args:
@@ -143,12 +144,6 @@ class LightAdapterModule(L.LightningModule):
     def trainable_parameter_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
-    def train(self, mode: bool = True) -> LightAdapterModule:
-        super().train(mode)
-        for module in (self.vae, self.text_encoder, self.unet):
-            module.eval()
-        return self
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = set(self.trainable_parameter_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
@@ -203,17 +198,6 @@ class LightAdapterModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics({"model/trainable_params": trainable, "model/frozen_params": frozen}, step=0)
 
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids.to(self.device))[0]
-
     def _empty_text(self) -> torch.Tensor:
         """The frozen encoder's output for "" (text dropout on cached batches), computed once per device."""
         cached = getattr(self, "_empty_text_cache", None)
@@ -226,16 +210,6 @@ class LightAdapterModule(L.LightningModule):
         if self.weight_dtype == torch.float32 or self.hparams.frozen_autocast:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, enabled=False)
-
-    def _target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        prediction_type = self.noise_scheduler.config.prediction_type
-        if prediction_type == "epsilon":
-            return noise
-        if prediction_type == "v_prediction":
-            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        if prediction_type == "sample":
-            return latents
-        raise ValueError(f"unsupported scheduler prediction_type '{prediction_type}'")
 
     def _draw(
         self,
@@ -330,7 +304,7 @@ class LightAdapterModule(L.LightningModule):
                 added_cond_kwargs={"image_embeds": [embeds.float()]},  # the fp32 projection
                 cross_attention_kwargs={"ip_adapter_masks": [masks]},
             ).sample
-        return F.mse_loss(prediction.float(), self._target(latents, noise, draw.timesteps).float())
+        return F.mse_loss(prediction.float(), self.prediction_target(latents, noise, draw.timesteps).float())
 
     def _log_skipped(self, batch: dict[str, Any], stage: str) -> None:
         skipped = float(sum(batch.get("skipped", {}).values()))
