@@ -3,7 +3,8 @@
     python bench/inference_ratio.py      # tiny SD, 5 tiny ControlNets + reconstruction (Base), CPU
     python bench/inference_ratio.py --preset sd15-shape --resolution 512 --steps 25 --device cuda --dtype bf16
 
-Base = 5 structure ControlNets + the reconstruction branch (the paper's default set); Light = the adapter,
+Base = 5 structure ControlNets (``--structure-controlnets``) + the reconstruction branch (the paper's default set;
+the miniature world's Base has 1); Light = the adapter,
 no ControlNet. Both use classifier-free guidance. Models have random weights in the real architectures
 (speed does not depend on weight values). Ends with one JSON line; the paper reports Light at about half
 of Base's time on SD 1.5.
@@ -46,6 +47,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--preset", default="tiny", help="tiny, mini (the trained miniature world) or sd15-shape")
+    parser.add_argument(
+        "--structure-controlnets", type=int, default=5, help="Base's structure ControlNets (paper: 5; eval_demo: 1)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", help="frozen weights: fp32, bf16 or fp16")
     parser.add_argument("--autocast", action="store_true", help="run under autocast instead of natively in --dtype")
@@ -62,9 +66,9 @@ def main() -> None:
     preprocessors = (CannyEdges(), SobelLines())
     specs = {
         f"cn{i}": {"model": f"preset:{args.preset}-controlnet-{i}", "preprocessor": preprocessors[i % 2]}
-        for i in range(1, 6)
+        for i in range(1, args.structure_controlnets + 1)
     }
-    recon = {"enabled": True, "model": f"preset:{args.preset}-controlnet-6"}
+    recon = {"enabled": True, "model": f"preset:{args.preset}-controlnet-0"}
     base = CamouflageBase(
         load_frozen_backbone(f"preset:{args.preset}", weight_dtype=args.dtype),
         build_controls(specs, args.dtype, None),
@@ -101,6 +105,7 @@ def main() -> None:
             "resolution": args.resolution,
             "steps": args.steps,
             "batch": args.batch,
+            "structure_controlnets": args.structure_controlnets,
             "base_s_per_image": round(base_s, 4),
             "light_s_per_image": round(light_s, 4),
             "light_over_base": round(light_s / base_s, 3),

@@ -4,6 +4,7 @@ random weights); the Light adapter learns in it what CAMOUFLaGE claims."""
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from tests.conftest import REPO, run_script
 @pytest.mark.slow
 def test_the_build_command_builds_every_part_for_a_few_steps(tmp_path):
     from camouflage_train.annotation.faces import FaceAnnotator
-    from camouflage_train.models.backbone import load_frozen_backbone
+    from camouflage_train.models.backbone import load_controlnet, load_frozen_backbone
     from camouflage_train.stand_ins.scene_features import SceneFeatures
 
     command = [sys.executable, "-m", "camouflage_train.miniworld.build", "--out", str(tmp_path)]
@@ -36,6 +37,11 @@ def test_the_build_command_builds_every_part_for_a_few_steps(tmp_path):
         2,
         64,
     )
+    for part in ("controlnet_canny", "controlnet_recon"):  # trained by train.py on the base built next to them
+        build = json.loads((tmp_path / part / "build.json").read_text())
+        assert build["config"]["base"] == str(tmp_path / "base"), build
+        controlnet = load_controlnet(str(tmp_path / part))
+        assert controlnet.config.cross_attention_dim == backbone.unet.config.cross_attention_dim
 
 
 def test_the_committed_face_pack_finds_reads_and_recognises_synthetic_people():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -16,6 +17,9 @@ from pathlib import Path
 
 from camouflage_train.miniworld import WEIGHTS
 from camouflage_train.utils.atomic import atomic_folder
+
+# In build order: the ControlNets are trained on the base.
+PARTS = ["base", "faces", "features", "controlnet_canny", "controlnet_recon"]
 
 
 def _scaled(cfg, scale: float):
@@ -30,7 +34,7 @@ def _scaled(cfg, scale: float):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["base", "faces", "features", "all"], default="all")
+    parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (tests: 0.01)")
@@ -43,18 +47,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     from camouflage_train.miniworld.base_model import BaseBuildConfig, build_mini_base
+    from camouflage_train.miniworld.controlnets import ControlNetBuildConfig, build_mini_controlnet
     from camouflage_train.miniworld.face_pack import FaceBuildConfig, build_mini_face_pack, build_scene_features
 
     parts = {
         "base": (BaseBuildConfig, build_mini_base),
         "faces": (FaceBuildConfig, build_mini_face_pack),
         "features": (FaceBuildConfig, build_scene_features),
+        **{
+            name: (ControlNetBuildConfig, functools.partial(build_mini_controlnet, part=name))
+            for name in ("controlnet_canny", "controlnet_recon")
+        },
     }
+    assert list(parts) == PARTS
     for part, (config_class, build) in parts.items():
         if args.part not in (part, "all"):
             continue
         cfg = _scaled(config_class(seed=args.seed, threads=args.threads), args.steps_scale)
         changes = {"num_scenes": args.num_scenes, "num_identities": args.num_scenes, "device": args.device}
+        if args.out.resolve() != WEIGHTS.resolve() and (args.out / "base" / "model_index.json").is_file():
+            changes["base"] = str(args.out / "base")  # ControlNets follow the base built next to them
         known = {f.name for f in dataclasses.fields(cfg)}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in changes.items() if k in known and v is not None})
         with atomic_folder(args.out / part, replace=True) as staging:  # a failed build leaves the old one

@@ -95,8 +95,14 @@ def build_from_configs(config_dir: Path, folder: Path, seed: int = 0) -> None:
 # `sd15-shape`: the exact SD 1.5 architecture (UNet 860 M, VAE 84 M, CLIP-L text 123 M) with random weights.
 PRESETS: dict[str, Path] = {"tiny": CONFIG_ROOT / "tiny", "sd15-shape": CONFIG_ROOT / "sd15"}
 # name -> folder of *trained* weights committed with the package. `mini`: the miniature world's base
-# (camouflage_train/miniworld), ~10 M parameters at 64x64, trained on synthetic scenes.
-TRAINED_PRESETS: dict[str, Path] = {"mini": Path(__file__).resolve().parents[1] / "miniworld" / "weights" / "base"}
+# (camouflage_train/miniworld), ~10 M parameters at 64x64, trained on synthetic scenes; `mini-canny` and
+# `mini-recon`: Base's Canny-edge and reconstruction ControlNets trained on it.
+_MINI_WEIGHTS = Path(__file__).resolve().parents[1] / "miniworld" / "weights"
+TRAINED_PRESETS: dict[str, Path] = {
+    "mini": _MINI_WEIGHTS / "base",
+    "mini-canny": _MINI_WEIGHTS / "controlnet_canny",
+    "mini-recon": _MINI_WEIGHTS / "controlnet_recon",
+}
 
 
 def default_cache_dir() -> Path:
