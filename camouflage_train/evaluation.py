@@ -25,7 +25,7 @@ class EvaluateConfig:
 
     rows: list
     anonymizers: Any
-    sweep: Any = None
+    row_sweep: Any = None
     seed: int = 0
     light_checkpoint: str | None = None
     grid_batches: int = 2
@@ -41,19 +41,22 @@ class EvaluateConfig:
 
 
 def expand_sweep(cfg: DictConfig) -> None:
-    """Replace ``sweep.row`` in ``rows`` by one row per value of its setting ``sweep.key`` (``<row>@<name>=<v>``),
-    each a copy of that anonymizer with the value set: same images, seeds and metrics for every value."""
-    spec = cfg.get("sweep")
+    """Replace ``row_sweep.row`` in ``rows`` by one row per value of its setting ``row_sweep.key``
+    (``<row>@<name>=<v>``), each a copy of that anonymizer with the value set: same images, seeds and metrics for
+    every value."""
+    spec = cfg.get("row_sweep")
     if not spec:
         return
     row, key, values = spec.get("row"), spec.get("key"), list(spec.get("values") or [])
     name = spec.get("name") or str(key).rsplit(".", 1)[-1]
     if row not in cfg.rows:
-        raise ConfigError(f"sweep.row: '{row}' is not one of rows {list(cfg.rows)}")
+        raise ConfigError(
+            f"row_sweep.row: '{row}' is not one of rows {list(cfg.rows)}: add it to rows, or pass row_sweep=null"
+        )
     if not values:
-        raise ConfigError("sweep.values: give at least one value")
+        raise ConfigError("row_sweep.values: give at least one value")
     if OmegaConf.select(cfg.anonymizers[row], str(key), default=_ABSENT) is _ABSENT:
-        raise ConfigError(f"sweep.key: anonymizers.{row} has no setting '{key}'")
+        raise ConfigError(f"row_sweep.key: anonymizers.{row} has no setting '{key}'")
     rows = []
     with open_dict(cfg):
         for current in cfg.rows:

@@ -14,6 +14,12 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.setdefault("PROJECT_ROOT", str(REPO))
 os.environ.setdefault("CAMOUFLAGE_CACHE", str(REPO / ".cache"))
+# `make test` runs one pytest-xdist worker per core: each worker, and every script it starts, computes on one thread
+# (two workers with two BLAS threads each on two cores would slow every test down).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -25,7 +31,7 @@ from camouflage_train.data.schema import AttributeSchema  # noqa: E402
 from camouflage_train.miniworld.scenes import FACE_ATTRIBUTES  # noqa: E402
 from camouflage_train.models.presets import materialize_preset  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1 if WORKERS > 1 else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

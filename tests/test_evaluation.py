@@ -232,7 +232,7 @@ def test_a_sweep_writes_one_row_per_value_and_the_privacy_utility_plot(tmp_path,
             "evaluate.yaml",
             overrides=[
                 "experiment=eval_tiny", "rows=[identity,base]", "data.val_source.num_samples=4", "logger=csv",
-                "sweep={row: base, key: anonymization.scale, name: guidance, values: [0, 0.5, 2]}",
+                "row_sweep={row: base, key: anonymization.scale, name: guidance, values: [0, 0.5, 2]}",
                 f"paths.output_dir={tmp_path}",
             ],
         )  # fmt: skip
@@ -249,7 +249,7 @@ def test_a_sweep_writes_one_row_per_value_and_the_privacy_utility_plot(tmp_path,
         bad = compose(
             "evaluate.yaml",
             overrides=["experiment=eval_tiny", "rows=[identity,base]", f"paths.output_dir={tmp_path / 'bad'}",
-                       "sweep={row: base, key: anonymization.scael, values: [0]}"],
+                       "row_sweep={row: base, key: anonymization.scael, values: [0]}"],
         )  # fmt: skip
     with pytest.raises(ConfigError, match=r"anonymization\.scael"):
         run_evaluation(bad)

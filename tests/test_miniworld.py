@@ -125,7 +125,7 @@ def test_a_short_light_run_on_the_mini_base_learns_places_and_attributes(tmp_pat
         eval_cfg = compose(
             "evaluate.yaml",
             overrides=[
-                "experiment=eval_demo", "rows=[light,no_adapter]", "data.val_source.num_samples=16",
+                "experiment=eval_demo", "rows=[light,no_adapter]", "row_sweep=null", "data.val_source.num_samples=16",
                 f"light_checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}", f"paths.output_dir={tmp_path / 'eval'}",
                 "logger=csv", "metrics.fid.kid_subset_size=8",
             ],
