@@ -30,6 +30,7 @@ from torch.optim import Optimizer
 from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.models.attribute_encoder import AttributeEncoder
 from camouflage_train.models.backbone import load_frozen_backbone, parse_dtype
+from camouflage_train.models.compile import compile_unet as compile_frozen_unet
 from camouflage_train.models.conditioning import PersonBatch, conditioning_inputs
 from camouflage_train.models.ip_adapter import (
     AdapterConfig,
@@ -83,7 +84,8 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
             adapter keeps fp32 weights either way (see ``bench/train_step.py`` for the measured difference).
         channels_last: keep the UNet's weights and input in channels-last memory format (faster
             convolutions on tensor-core GPUs).
-        compile_unet: ``torch.compile`` the frozen UNet in place (parameter names unchanged).
+        compile_unet: ``torch.compile`` the frozen UNet in place (parameter names unchanged): ``false``,
+            ``blocks`` (each repeated block on its own: fast to compile) or ``full`` / ``true`` (one graph).
         nonfinite_patience: a step whose loss is NaN/inf is skipped (no backward; no weight or AdamW moment
             changes, though Lightning still counts the step) and counted in ``train/nonfinite_skipped``; this
             many in a row save ``nonfinite-stop.ckpt`` (the last good weights) and stop the run with
@@ -105,7 +107,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         gradient_checkpointing: bool = False,
         frozen_autocast: bool = False,
         channels_last: bool = False,
-        compile_unet: bool = False,
+        compile_unet: bool | str = False,
         nonfinite_patience: int = 5,
         validation: Mapping[str, Any] | None = None,
     ) -> None:
@@ -132,8 +134,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        if compile_unet:
-            self.unet.compile()
+        compile_frozen_unet(self.unet, compile_unet)
         # Frozen weights are not in our checkpoints; on_load_checkpoint checks the trainable keys instead.
         self.strict_loading = False
         if nonfinite_patience < 1:
