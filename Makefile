@@ -18,7 +18,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python train.py experiment=demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=12 -n auto --maxprocesses 4 --dist worksteal
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=12 -n auto --maxprocesses 4 --dist load
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -34,6 +34,13 @@ from camouflage_train.models.presets import materialize_preset  # noqa: E402
 torch.set_num_threads(1 if WORKERS > 1 else min(2, os.cpu_count() or 1))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The heavy tests first, longest first: pytest-xdist's load scheduling deals the first tests round-robin, so
+    they start on different workers at once instead of one of them ending the run alone."""
+    order = {"test_a_short_light_run_on_the_mini_base_learns_places_and_attributes": 0}
+    items.sort(key=lambda item: (item.get_closest_marker("heavy") is None, order.get(item.originalname, 1)))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     return materialize_preset("tiny")

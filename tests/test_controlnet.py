@@ -23,6 +23,7 @@ def _val_loss(module, batch) -> float:
         return float(module.diffusion_loss(batch, generator=torch.Generator().manual_seed(0)))
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_controlnet_training_lowers_its_loss_resumes_and_loads_into_base(tmp_path, make_cfg):
     overrides = (

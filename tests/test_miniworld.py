@@ -17,6 +17,7 @@ from camouflage_train.models.presets import materialize_preset
 from tests.conftest import REPO, run_script
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_the_build_command_builds_every_part_for_a_few_steps(tmp_path):
     from camouflage_train.annotation.faces import FaceAnnotator
@@ -87,6 +88,7 @@ def _gains(module, batches: list[dict]) -> np.ndarray:
         return np.array([float(module.validation_losses(b, i)[1]) for i, b in enumerate(batches)])
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_a_short_light_run_on_the_mini_base_learns_places_and_attributes(tmp_path, make_cfg):
     """The paper's claim at miniature scale: after a short run, (1) swapping persons between images raises the

@@ -220,6 +220,7 @@ def test_conditioning_gain_swaps_persons_at_the_same_noise(tiny_module):
     assert tiny_module.validation_losses(one, 0)[1] is None  # nobody to swap with
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["blocks"])
 def test_a_compiled_unet_gives_the_eager_loss_and_gradients(make_cfg, tiny_model_dir, mode):
