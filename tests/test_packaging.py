@@ -65,7 +65,9 @@ def _link_distributions(names: set[str], site: Path) -> None:
     owners: dict[str, set[str]] = defaultdict(set)
     files: dict[str, list[Path]] = {}
     here = Path(sysconfig.get_paths()["purelib"])
-    for dist in metadata.distributions():
+    # Only this environment's own installs: once setuptools is imported (by torch's inductor, say) sys.path also holds
+    # setuptools/_vendor, whose vendored copies (e.g. an older `packaging`) would shadow the real ones' file lists.
+    for dist in metadata.distributions(path=[str(here)]):
         key = canonicalize_name(dist.metadata["Name"])
         paths = [Path(str(f)) for f in dist.files or [] if not str(f).startswith("..")]
         files[key] = paths
