@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from camouflage_train.metrics.clip import ClipScorer
 from camouflage_train.metrics.faces import FaceAnalyzer
+from camouflage_train.metrics.privacy_utility import SWEEP_SEPARATOR
 from camouflage_train.modules.evaluation_module import JointEvaluationModule
 from camouflage_train.utils.config_checks import ConfigError, validate_config
 from camouflage_train.utils.instantiators import instantiate_group, instantiate_named
@@ -64,7 +65,7 @@ def expand_sweep(cfg: DictConfig) -> None:
                 rows.append(current)
                 continue
             for value in values:
-                label = f"{row}@{name}={value}"
+                label = f"{row}{SWEEP_SEPARATOR}{name}={value}"
                 cfg.anonymizers[label] = cfg.anonymizers[row]  # a copy, interpolations intact
                 OmegaConf.update(cfg.anonymizers[label], str(key), value, merge=False)
                 rows.append(label)

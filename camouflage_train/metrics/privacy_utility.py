@@ -18,6 +18,8 @@ UTILITY_AXES = (
 # One row of panels per privacy measure: rank-1 (the headline number) and the mean cosine similarity between each
 # output face and its original (graded: it still moves when rank-1 is already at its floor).
 PRIVACY_AXES = (("rank1", "re-ID rank-1"), ("cosine", "identity cosine"))
+# Between a swept row's name and its setting: `evaluate.py row_sweep=...` names rows `base@guidance=0.5`.
+SWEEP_SEPARATOR = "@"
 
 
 def plot_privacy_utility(results: Sequence[Mapping[str, Any]], path: str | Path, recogniser: str | None = None):
@@ -45,8 +47,8 @@ def plot_privacy_utility(results: Sequence[Mapping[str, Any]], path: str | Path,
                     continue
                 axis.scatter([x], [y], s=30)
                 axis.annotate(str(row["model"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-                if "@" in str(row["model"]):
-                    curves.setdefault(str(row["model"]).split("@")[0], []).append((x, y))
+                if SWEEP_SEPARATOR in str(row["model"]):
+                    curves.setdefault(str(row["model"]).split(SWEEP_SEPARATOR)[0], []).append((x, y))
             for points in curves.values():
                 axis.plot(*zip(*points, strict=True), linewidth=1, alpha=0.6)
             axis.set_xlabel(label)
