@@ -59,6 +59,7 @@ class Mode:
     attention: str = "sdpa"
     channels_last: bool = False
     compile_unet: bool | str = False  # False, "blocks" (regional) or True (whole UNet)
+    batched_person_attention: bool = True
 
 
 MODES = {
@@ -72,6 +73,7 @@ MODES = {
     "bf16-channels-last": Mode(channels_last=True),
     "bf16-compile": Mode(compile_unet=True),
     "bf16-compile-blocks": Mode(compile_unet="blocks"),
+    "bf16-person-loop": Mode(batched_person_attention=False),
     "fp16": Mode(dtype="fp16"),
     # channels_last measured slower on an H200 (2026-11-26, issue 16): left out until a GPU run says otherwise.
     "fastest": Mode(cached=True, compile_unet="blocks"),
@@ -89,6 +91,7 @@ RATIOS = (
     ("compile_over_eager", "bf16-compile", "bf16", "images_per_s"),
     ("compile_blocks_over_eager", "bf16-compile-blocks", "bf16", "images_per_s"),
     ("fastest_over_bf16", "fastest", "bf16", "images_per_s"),
+    ("batched_persons_over_loop", "bf16", "bf16-person-loop", "images_per_s"),
     ("memory_bf16_ckpt_over_fp32", "bf16-ckpt", "fp32", "peak_mem_gib"),
     ("memory_bf16_over_fp32", "bf16", "fp32", "peak_mem_gib"),
     ("memory_bf16_ckpt_over_bf16", "bf16-ckpt", "bf16", "peak_mem_gib"),

@@ -7,7 +7,9 @@
     images = pipe(prompts, ip_adapter_image_embeds=embeds, cross_attention_kwargs=kwargs).images
 
 With classifier-free guidance (``guidance=True``, i.e. ``guidance_scale > 1``) the negative half has no persons
-(zero masks): the unconditional branch is the base model, as in training.
+(zero masks): the unconditional branch is the base model, as in training. Stock pipelines repeat
+``ip_adapter_image_embeds`` for every prompt, so for several images per call every image's persons are passed as
+shared slots that each image's masks switch on or off (exact; the adapter attention grows with the batch).
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ import torch
 
 from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.models.attribute_encoder import AttributeEncoder
-from camouflage_train.models.conditioning import PersonBatch, conditioning_inputs
+from camouflage_train.models.conditioning import (
+    PersonBatch,
+    conditioning_inputs,
+    shared_person_slots,
+    with_unconditional_half,
+)
 
 
 def load_attribute_encoder(folder: str | Path) -> AttributeEncoder:
@@ -43,12 +50,16 @@ def person_inputs(
 
     ``region_expand`` (or the export's ``config.json`` when ``folder`` is given) restricts each person to its
     box grown that much; ``None`` without a folder means whole-image masks. ``vae_scale_factor``: the
-    pipeline's (``pipe.vae_scale_factor``).
+    pipeline's (``pipe.vae_scale_factor``). Generate one image per record list (``num_images_per_prompt=1``).
     """
     if folder is not None:
         config = json.loads((Path(folder) / "config.json").read_text())
         region_expand = config["region_expand"] if config.get("region_masks", True) else None
     persons = PersonBatch.from_records(AttributeSchema.from_config(encoder.config.schema), records)
     latent = (height // vae_scale_factor, width // vae_scale_factor)
-    embeds, masks = conditioning_inputs(encoder, persons, latent, region_expand, guidance=guidance)
+    embeds, masks = conditioning_inputs(encoder, persons, latent, region_expand)
+    if len(records) > 1:
+        embeds, masks = shared_person_slots(embeds, masks)
+    if guidance:
+        embeds, masks = with_unconditional_half(embeds, masks)
     return [embeds], {"ip_adapter_masks": [masks]}

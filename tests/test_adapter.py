@@ -9,12 +9,14 @@ from camouflage_train.models.attribute_encoder import AttributeEncoder
 from camouflage_train.models.ip_adapter import (
     AdapterConfig,
     ComputeDtypeLinear,
+    adapter_modules,
     cross_attention_keys,
     image_proj_to_original,
     initial_state_dict,
     install_ip_adapter,
     person_region_masks,
 )
+from camouflage_train.models.person_attention import BatchedPersonsAttnProcessor, batch_person_attention
 from tests.conftest import REPO
 
 
@@ -197,3 +199,52 @@ def test_the_diffusers_loader_install_relies_on_is_the_tested_one():
     installed = tuple(int(v) for v in version("diffusers").split(".")[:2])
     low, high = (tuple(int(v) for v in bound.split(".")[:2]) for bound in pin.groups())
     assert low <= installed < high, f"diffusers {version('diffusers')} is outside the tested range {pin.groups()}"
+
+
+@pytest.mark.parametrize("region_masks", [True, False])
+def test_batched_person_attention_equals_the_stock_loop(tiny_model_dir, schema, region_masks):
+    """The batched processor computes what diffusers' per-person loop computes (output and every adapter gradient),
+    up to float summation order; parameter names and state dict are unchanged."""
+    config = AdapterConfig(embed_dim=16, tokens_per_person=3, region_masks=region_masks)
+    stock = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").requires_grad_(False).eval()
+    install_ip_adapter(stock, initial_state_dict(stock, config), batched_persons=False)
+    batched = copy.deepcopy(stock)
+    assert batch_person_attention(batched) == len(cross_attention_keys(stock))
+    assert all(type(p) is BatchedPersonsAttnProcessor for p in adapter_modules(batched)[1:])
+    default = copy.deepcopy(stock)
+    install_ip_adapter(default, initial_state_dict(default, config))  # batched unless asked otherwise
+    assert all(type(p) is BatchedPersonsAttnProcessor for p in adapter_modules(default)[1:])
+    assert batched.state_dict().keys() == stock.state_dict().keys()
+
+    encoder = AttributeEncoder(schema=schema.to_config(), embed_dim=16, width=32)
+    g = torch.Generator().manual_seed(1)
+    boxes = torch.tensor([[[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.7], [0, 0, 0, 0]]] * 2)
+    person_mask = torch.tensor([[True, True, False], [True, False, False]])
+    masks = person_region_masks(boxes, person_mask, (32, 32), config.region_expand if region_masks else None)
+    embeds = encoder(boxes, torch.rand(2, 3, 4, generator=g), torch.zeros(2, 3, 1, dtype=torch.long)).detach()
+    latents, t, text = _unet_inputs(2)
+
+    def forward_backward(unet):
+        unet.zero_grad()
+        out = unet(
+            latents,
+            t,
+            encoder_hidden_states=text,
+            added_cond_kwargs={"image_embeds": [embeds]},
+            cross_attention_kwargs={"ip_adapter_masks": [masks]},
+        ).sample
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+    (expected, expected_grads), (got, got_grads) = forward_backward(stock), forward_backward(batched)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == expected_grads.keys() and len(got_grads) > 0
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    # Without masks the processor is the stock one (one softmax over all persons' tokens).
+    with torch.no_grad():
+        plain = [
+            u(latents, t, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [embeds]}).sample
+            for u in (stock, batched)
+        ]
+    assert torch.equal(plain[0], plain[1])

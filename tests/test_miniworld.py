@@ -85,7 +85,7 @@ def test_the_mini_base_draws_people_from_captions():
 def _gains(module, batches: list[dict]) -> np.ndarray:
     """val/conditioning_gain of each batch (each with its own seeded noise and timesteps)."""
     with torch.no_grad():
-        return np.array([float(module.validation_losses(b, i)[1]) for i, b in enumerate(batches)])
+        return np.array([float(module.validation_losses(b, i)["conditioning_gain"]) for i, b in enumerate(batches)])
 
 
 @pytest.mark.heavy

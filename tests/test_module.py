@@ -76,6 +76,32 @@ def test_prediction_type_targets(tiny_module):
         tiny_module.prediction_target(latents, noise, t)
 
 
+def test_min_snr_weighting(tiny_module):
+    """snr_gamma weights each sample by min(SNR, gamma)/SNR (epsilon) or /(SNR+1) (v): a weighted mean of the
+    per-sample errors; above every timestep's SNR it is the plain MSE."""
+    prediction, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([5, 300, 950])
+    per_sample = (prediction - target).pow(2).flatten(1).mean(1)
+    alphas = tiny_module.noise_scheduler.alphas_cumprod[t]
+    snr = alphas / (1 - alphas)
+    plain = tiny_module.regression_loss(prediction, target, t)
+    torch.testing.assert_close(plain, per_sample.mean(), rtol=1e-6, atol=0)
+    huge = float(snr.max()) * 2
+    torch.testing.assert_close(tiny_module.regression_loss(prediction, target, t, huge), plain, rtol=1e-5, atol=0)
+    for prediction_type, weights in (
+        ("epsilon", snr.clamp(max=5) / snr),
+        ("v_prediction", snr.clamp(max=5) / (snr + 1)),
+    ):
+        tiny_module.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        weighted = tiny_module.regression_loss(prediction, target, t, 5.0)
+        torch.testing.assert_close(weighted, (per_sample * weights).sum() / weights.sum(), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="snr_gamma must be > 0"):
+        tiny_module.regression_loss(prediction, target, t, 0.0)
+    tiny_module.noise_scheduler.register_to_config(prediction_type="sample")
+    with pytest.raises(ValueError, match="supports epsilon and v_prediction"):
+        tiny_module.regression_loss(prediction, target, t, 5.0)
+
+
 def test_checkpoint_holds_only_trainable_weights_and_resumes(make_cfg, tmp_path, tiny_model_dir):
     cfg = make_cfg("experiment=demo_tiny")
     module = instantiate(cfg.model)
@@ -200,24 +226,34 @@ def test_consecutive_nonfinite_losses_save_the_last_good_state_and_stop(make_cfg
         assert torch.equal(state["state_dict"][name], value), name
 
 
-def test_conditioning_gain_swaps_persons_at_the_same_noise(tiny_module):
-    """The gain is exactly zero when persons cannot act (adapter scale 0: the same computation twice, same noise
-    and timesteps), non-zero when they can, and depends only on which persons each image gets."""
+@torch.no_grad()
+def test_conditioning_and_attribute_gains_at_the_same_noise(tiny_module):
+    """The gains are exactly zero when persons cannot act (adapter scale 0: the same computation twice, same noise
+    and timesteps), non-zero when they can, and depend only on which persons (attributes) each image gets."""
     batch = _batch(tiny_module, size=3)
-    loss, gain = tiny_module.validation_losses(batch, 0)
-    again, same_gain = tiny_module.validation_losses(batch, 0)
-    assert float(loss) == float(again) and float(gain) == float(same_gain)  # same computation: seeded
-    assert float(gain) != 0.0
+    first, again = tiny_module.validation_losses(batch, 0), tiny_module.validation_losses(batch, 0)
+    assert set(first) == {"loss", "conditioning_gain", "attribute_gain"}
+    assert {k: float(v) for k, v in first.items()} == {k: float(v) for k, v in again.items()}  # seeded
+    assert float(first["conditioning_gain"]) != 0.0 and float(first["attribute_gain"]) != 0.0
+    # Only the attributes move between persons: with every person's attributes equal, the attribute gain is 0.
+    same = {
+        **batch,
+        "continuous": torch.zeros_like(batch["continuous"]),
+        "categorical": torch.zeros_like(batch["categorical"]),
+    }
+    assert float(tiny_module.validation_losses(same, 0)["attribute_gain"]) == 0.0
     for processor in tiny_module.unet.attn_processors.values():
         if hasattr(processor, "to_k_ip"):
             processor.scale = [0.0]
-    _, no_effect = tiny_module.validation_losses(batch, 0)
-    assert float(no_effect) == 0.0
+    no_effect = tiny_module.validation_losses(batch, 0)
+    assert float(no_effect["conditioning_gain"]) == 0.0 and float(no_effect["attribute_gain"]) == 0.0
     tiny_module.hparams.validation = {"conditioning_gain": False}
-    assert tiny_module.validation_losses(batch, 0)[1] is None
+    assert set(tiny_module.validation_losses(batch, 0)) == {"loss"}
     tiny_module.hparams.validation = {}
     one = {k: v[:1] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
-    assert tiny_module.validation_losses(one, 0)[1] is None  # nobody to swap with
+    one["person_mask"] = torch.zeros_like(one["person_mask"])
+    one["person_mask"][:, 0] = True
+    assert set(tiny_module.validation_losses(one, 0)) == {"loss"}  # nobody to swap with
 
 
 @pytest.mark.heavy

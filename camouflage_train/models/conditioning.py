@@ -63,7 +63,24 @@ def conditioning_inputs(
     unconditional half comes first, with no persons: ``[2B, ...]``, the order diffusers' pipelines expect."""
     embeds = encoder(persons.boxes, persons.continuous, persons.categorical)
     masks = person_region_masks(persons.boxes, persons.mask, latent_size, region_expand)
-    if guidance:
-        embeds = torch.cat([torch.zeros_like(embeds), embeds])
-        masks = torch.cat([torch.zeros_like(masks), masks])
-    return embeds, masks
+    return with_unconditional_half(embeds, masks) if guidance else (embeds, masks)
+
+
+def with_unconditional_half(embeds: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier-free guidance's negative half first, with no persons (zero embeddings and masks)."""
+    return torch.cat([torch.zeros_like(embeds), embeds]), torch.cat([torch.zeros_like(masks), masks])
+
+
+def shared_person_slots(embeds: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image persons ``[B, P, E]`` / ``[B, P, h, w]`` as one shared row ``[1, B*P, E]`` with masks
+    ``[B, B*P, h, w]`` in which image ``b`` switches on only its own slots ``b*P .. b*P+P-1``.
+
+    For stock pipelines, which repeat ``ip_adapter_image_embeds`` for every prompt (they expect one image's
+    embedding shared by all prompts): each image then attends to every image's persons, and the masks zero all
+    but its own, so the result is exact, at ``B`` times the adapter attention.
+    """
+    batch, slots = embeds.shape[:2]
+    spread = masks.new_zeros(batch, batch * slots, *masks.shape[2:])
+    for b in range(batch):
+        spread[b, b * slots : (b + 1) * slots] = masks[b]
+    return embeds.reshape(1, batch * slots, -1), spread

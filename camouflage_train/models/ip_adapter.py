@@ -26,6 +26,8 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterFaceIDImageProjection
 from torch import nn
 
+from camouflage_train.models.person_attention import batch_person_attention
+
 # diffusers' FaceID projection names -> the original IP-Adapter file names it converts from.
 _PROJ_TO_ORIGINAL = (("ff.net.0.proj.", "proj.0."), ("ff.net.2.", "proj.2."))
 # Where the projection sits in a training checkpoint's state dict.
@@ -141,12 +143,18 @@ class ComputeDtypeLinear(nn.Linear):
 
 
 def install_ip_adapter(
-    unet: nn.Module, state_dict: dict[str, dict[str, torch.Tensor]], scale: float = 1.0
+    unet: nn.Module,
+    state_dict: dict[str, dict[str, torch.Tensor]],
+    scale: float = 1.0,
+    batched_persons: bool = True,
 ) -> list[nn.Module]:
     """Install the adapter through diffusers' loader, keep it fp32 and trainable; return its modules.
 
     ``to_k_ip``/``to_v_ip`` compute in the UNet's dtype (:class:`ComputeDtypeLinear`), so a bf16 UNet
     needs no autocast; the projection ``encoder_hid_proj`` computes in fp32 (a few tokens per person).
+    ``batched_persons`` computes all persons' masked attention at once
+    (:class:`~camouflage_train.models.person_attention.BatchedPersonsAttnProcessor`, same weights and result);
+    ``False`` keeps diffusers' per-person loop.
     """
     # diffusers has no public UNet-level loader (the pipelines' load_ip_adapter calls this one); pyproject pins
     # diffusers to the minor version this is tested with, and test_adapter fails loudly if the function changes.
@@ -167,6 +175,9 @@ def install_ip_adapter(
         for layers, frozen in ((attn.processor.to_k_ip, attn.to_k), (attn.processor.to_v_ip, attn.to_v)):
             for index, layer in enumerate(layers):
                 layers[index] = ComputeDtypeLinear(layer, frozen)
+    if batched_persons:
+        batch_person_attention(unet)
+        modules = adapter_modules(unet)
     return modules
 
 

@@ -1,12 +1,14 @@
 """What every module that trains something next to a frozen Stable Diffusion shares (Light's adapter, Base's
 ControlNets): the frozen parts stay in eval mode whatever Lightning switches, captions go through the frozen text
-encoder, and the regression target follows the scheduler's ``prediction_type``."""
+encoder, the regression target follows the scheduler's ``prediction_type``, and the loss may be Min-SNR weighted."""
 
 from __future__ import annotations
 
 from typing import Any, Self
 
 import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 from torch import nn
 
 
@@ -48,3 +50,32 @@ class FrozenDiffusionMixin:
         if prediction_type == "sample":
             return latents
         raise ValueError(f"unsupported scheduler prediction_type '{prediction_type}'")
+
+    def regression_loss(
+        self,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        timesteps: torch.Tensor,
+        snr_gamma: float | None = None,
+    ) -> torch.Tensor:
+        """Mean squared error; with ``snr_gamma``, each sample weighted by Min-SNR-gamma (Hang et al. 2023).
+
+        The weight ``min(SNR, gamma) / SNR`` (epsilon; ``/(SNR + 1)`` for v-prediction) lowers the nearly-clean
+        timesteps, whose fine-detail noise dominates the plain loss but carries little of what a conditioning
+        (places, hair colour) decides. A weighted mean, so the loss stays on the plain MSE's scale.
+        """
+        if snr_gamma is None:
+            return F.mse_loss(prediction.float(), target.float())
+        if snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be > 0 (or null for the plain loss), got {snr_gamma}")
+        snr = compute_snr(self.noise_scheduler, timesteps)
+        weights = snr.clamp(max=snr_gamma)
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            weights = weights / snr
+        elif prediction_type == "v_prediction":
+            weights = weights / (snr + 1)
+        else:
+            raise ValueError(f"snr_gamma supports epsilon and v_prediction schedulers, not '{prediction_type}'")
+        per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+        return (per_sample * weights).sum() / weights.sum()

@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.optim import Optimizer
 
 from camouflage_train.data.schema import AttributeSchema
@@ -78,6 +77,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         attribute_dropout: probability of removing all persons of an image (the frozen SD is then the
             unconditional branch, exactly what sampling uses as the negative).
         noise_offset: offset-noise strength (0 disables).
+        snr_gamma: Min-SNR-gamma loss weighting of training steps (``None``: the plain MSE; 5 is the paper's value).
         gradient_checkpointing: checkpoint the frozen UNet's blocks to save activation memory.
         frozen_autocast: run a bf16/fp16 frozen backbone under the trainer's autocast instead of natively in
             its own dtype. Native (the default) skips autocast's fp32 group norms and per-op casts; the
@@ -86,12 +86,16 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
             convolutions on tensor-core GPUs).
         compile_unet: ``torch.compile`` the frozen UNet in place (parameter names unchanged): ``false``,
             ``blocks`` (each repeated block on its own: fast to compile) or ``full`` / ``true`` (one graph).
+        batched_person_attention: all persons' region-masked adapter attention in one computation per layer
+            (``false``: diffusers' loop of one attention call per person; the same result, see
+            ``camouflage_train/models/person_attention.py``).
         nonfinite_patience: a step whose loss is NaN/inf is skipped (no backward; no weight or AdamW moment
             changes, though Lightning still counts the step) and counted in ``train/nonfinite_skipped``; this
             many in a row save ``nonfinite-stop.ckpt`` (the last good weights) and stop the run with
             :class:`NonFiniteLossError`.
         validation: ``{num_images, num_inference_steps, guidance_scale, seed}`` for the sample grid, and
-            ``conditioning_gain`` (default true) to log ``val/conditioning_gain`` (see :meth:`validation_losses`).
+            ``conditioning_gain`` (default true) to log ``val/conditioning_gain`` and ``val/attribute_gain`` (see
+            :meth:`validation_losses`).
     """
 
     def __init__(
@@ -104,10 +108,12 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         text_dropout: float = 0.05,
         attribute_dropout: float = 0.05,
         noise_offset: float = 0.0,
+        snr_gamma: float | None = None,
         gradient_checkpointing: bool = False,
         frozen_autocast: bool = False,
         channels_last: bool = False,
         compile_unet: bool | str = False,
+        batched_person_attention: bool = True,
         nonfinite_patience: int = 5,
         validation: Mapping[str, Any] | None = None,
     ) -> None:
@@ -128,7 +134,9 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
 
         cfg = self.adapter_config
         self.encoder = AttributeEncoder.from_adapter_config(self.schema.to_config(), cfg)
-        install_ip_adapter(self.unet, initial_state_dict(self.unet, cfg), scale=cfg.scale)
+        install_ip_adapter(
+            self.unet, initial_state_dict(self.unet, cfg), scale=cfg.scale, batched_persons=batched_person_attention
+        )
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -257,9 +265,16 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         )
 
     def diffusion_loss(
-        self, batch: dict[str, Any], generator: torch.Generator | None = None, dropout: bool = False
+        self,
+        batch: dict[str, Any],
+        generator: torch.Generator | None = None,
+        dropout: bool = False,
+        snr_weighted: bool = False,
     ) -> torch.Tensor:
         """MSE between the UNet's prediction and the scheduler's target at uniform random timesteps.
+
+        ``dropout`` applies text/attribute dropout and ``snr_weighted`` the ``snr_gamma`` weighting: the training
+        objective. Validation leaves both off, so its losses compare across those settings.
 
         Takes raw batches (``pixel_values``, ``caption``) or cached ones (``latent_mean``/``latent_std``,
         ``text_embeds``); both use the same random numbers (:meth:`_draw`), so they give the same loss.
@@ -305,7 +320,9 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
                 added_cond_kwargs={"image_embeds": [embeds.float()]},  # the fp32 projection
                 cross_attention_kwargs={"ip_adapter_masks": [masks]},
             ).sample
-        return F.mse_loss(prediction.float(), self.prediction_target(latents, noise, draw.timesteps).float())
+        target = self.prediction_target(latents, noise, draw.timesteps)
+        snr_gamma = self.hparams.snr_gamma if snr_weighted else None
+        return self.regression_loss(prediction, target, draw.timesteps, snr_gamma)
 
     def _log_skipped(self, batch: dict[str, Any], stage: str) -> None:
         skipped = float(sum(batch.get("skipped", {}).values()))
@@ -315,7 +332,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         self._log_skipped(batch, "train")
         if batch.get("size", 1) == 0:
             return None  # every sample of this batch was unusable (counted above); no optimizer step
-        loss = self.diffusion_loss(batch, dropout=True)
+        loss = self.diffusion_loss(batch, dropout=True, snr_weighted=True)
         batch_size = batch["person_mask"].shape[0]
         # One decision for all ranks (a rank skipping alone would hang DDP's gradient all-reduce).
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
@@ -362,29 +379,42 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         if batch.get("size", 1) == 0:
             return
         size = batch["person_mask"].shape[0]
-        loss, gain = self.validation_losses(batch, batch_idx)
-        self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=size, sync_dist=True)
-        if gain is not None:
-            self.log("val/conditioning_gain", gain, on_epoch=True, batch_size=size, sync_dist=True)
+        losses = self.validation_losses(batch, batch_idx)
+        for name, value in losses.items():
+            self.log(f"val/{name}", value, prog_bar=name == "loss", on_epoch=True, batch_size=size, sync_dist=True)
         if batch_idx == 0 and not self.trainer.sanity_checking:
             self.log_samples(batch)
 
-    def validation_losses(self, batch: dict[str, Any], batch_idx: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The validation loss, and the conditioning gain: the loss with every image's persons replaced by the next
-        image's, minus the loss with its own, at the same noise and timesteps. Positive means the adapter uses the
-        attributes (what to watch during a long run); ``None`` for a one-image batch or when switched off
+    def validation_losses(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        """``loss`` and what the adapter uses, at the same noise and timesteps (what to watch during a long run):
+
+        * ``conditioning_gain``: the loss with every image's persons replaced by the next image's, minus the loss
+          with its own. Positive means the adapter uses the persons (places and attributes).
+        * ``attribute_gain``: the loss with every person's attributes (not its box) passed on to the next person of
+          the batch, minus the loss with its own. Positive means it uses the attributes, not only the places.
+
+        The gains are left out for a batch with one image (one person), or when switched off
         (``model.validation.conditioning_gain=false``)."""
-        seed = 10_000 + batch_idx  # seeded per batch, so both move only when the adapter does
+        seed = 10_000 + batch_idx  # seeded per batch, so all move only when the adapter does
 
         def loss_of(sample: dict[str, Any]) -> torch.Tensor:
             return self.diffusion_loss(sample, generator=torch.Generator(device=self.device).manual_seed(seed))
 
-        loss = loss_of(batch)
-        wanted = (self.hparams.validation or {}).get("conditioning_gain", True)
-        if not wanted or batch["person_mask"].shape[0] < 2:
-            return loss, None
-        swapped = {**batch, **{k: batch[k].roll(1, dims=0) for k in _PERSON_KEYS}}
-        return loss, loss_of(swapped) - loss
+        losses = {"loss": loss_of(batch)}
+        if not (self.hparams.validation or {}).get("conditioning_gain", True):
+            return losses
+        if batch["person_mask"].shape[0] >= 2:
+            swapped = {**batch, **{k: batch[k].roll(1, dims=0) for k in _PERSON_KEYS}}
+            losses["conditioning_gain"] = loss_of(swapped) - losses["loss"]
+        real = batch["person_mask"].bool()
+        if int(real.sum()) >= 2:
+            passed_on = dict(batch)
+            for key in ("continuous", "categorical"):
+                values = batch[key].clone()
+                values[real] = batch[key][real].roll(1, dims=0)
+                passed_on[key] = values
+            losses["attribute_gain"] = loss_of(passed_on) - losses["loss"]
+        return losses
 
     def log_samples(self, batch: dict[str, Any]) -> None:
         """Generate from the batch's persons and captions; save a grid (real | generated) and log it."""

@@ -9,7 +9,8 @@ attribute dropout.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +48,30 @@ def build_pipeline(
     return pipe
 
 
+@contextlib.contextmanager
+def persons_per_prompt(pipe: StableDiffusionPipeline) -> Iterator[None]:
+    """For the duration of one call, ``pipe`` takes ``ip_adapter_image_embeds`` as one row per prompt.
+
+    diffusers' SD pipelines repeat the embeddings ``batch_size * num_images_per_prompt`` times: they expect one
+    image's embedding shared by every prompt. Light's embeddings already hold one row of persons per prompt, and
+    repeated they would reach the attention as a ``[batch * batch]`` stack that the stock processor silently
+    reshapes into each image attending to every image's persons. So the repetition is switched off (one image per
+    prompt; ``generate_light`` refuses ``num_images_per_prompt``) and restored afterwards.
+    """
+    if "prepare_ip_adapter_image_embeds" in vars(pipe):
+        raise RuntimeError("the pipeline's prepare_ip_adapter_image_embeds is already replaced")
+    stock = pipe.prepare_ip_adapter_image_embeds
+
+    def one_row_per_prompt(image: Any, image_embeds: Any, device: Any, _repeats: int, guidance: bool) -> Any:
+        return stock(image, image_embeds, device, 1, guidance)
+
+    pipe.prepare_ip_adapter_image_embeds = one_row_per_prompt
+    try:
+        yield
+    finally:
+        del pipe.prepare_ip_adapter_image_embeds
+
+
 @torch.no_grad()
 def generate_light(
     pipe: StableDiffusionPipeline,
@@ -64,10 +89,15 @@ def generate_light(
     output_type: str = "pil",
     **pipe_kwargs: Any,
 ) -> list[Image.Image]:
-    """One image per prompt; image ``i`` uses ``seeds[i]`` (default ``seed + i``) whatever the batch.
+    """One image per prompt; image ``i`` uses ``seeds[i]`` (default ``seed + i``) and ``persons[i]`` whatever the
+    batch.
 
     ``pipe`` may be a stock SD or ControlNet pipeline; ``pipe_kwargs`` go to it (control images, scales).
     """
+    if "num_images_per_prompt" in pipe_kwargs:
+        raise ValueError("generate_light makes one image per prompt (repeat the prompts and persons instead)")
+    if persons.boxes.shape[0] != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but persons for {persons.boxes.shape[0]} images")
     scale = pipe.vae_scale_factor
     embeds, masks = conditioning_inputs(
         encoder,
@@ -78,20 +108,21 @@ def generate_light(
     )
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
     device = pipe._execution_device
-    return pipe(
-        prompt=prompts,
-        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt is not None else None,
-        height=height,
-        width=width,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        generator=[torch.Generator(device=device).manual_seed(int(s)) for s in seeds],
-        # In the projection's dtype: fp32 for a trained adapter on a bf16 UNet (no autocast needed).
-        ip_adapter_image_embeds=[embeds.to(next(pipe.unet.encoder_hid_proj.parameters()).dtype)],
-        cross_attention_kwargs={"ip_adapter_masks": [masks]},
-        output_type=output_type,
-        **pipe_kwargs,
-    ).images
+    with persons_per_prompt(pipe):
+        return pipe(
+            prompt=prompts,
+            negative_prompt=[negative_prompt] * len(prompts) if negative_prompt is not None else None,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=[torch.Generator(device=device).manual_seed(int(s)) for s in seeds],
+            # In the projection's dtype: fp32 for a trained adapter on a bf16 UNet (no autocast needed).
+            ip_adapter_image_embeds=[embeds.to(next(pipe.unet.encoder_hid_proj.parameters()).dtype)],
+            cross_attention_kwargs={"ip_adapter_masks": [masks]},
+            output_type=output_type,
+            **pipe_kwargs,
+        ).images
 
 
 class CamouflageLight:
