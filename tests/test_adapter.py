@@ -70,20 +70,25 @@ def test_projection_round_trips_through_original_layout(unet):
         torch.testing.assert_close(value, state["image_proj"][key])
 
 
+def _forward(unet, embeds, masks):
+    """The UNet's prediction for fixed latents, timestep and text (``_unet_inputs``) with these persons."""
+    latents, t, text = _unet_inputs(embeds.shape[0])
+    return unet(
+        latents,
+        t,
+        encoder_hidden_states=text,
+        added_cond_kwargs={"image_embeds": [embeds]},
+        cross_attention_kwargs={"ip_adapter_masks": [masks]},
+    ).sample
+
+
 def _run(unet, embeds, masks, hook_module=None):
     captured = {}
     handle = None
     if hook_module is not None:
         handle = hook_module.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
-    latents, t, text = _unet_inputs(embeds.shape[0])
     with torch.no_grad():
-        out = unet(
-            latents,
-            t,
-            encoder_hidden_states=text,
-            added_cond_kwargs={"image_embeds": [embeds]},
-            cross_attention_kwargs={"ip_adapter_masks": [masks]},
-        ).sample
+        out = _forward(unet, embeds, masks)
     if handle:
         handle.remove()
     return out, captured.get("out")
@@ -211,7 +216,7 @@ def test_batched_person_attention_equals_the_stock_loop(tiny_model_dir, schema, 
     batched = copy.deepcopy(stock)
     assert batch_person_attention(batched) == len(cross_attention_keys(stock))
     assert all(type(p) is BatchedPersonsAttnProcessor for p in adapter_modules(batched)[1:])
-    default = copy.deepcopy(stock)
+    default = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     install_ip_adapter(default, initial_state_dict(default, config))  # batched unless asked otherwise
     assert all(type(p) is BatchedPersonsAttnProcessor for p in adapter_modules(default)[1:])
     assert batched.state_dict().keys() == stock.state_dict().keys()
@@ -222,17 +227,10 @@ def test_batched_person_attention_equals_the_stock_loop(tiny_model_dir, schema, 
     person_mask = torch.tensor([[True, True, False], [True, False, False]])
     masks = person_region_masks(boxes, person_mask, (32, 32), config.region_expand if region_masks else None)
     embeds = encoder(boxes, torch.rand(2, 3, 4, generator=g), torch.zeros(2, 3, 1, dtype=torch.long)).detach()
-    latents, t, text = _unet_inputs(2)
 
     def forward_backward(unet):
         unet.zero_grad()
-        out = unet(
-            latents,
-            t,
-            encoder_hidden_states=text,
-            added_cond_kwargs={"image_embeds": [embeds]},
-            cross_attention_kwargs={"ip_adapter_masks": [masks]},
-        ).sample
+        out = _forward(unet, embeds, masks)
         out.square().mean().backward()
         return out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
 
@@ -242,6 +240,7 @@ def test_batched_person_attention_equals_the_stock_loop(tiny_model_dir, schema, 
     for name, grad in expected_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
     # Without masks the processor is the stock one (one softmax over all persons' tokens).
+    latents, t, text = _unet_inputs(2)
     with torch.no_grad():
         plain = [
             u(latents, t, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [embeds]}).sample
