@@ -60,6 +60,7 @@ class Mode:
     channels_last: bool = False
     compile_unet: bool | str = False  # False, "blocks" (regional) or True (whole UNet)
     batched_person_attention: bool = True
+    fused_adamw: bool = False  # torch's single-kernel AdamW (fused=True) instead of its default foreach one
 
 
 MODES = {
@@ -74,6 +75,7 @@ MODES = {
     "bf16-compile": Mode(compile_unet=True),
     "bf16-compile-blocks": Mode(compile_unet="blocks"),
     "bf16-person-loop": Mode(batched_person_attention=False),
+    "bf16-fused-adamw": Mode(fused_adamw=True),
     "fp16": Mode(dtype="fp16"),
     # channels_last measured slower on an H200 (2026-11-26, issue 16): left out until a GPU run says otherwise.
     "fastest": Mode(cached=True, compile_unet="blocks"),
@@ -92,6 +94,7 @@ RATIOS = (
     ("compile_blocks_over_eager", "bf16-compile-blocks", "bf16", "images_per_s"),
     ("fastest_over_bf16", "fastest", "bf16", "images_per_s"),
     ("batched_persons_over_loop", "bf16", "bf16-person-loop", "images_per_s"),
+    ("fused_adamw_over_foreach", "bf16-fused-adamw", "bf16", "images_per_s"),
     ("memory_bf16_ckpt_over_fp32", "bf16-ckpt", "fp32", "peak_mem_gib"),
     ("memory_bf16_over_fp32", "bf16", "fp32", "peak_mem_gib"),
     ("memory_bf16_ckpt_over_bf16", "bf16-ckpt", "bf16", "peak_mem_gib"),
@@ -119,14 +122,16 @@ def measure(
     mode: Mode, preset: str, resolution: int, batch_size: int, steps: int, warmup: int, device: torch.device
 ) -> dict[str, Any]:
     """One row: build, prefetch two batches, warm up, count FLOPs, time ``steps`` steps."""
-    options = {k: v for k, v in dataclasses.asdict(mode).items() if k not in ("dtype", "cached", "attention")}
+    bench_only = ("dtype", "cached", "attention", "fused_adamw")
+    options = {k: v for k, v in dataclasses.asdict(mode).items() if k not in bench_only}
     module = build_module(preset, mode.dtype, **options).to(device).train()
     if mode.attention == "eager":
         use_eager_attention(module.unet)
     with tempfile.TemporaryDirectory() as tmp:
         dm = datamodule(module, 2 * batch_size, resolution, batch_size, Path(tmp) if mode.cached else None)
         batches = [to_device(b, device) for b in dm.train_dataloader()][:2]
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True if mode.fused_adamw else None)
     index = iter(range(10**9))
 
     def step() -> None:

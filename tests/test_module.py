@@ -76,6 +76,27 @@ def test_prediction_type_targets(tiny_module):
         tiny_module.prediction_target(latents, noise, t)
 
 
+def test_fused_adamw_option_trains_like_the_default(make_cfg, tiny_model_dir):
+    """``model.optimizer.fused=true`` (a speed option of bench/train_step.py) builds torch's fused AdamW through the
+    config and moves the adapter as the default (foreach) AdamW does, up to float reordering."""
+    cfg = make_cfg("experiment=demo_tiny")
+    modules = [instantiate(cfg.model), instantiate(cfg.model, optimizer={"fused": True})]
+    modules[1].load_state_dict(modules[0].state_dict())  # the same initial adapter
+    initial = {n: p.detach().clone() for n, p in modules[0].named_parameters() if p.requires_grad}
+    batch = _batch(modules[0], size=2)
+    optimizers = [m.optimizer_factory([p for p in m.parameters() if p.requires_grad]) for m in modules]
+    assert optimizers[0].defaults["fused"] is None and optimizers[1].defaults["fused"] is True
+    for module, optimizer in zip(modules, optimizers, strict=True):
+        for _ in range(3):
+            optimizer.zero_grad()
+            module.diffusion_loss(batch, generator=torch.Generator().manual_seed(0)).backward()
+            optimizer.step()
+    default, fused = (dict(m.named_parameters()) for m in modules)
+    assert all(not torch.equal(default[n], v) for n, v in initial.items())  # every adapter weight moved
+    for name in modules[0].trainable_parameter_names():
+        torch.testing.assert_close(fused[name], default[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_min_snr_weighting(tiny_module):
     """snr_gamma weights each sample by min(SNR, gamma)/SNR (epsilon) or /(SNR+1) (v): a weighted mean of the
     per-sample errors; above every timestep's SNR it is the plain MSE."""
