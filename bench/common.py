@@ -11,7 +11,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,24 @@ def count_flops(fn: Callable[[], None]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def saved_activation_bytes(fn: Callable[[], None], weights: Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass during ``fn`` (each storage once), ``weights``
+    left out: the activation memory that checkpointing trades for recomputation, the same on every device.
+    Tensors inside a checkpointed region are not kept, so they are not counted."""
+    skip = {w.untyped_storage().data_ptr() for w in weights}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())
 
 
 def timed(fn: Callable[[], None], steps: int, device: torch.device) -> float:

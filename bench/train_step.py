@@ -41,6 +41,7 @@ from bench.common import (
     datamodule,
     emit,
     peak_tflops,
+    saved_activation_bytes,
     sync,
     timed,
     to_device,
@@ -55,7 +56,7 @@ class Mode:
     dtype: str = "bf16"
     cached: bool = False
     frozen_autocast: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False  # False, True (every block) or "high_res"
     attention: str = "sdpa"
     channels_last: bool = False
     compile_unet: bool | str = False  # False, "blocks" (regional) or True (whole UNet)
@@ -70,6 +71,7 @@ MODES = {
     "bf16": Mode(),
     "bf16-cached": Mode(cached=True),
     "bf16-ckpt": Mode(gradient_checkpointing=True),
+    "bf16-ckpt-high-res": Mode(gradient_checkpointing="high_res"),
     "bf16-eager-attention": Mode(attention="eager"),
     "bf16-channels-last": Mode(channels_last=True),
     "bf16-compile": Mode(compile_unet=True),
@@ -98,6 +100,11 @@ RATIOS = (
     ("memory_bf16_ckpt_over_fp32", "bf16-ckpt", "fp32", "peak_mem_gib"),
     ("memory_bf16_over_fp32", "bf16", "fp32", "peak_mem_gib"),
     ("memory_bf16_ckpt_over_bf16", "bf16-ckpt", "bf16", "peak_mem_gib"),
+    ("memory_ckpt_high_res_over_bf16", "bf16-ckpt-high-res", "bf16", "peak_mem_gib"),
+    ("ckpt_high_res_over_bf16", "bf16-ckpt-high-res", "bf16", "images_per_s"),
+    ("ckpt_over_bf16", "bf16-ckpt", "bf16", "images_per_s"),
+    ("saved_activations_ckpt_over_bf16", "bf16-ckpt", "bf16", "saved_activations_gib"),
+    ("saved_activations_ckpt_high_res_over_bf16", "bf16-ckpt-high-res", "bf16", "saved_activations_gib"),
 )
 
 
@@ -146,9 +153,14 @@ def measure(
     warmup_s = time.perf_counter() - started
     with torch.compiler.set_stance("force_eager"):  # the same maths, counted op by op outside compiled graphs
         flops = count_flops(step)
+        saved = saved_activation_bytes(step, list(module.parameters()))
     sync(device)
     graphs = counters["stats"]["unique_graphs"]
-    row: dict[str, Any] = {"batch_size": batch_size, "warmup_s": round(warmup_s, 2)}
+    row: dict[str, Any] = {
+        "batch_size": batch_size,
+        "warmup_s": round(warmup_s, 2),
+        "saved_activations_gib": round(saved / 2**30, 3),
+    }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         seconds = timed(step, steps, device)

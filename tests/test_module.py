@@ -3,6 +3,7 @@ import itertools
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from camouflage_train.data.datamodule import PersonDataModule
@@ -95,6 +96,35 @@ def test_fused_adamw_option_trains_like_the_default(make_cfg, tiny_model_dir):
     assert all(not torch.equal(default[n], v) for n, v in initial.items())  # every adapter weight moved
     for name in modules[0].trainable_parameter_names():
         torch.testing.assert_close(fused[name], default[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("which", [True, "high_res"])
+def test_checkpointing_gives_the_same_loss_and_gradients(make_cfg, tiny_model_dir, which):
+    """Activation checkpointing only recomputes: the loss and every adapter gradient equal those without it (the
+    recomputed forward is the same computation). ``high_res`` checkpoints only the full-resolution blocks."""
+    cfg = make_cfg("experiment=demo_tiny")
+    plain, checkpointed = instantiate(cfg.model), instantiate(cfg.model, gradient_checkpointing=which)
+    checkpointed.load_state_dict(plain.state_dict())
+    flagged = {n for n, m in checkpointed.unet.named_modules() if getattr(m, "gradient_checkpointing", False)}
+    blocks = {n for n in flagged if n.count(".") == 1}  # down_blocks.i / up_blocks.i / mid_block.*
+    if which == "high_res":
+        last_up = f"up_blocks.{len(checkpointed.unet.up_blocks) - 1}"
+        assert blocks == {"down_blocks.0", last_up}
+        assert all(n.startswith(("down_blocks.0.", f"{last_up}.")) for n in flagged - blocks - {""}), flagged
+    else:
+        assert {"down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1"} <= blocks
+    batch = _batch(plain, size=2)
+    grads = []
+    for module in (plain, checkpointed):
+        module.train()
+        loss = module.diffusion_loss(batch, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in module.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=0)
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], grad, rtol=1e-5, atol=1e-8)
+    with pytest.raises(InstantiationException, match="gradient_checkpointing must be one of"):
+        instantiate(cfg.model, gradient_checkpointing="mid")
 
 
 def test_min_snr_weighting(tiny_module):

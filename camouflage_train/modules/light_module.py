@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.models.attribute_encoder import AttributeEncoder
 from camouflage_train.models.backbone import load_frozen_backbone, parse_dtype
+from camouflage_train.models.checkpointing import enable_checkpointing
 from camouflage_train.models.compile import compile_unet as compile_frozen_unet
 from camouflage_train.models.conditioning import PersonBatch, conditioning_inputs
 from camouflage_train.models.ip_adapter import (
@@ -78,7 +79,8 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
             unconditional branch, exactly what sampling uses as the negative).
         noise_offset: offset-noise strength (0 disables).
         snr_gamma: Min-SNR-gamma loss weighting of training steps (``None``: the plain MSE; 5 is the paper's value).
-        gradient_checkpointing: checkpoint the frozen UNet's blocks to save activation memory.
+        gradient_checkpointing: checkpoint the frozen UNet's blocks to save activation memory: ``true`` (all),
+            ``high_res`` (only the full-resolution blocks: most of the saving for less recomputation) or ``false``.
         frozen_autocast: run a bf16/fp16 frozen backbone under the trainer's autocast instead of natively in
             its own dtype. Native (the default) skips autocast's fp32 group norms and per-op casts; the
             adapter keeps fp32 weights either way (see ``bench/train_step.py`` for the measured difference).
@@ -109,7 +111,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         attribute_dropout: float = 0.05,
         noise_offset: float = 0.0,
         snr_gamma: float | None = None,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = False,
         frozen_autocast: bool = False,
         channels_last: bool = False,
         compile_unet: bool | str = False,
@@ -137,8 +139,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         install_ip_adapter(
             self.unet, initial_state_dict(self.unet, cfg), scale=cfg.scale, batched_persons=batched_person_attention
         )
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+        enable_checkpointing(self.unet, gradient_checkpointing)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
