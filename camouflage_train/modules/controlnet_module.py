@@ -18,7 +18,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.optim import Optimizer
 
@@ -132,7 +131,7 @@ class ControlNetModule(FrozenDiffusionMixin, L.LightningModule):
             down_block_additional_residuals=[r.to(self.weight_dtype) for r in down],
             mid_block_additional_residual=mid.to(self.weight_dtype),
         ).sample
-        return F.mse_loss(prediction.float(), self.prediction_target(latents, noise, timesteps).float())
+        return self.regression_loss(prediction, self.prediction_target(latents, noise, timesteps), timesteps)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if batch.get("size", 1) == 0:
