@@ -84,6 +84,8 @@ class BatchedPersonsAttnProcessor(IPAdapterAttnProcessor2_0):
         out = out.transpose(1, 2).flatten(2).to(query.dtype)
 
         person_scale = self.scale[0]
+        if not isinstance(person_scale, (int, float)):
+            raise ValueError(f"batched person attention takes one adapter scale for all persons, got {person_scale!r}")
         if person_scale != 0:
             out = out + person_scale * self._persons_attention(query, persons, masks)
 
