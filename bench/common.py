@@ -119,7 +119,7 @@ def train_step(module: LightAdapterModule, optimizer: torch.optim.Optimizer, bat
     with torch.autocast(
         module.device.type, low if low != torch.float32 else torch.bfloat16, enabled=low != torch.float32
     ):
-        loss = module.diffusion_loss(batch, dropout=True)
+        loss = module.diffusion_loss(batch, training=True)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -82,7 +82,7 @@ def bare_steps(module, batches, steps: int, warmup: int, device: torch.device) -
         sync(device)
         starts.append(time.perf_counter())
         with torch.autocast(device.type, low if low != torch.float32 else torch.bfloat16, enabled=low != torch.float32):
-            loss = module.diffusion_loss(batches[i % len(batches)], dropout=True)
+            loss = module.diffusion_loss(batches[i % len(batches)], training=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

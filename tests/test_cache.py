@@ -46,8 +46,8 @@ def test_cached_training_equals_uncached(make_cfg, tmp_path, tiny_model_dir):
             assert torch.equal(raw_batch[key], cached_batch[key]), key
         for dropout in (False, True):
             module.hparams.text_dropout = module.hparams.attribute_dropout = 0.5 if dropout else 0.0
-            a = module.diffusion_loss(raw_batch, generator=torch.Generator().manual_seed(3), dropout=dropout)
-            b = module.diffusion_loss(cached_batch, generator=torch.Generator().manual_seed(3), dropout=dropout)
+            a = module.diffusion_loss(raw_batch, generator=torch.Generator().manual_seed(3), training=dropout)
+            b = module.diffusion_loss(cached_batch, generator=torch.Generator().manual_seed(3), training=dropout)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -33,7 +33,7 @@ def _datamodule(cfg):
 def test_gradients_reach_only_the_adapter(tiny_module):
     tiny_module.hparams.text_dropout = tiny_module.hparams.attribute_dropout = 0.0
     tiny_module.train()
-    loss = tiny_module.diffusion_loss(_batch(tiny_module), dropout=True)
+    loss = tiny_module.diffusion_loss(_batch(tiny_module), training=True)
     loss.backward()
     trainable = dict(tiny_module.named_parameters())
     with_grad = {n for n, p in trainable.items() if p.grad is not None}

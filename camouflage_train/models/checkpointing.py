@@ -19,20 +19,15 @@ def high_resolution_blocks(unet: UNet2DConditionModel) -> tuple[str, ...]:
     return ("down_blocks.0", f"up_blocks.{len(unet.up_blocks) - 1}")
 
 
-def enable_checkpointing(unet: UNet2DConditionModel, which: bool | str) -> list[str]:
+def enable_checkpointing(unet: UNet2DConditionModel, which: bool | str) -> None:
     """Checkpoint ``which`` blocks of ``unet`` (``False``: none, ``True``: all, ``"high_res"``: the full-resolution
-    ones); returns the names of the modules that now checkpoint."""
+    ones)."""
     if which not in CHECKPOINTING_CHOICES:
         raise ValueError(f"model.gradient_checkpointing must be one of {CHECKPOINTING_CHOICES}, got {which!r}")
     if which is False:
-        return []
+        return
     unet.enable_gradient_checkpointing()
     chosen = high_resolution_blocks(unet) if which == "high_res" else None
-    names = []
     for name, module in unet.named_modules():
-        if not hasattr(module, "gradient_checkpointing"):
-            continue
-        module.gradient_checkpointing = chosen is None or any(name == c or name.startswith(c + ".") for c in chosen)
-        if module.gradient_checkpointing:
-            names.append(name)
-    return names
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = chosen is None or any(name == c or name.startswith(c + ".") for c in chosen)

@@ -269,13 +269,12 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         self,
         batch: dict[str, Any],
         generator: torch.Generator | None = None,
-        dropout: bool = False,
-        snr_weighted: bool = False,
+        training: bool = False,
     ) -> torch.Tensor:
         """MSE between the UNet's prediction and the scheduler's target at uniform random timesteps.
 
-        ``dropout`` applies text/attribute dropout and ``snr_weighted`` the ``snr_gamma`` weighting: the training
-        objective. Validation leaves both off, so its losses compare across those settings.
+        ``training`` gives the training objective: text/attribute dropout and the ``snr_gamma`` weighting.
+        Validation leaves it off, so its losses compare across those settings.
 
         Takes raw batches (``pixel_values``, ``caption``) or cached ones (``latent_mean``/``latent_std``,
         ``text_embeds``); both use the same random numbers (:meth:`_draw`), so they give the same loss.
@@ -289,8 +288,8 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
             latent_shape = (self.vae.config.latent_channels, height // factor, width // factor)
         draw = self._draw(batch, latent_shape, self.vae.dtype, generator)
         person_mask = batch["person_mask"]
-        drop_text = draw.drop_text if dropout else torch.zeros_like(draw.drop_text)
-        if dropout:
+        drop_text = draw.drop_text if training else torch.zeros_like(draw.drop_text)
+        if training:
             person_mask = person_mask & ~draw.drop_persons.to(person_mask.device)[:, None]
         persons = PersonBatch(batch["boxes"], batch["continuous"], batch["categorical"], person_mask)
         with torch.no_grad(), self._frozen_compute():
@@ -322,7 +321,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
                 cross_attention_kwargs={"ip_adapter_masks": [masks]},
             ).sample
         target = self.prediction_target(latents, noise, draw.timesteps)
-        snr_gamma = self.hparams.snr_gamma if snr_weighted else None
+        snr_gamma = self.hparams.snr_gamma if training else None
         return self.regression_loss(prediction, target, draw.timesteps, snr_gamma)
 
     def _log_skipped(self, batch: dict[str, Any], stage: str) -> None:
@@ -333,7 +332,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         self._log_skipped(batch, "train")
         if batch.get("size", 1) == 0:
             return None  # every sample of this batch was unusable (counted above); no optimizer step
-        loss = self.diffusion_loss(batch, dropout=True, snr_weighted=True)
+        loss = self.diffusion_loss(batch, training=True)
         batch_size = batch["person_mask"].shape[0]
         # One decision for all ranks (a rank skipping alone would hang DDP's gradient all-reduce).
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
