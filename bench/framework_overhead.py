@@ -107,12 +107,13 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     precision = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[dtype]
-    module = build_module(args.preset, dtype).to(device)
+    module = build_module(args.preset, dtype)
     dm = datamodule(module, 2 * args.batch_size, args.resolution, args.batch_size)
     batches = [to_device(b, device) for b in dm.train_dataloader()][:2]
     lightning, bare = [], []
     for _ in range(args.rounds):
-        bare += bare_steps(module.train(), batches, args.steps, args.warmup, device)
+        # Lightning's teardown moves the module back to the CPU after each fit, so place it again every round.
+        bare += bare_steps(module.to(device).train(), batches, args.steps, args.warmup, device)
         lightning += lightning_steps(module, batches, args.steps, args.warmup, device, precision)
     ratio = statistics.median(lightning) / statistics.median(bare)
     result = {

@@ -4,14 +4,15 @@ For an air-gapped GPU machine with torch, lightning and transformers installed; 
 ftfy, wcwidth (and PyYAML if missing) travel as wheels, Hydra/wandb/datasets are not needed:
 
     python bench/gpu_suite.py --out bench/results/gpu.json             # sd15-shape, 512², bf16
-    python bench/gpu_suite.py --preset tiny --resolution 64 --device cpu --train-batch-sizes 2 --quick  # smoke
+    python bench/gpu_suite.py --preset tiny --resolution 64 --device cpu --train-batch-sizes 2 \
+        --modes-batch-size 2 --quick                                   # smoke
 
 Runs, in this order and within ``--budget-s`` (what does not fit is reported as skipped):
 1. ``bench/train_step.py``: ``bf16`` (native bf16 frozen backbone) at each ``--train-batch-sizes``;
    images/s, peak memory, TFLOP/step, MFU against the card's dense bf16 peak.
 2. ``bench/inference_ratio.py``: Light vs Base seconds per image, 25 steps, batch 4.
-3. ``bench/framework_overhead.py`` at the middle batch size.
-4. ``bench/train_step.py`` at the middle batch size for ``--modes`` (default: autocast, cached latents,
+3. ``bench/framework_overhead.py`` at ``--modes-batch-size`` (16).
+4. ``bench/train_step.py`` at ``--modes-batch-size`` for ``--modes`` (default: autocast, cached latents,
    diffusers' per-person adapter attention loop, fused AdamW, checkpointing of every block and of the
    full-resolution blocks only, fp32, channels-last, regional and whole-UNet torch.compile, all fastest options,
    eager attention). Each row reports its warm-up (compile) seconds and fails if a graph is compiled while timed.
@@ -62,23 +63,27 @@ def run_json(command: list[str], timeout: float) -> dict[str, Any]:
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH.parent), os.environ.get("PYTHONPATH")])),
         }
+        began = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=BENCH.parent, env=env)
     except subprocess.TimeoutExpired:
         return {"skipped": f"timed out after {timeout:.0f} s"}
     sys.stderr.write(done.stderr[-3000:])
+    # The part's whole wall time (process start, model load, compile) is what the next run's budget needs.
+    part_s = round(time.perf_counter() - began, 1)
     try:
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return {**json.loads(done.stdout.strip().splitlines()[-1]), "part_s": part_s}
     except (IndexError, json.JSONDecodeError):
-        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1], "part_s": part_s}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="sd15-shape")
     parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--train-batch-sizes", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--train-batch-sizes", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--modes-batch-size", type=int, default=16, help="batch size of the --modes rows")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--modes", nargs="+", default=list(SECOND_MODES), help="modes run at the middle batch size")
+    parser.add_argument("--modes", nargs="+", default=list(SECOND_MODES), help="modes run at --modes-batch-size")
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop starting new parts after this")
     parser.add_argument("--quick", action="store_true", help="fewer steps (smoke runs)")
     parser.add_argument("--out", type=Path, default=None)
@@ -91,7 +96,7 @@ def main() -> None:
     steps, infer_steps = ("2", "2") if args.quick else ("6", "25")
     common = ["--preset", args.preset, "--resolution", str(args.resolution), "--device", args.device]
     sizes = args.train_batch_sizes
-    middle = sizes[len(sizes) // 2]
+    modes_size = args.modes_batch_size
     # Materialise the presets once (first load builds them), so no timed part pays for it.
     results: dict[str, Any] = {
         "bench": "gpu_suite",
@@ -115,22 +120,23 @@ def main() -> None:
             command = [sys.executable, str(BENCH / "train_step.py"), *common, "--modes", mode]
             command += ["--batch-sizes", str(size), "--steps", steps, "--warmup", "2"]
             row = run_json(command, left())
-            rows.extend(row.get("rows", [{"mode": mode, "batch_size": size, **row}]))
+            whole = {"part_s": row["part_s"]} if "part_s" in row else {}
+            rows.extend({**r, **whole} for r in row.get("rows", [{"mode": mode, "batch_size": size, **row}]))
             print(json.dumps(rows[-1]), flush=True)
         return rows
 
     # In order of importance, so a slow machine drops the least important parts: the bf16 step over batch
-    # sizes, Light/Base inference, Lightning's overhead, then the other modes at the middle batch size.
+    # sizes, Light/Base inference, Lightning's overhead, then the other modes at --modes-batch-size.
     rows = train_rows([("bf16", size) for size in sizes])
     inference = [sys.executable, str(BENCH / "inference_ratio.py"), *common, "--dtype", "bf16"]
     inference += ["--steps", infer_steps, "--batch", "4", "--repeats", "1"]
     results["inference"] = run_json(inference, left())
     print(json.dumps({"inference": results["inference"]}), flush=True)
-    overhead = [sys.executable, str(BENCH / "framework_overhead.py"), *common, "--batch-size", str(middle)]
+    overhead = [sys.executable, str(BENCH / "framework_overhead.py"), *common, "--batch-size", str(modes_size)]
     overhead += ["--dtype", "bf16", "--steps", "10" if not args.quick else "3", "--rounds", "2"]
     results["framework_overhead"] = run_json(overhead, left())
     print(json.dumps({"framework_overhead": results["framework_overhead"]}), flush=True)
-    rows += train_rows([(mode, middle) for mode in args.modes])
+    rows += train_rows([(mode, modes_size) for mode in args.modes])
     from bench.train_step import ratios
 
     results["train_step"] = {"rows": rows, "ratios": ratios(rows)}
