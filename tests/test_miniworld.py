@@ -47,7 +47,8 @@ def test_the_build_command_builds_every_part_for_a_few_steps(tmp_path):
 
 def test_the_committed_face_pack_finds_reads_and_recognises_synthetic_people():
     """Held-out scenes blurred and noised like generated images, through insightface's own code. A random pack
-    scores near 0 detection and 1/64 rank-1 here (the few-step build: 0.04 and 0.1)."""
+    scores near 0 detection and 1/64 rank-1 here (the few-step build: 0.04 and 0.1); the recogniser also finds
+    people through the base's VAE (the second view encoded and decoded), which a generated face is at best."""
     from camouflage_train.miniworld.checks import face_pack_report
 
     report = face_pack_report(weights_folder("faces"), num_scenes=40, num_identities=64)
@@ -55,7 +56,8 @@ def test_the_committed_face_pack_finds_reads_and_recognises_synthetic_people():
     assert seen["detection_rate"] >= 0.9 and seen["mean_iou"] >= 0.7, report
     assert seen["false_detections_per_scene"] <= 0.2, report
     assert seen["gender_accuracy"] >= 0.9 and seen["age_mae_over_45"] <= 10, report
-    assert report["recogniser"]["rank1_other_view"] >= 0.8, report
+    recogniser = report["recogniser"]
+    assert recogniser["rank1_other_view"] >= 0.6 and recogniser["rank1_other_view_decoded"] >= 0.3, report
 
 
 def test_the_mini_base_draws_people_from_captions():

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             if part == "faces":  # measured on held-out scenes through insightface, recorded with the build
                 from camouflage_train.miniworld.checks import face_pack_report
 
-                metrics["held_out"] = face_pack_report(staging)
+                metrics["held_out"] = face_pack_report(staging, base=cfg.base)
                 (staging / "build.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
                 log(f"face pack on held-out scenes: {json.dumps(metrics['held_out'])}")
         log(f"wrote {args.out / part}")

@@ -5,7 +5,9 @@
 * ``genderage_mini.onnx`` (96x96, insightface's attribute crop): gender from the hair length, age from the hair
   colour (readable past 45 only: younger hair is a random brown, so young ages are guessed near their mean).
 * ``w600k_mini.onnx`` (112x112, aligned by the keypoints): a recogniser trained contrastively on two views of the
-  same person (same skin, clothes and young hair colour; another place, size, pose, background and neighbours).
+  same person (same skin, clothes and young hair colour; another place, size, pose, background and neighbours),
+  the second view often passed through the world's VAE: a generated face is at best such a reconstruction, so a
+  recogniser blind through it could not tell anonymization from the decoder's own colour shifts.
 
 ``FaceAnalysis(name=<folder>)`` loads the folder like ``buffalo_l``; the recogniser file alone is a recogniser.
 """
@@ -44,6 +46,7 @@ Log = Callable[[str], None]
 
 @dataclass
 class FaceBuildConfig:
+    base: str = "preset:mini"  # whose VAE the recogniser sees through (the build passes the base built next to it)
     seed: int = 0
     num_scenes: int = 6000
     first_scene_seed: int = 3_000_000
@@ -56,6 +59,7 @@ class FaceBuildConfig:
     recogniser_steps: int = 3000
     feature_steps: int = 800
     temperature: float = 0.1
+    decoded_views: float = 0.5  # share of second identity views encoded and decoded by the base's VAE
     threads: int = 0
 
 
@@ -181,10 +185,32 @@ def _scene_bank(cfg: FaceBuildConfig, rng: np.random.Generator) -> dict[str, Any
     }
 
 
+def vae_round_trip(base: str, scenes: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """``[N, H, W, 3]`` uint8 scenes encoded (latent mean) and decoded by the VAE of ``base`` (a preset or folder)."""
+    from diffusers import AutoencoderKL
+
+    from camouflage_train.models.backbone import resolve_model_folder
+
+    if not len(scenes):
+        return scenes
+    with torch.random.fork_rng():  # loading must not move the seeded stream the face nets start from
+        vae = AutoencoderKL.from_pretrained(resolve_model_folder(base), subfolder="vae").eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(scenes), batch_size):
+            x = torch.from_numpy(scenes[start : start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+            out.append(((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
 def identity_views(cfg: FaceBuildConfig, rng: np.random.Generator) -> np.ndarray:
-    """``[I, 2, 112, 112, 3]``: each identity (appearance, age, gender) drawn into two unrelated scenes, aligned."""
+    """``[I, 2, 112, 112, 3]``: each identity (appearance, age, gender) drawn into two unrelated scenes, aligned;
+    the second view passes through the base's VAE with probability ``cfg.decoded_views``."""
     schema = face_schema()
     views = np.zeros((cfg.num_identities, 2, 112, 112, 3), dtype=np.uint8)
+    scenes = np.zeros((cfg.num_identities, 2, cfg.resolution, cfg.resolution, 3), dtype=np.uint8)
+    keypoints = np.zeros((cfg.num_identities, 2, 5, 2), dtype=np.float32)
     for i in range(cfg.num_identities):
         identity = sample_person(rng, schema, [])
         appearance = sample_appearance(rng, identity["age"])
@@ -197,9 +223,14 @@ def identity_views(cfg: FaceBuildConfig, rng: np.random.Generator) -> np.ndarray
             placed = sample_person(rng, schema, [])
             placed.update(age=identity["age"], gender=identity["gender"])
             draw_person(draw, placed, image.size, appearance)  # on top: the view shows the whole face
-            pixels = np.asarray(degrade(image, rng, colour=False))
-            kps = face_keypoints(placed, image.size) + rng.normal(0, 0.5, size=(5, 2))
-            views[i, v] = recogniser_crop(pixels, kps)
+            scenes[i, v] = np.asarray(image)
+            keypoints[i, v] = face_keypoints(placed, image.size) + rng.normal(0, 0.5, size=(5, 2))
+    decoded = np.flatnonzero(rng.random(cfg.num_identities) < cfg.decoded_views)
+    scenes[decoded, 1] = vae_round_trip(cfg.base, scenes[decoded, 1])
+    for i in range(cfg.num_identities):
+        for v in range(2):
+            pixels = np.asarray(degrade(Image.fromarray(scenes[i, v]), rng, colour=False))
+            views[i, v] = recogniser_crop(pixels, keypoints[i, v])
     return views
 
 
