@@ -19,7 +19,7 @@ from camouflage_train.metrics.faces import FaceAnalyzer, FaceModelUnavailableErr
 from camouflage_train.metrics.reid import ReIdentification, match_faces, requested_box_iou
 from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.modules.evaluation_module import JointEvaluationModule
-from camouflage_train.pipelines.anonymizer import Blur, Identity
+from camouflage_train.pipelines.anonymizer import Blur, Identity, VaeReconstruction
 from camouflage_train.utils.config_checks import ConfigError
 from tests.conftest import REPO, cpu_trainer
 
@@ -105,6 +105,25 @@ def test_blur_baseline_blurs_only_person_regions():
     assert np.abs(a[:16, :16] - b[:16, :16]).mean() > 10 and np.array_equal(a[20:, 20:], b[20:, 20:])
 
 
+def test_reconstruction_row_is_the_base_vae_round_trip():
+    """The trained mini VAE gives back the scene (what a generated row can keep at most); the random tiny VAE does
+    not, so the row tells a decoder that keeps faces from one that does not."""
+    from camouflage_train.data.synthetic import draw_scene
+    from camouflage_train.miniworld.scenes import face_schema
+
+    images = [draw_scene(seed, face_schema(), 64)[0] for seed in (5, 6)]
+    persons = PersonBatch(torch.zeros(2, 1, 4), torch.zeros(2, 1, 0), torch.zeros(2, 1, 0), torch.zeros(2, 1).bool())
+
+    def psnr(backbone: str) -> list[float]:
+        out = VaeReconstruction({"pretrained_model_name_or_path": backbone})(images, persons, [0, 1], ["", ""])
+        assert [o.size for o in out] == [i.size for i in images]
+        errors = [np.mean((np.asarray(o, float) - np.asarray(i, float)) ** 2) for o, i in zip(out, images, strict=True)]
+        return [10 * math.log10(255**2 / e) for e in errors]
+
+    trained, random = psnr("preset:mini"), psnr("preset:tiny")
+    assert min(trained) > 20 and max(random) < 16, (trained, random)  # measured: 22.7-23.5 dB and 11.1-12.4 dB
+
+
 def test_missing_weights_name_the_metric(tmp_path):
     with pytest.raises(WeightsUnavailableError, match="CLIP scores"):
         ClipScorer("ViT-B-32", "openai")
@@ -173,10 +192,12 @@ def test_eval_demo_end_to_end(tmp_path, trained_checkpoint, tiny_faces_dir):
             ],
         )
     results = run_evaluation(cfg)
-    assert [r["model"] for r in results] == ["identity", "blur", "base", "light", "no_adapter"]
-    identity = results[0]
+    rows = {r["model"]: r for r in results}
+    assert list(rows) == ["identity", "reconstruction", "blur", "base", "light", "no_adapter"]
+    identity = rows["identity"]
     assert identity["fid"] == pytest.approx(0.0, abs=1e-2) and identity["reid/tiny_arcface/verification"] == 1.0
-    assert all(math.isfinite(r["fid"]) for r in results) and results[2]["fid"] > 0
+    assert all(math.isfinite(r["fid"]) for r in results)
+    assert rows["base"]["fid"] > 0 and rows["reconstruction"]["fid"] > 0
     assert all(0.0 <= r["attr/box_iou"] <= 1.0 for r in results)  # synthetic scenes always request boxes
     out = tmp_path / "eval"
     for name in ("results.md", "results.csv", "results.json", "config.yaml", "samples/batch_000.png"):

@@ -1,9 +1,9 @@
 """Joint evaluation of anonymizers: every row anonymizes the same batch with the same seeds, then shares
 one set of metrics definitions (re-ID per recogniser, attributes, FID/KID, CLIP-T/CLIP-I).
 
-Rows are anonymizers with the one interface of :mod:`camouflage_train.pipelines.anonymizer` (identity, blur,
-CAMOUFLaGE-Base and -Light by default; any other one from config). All metrics are torchmetrics ``Metric``s, so
-the Trainer's devices/processes give the same numbers as one process.
+Rows are anonymizers with the one interface of :mod:`camouflage_train.pipelines.anonymizer` (identity, VAE
+reconstruction, blur, CAMOUFLaGE-Base and -Light by default; any other one from config). All metrics are
+torchmetrics ``Metric``s, so the Trainer's devices/processes give the same numbers as one process.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ as annotated), one seed per image and one prompt per image, and returns the anon
 ``anonymize.py`` and ``evaluate.py`` only use this, so a new method is one class plus one config file with its
 ``_target_`` (see the README, "Adding an anonymizer"). :class:`Identity` (output = input, the re-identification
 anchor) and :class:`Blur` (Gaussian blur of person regions) are the reference rows of every evaluation;
+:class:`VaeReconstruction` (the base's VAE, encode + decode) is the ceiling of what any latent-diffusion output keeps;
 CAMOUFLaGE-Base and -Light live in :mod:`~camouflage_train.pipelines.base` and
 :mod:`~camouflage_train.pipelines.light`.
 """
@@ -16,8 +17,8 @@ CAMOUFLaGE-Base and -Light live in :mod:`~camouflage_train.pipelines.base` and
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from PIL import Image, ImageFilter
@@ -79,4 +80,31 @@ class Blur:
         return image
 
     def to(self, device: torch.device | str) -> Blur:
+        return self
+
+
+class VaeReconstruction:
+    """Each image encoded (latent mean) and decoded by the base's VAE: every Base or Light output is at best such a
+    reconstruction, so this row's re-identification is the most any generated row can show, and its FID the least."""
+
+    def __init__(self, backbone: Mapping[str, Any]) -> None:
+        """``backbone``: the base's ``load_frozen_backbone`` arguments (evaluate.yaml passes ``anonymizers.base``'s)."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        from camouflage_train.models.backbone import load_frozen_backbone
+
+        self.vae = load_frozen_backbone(**backbone, with_unet=False).vae
+        self.processor = VaeImageProcessor(vae_scale_factor=2 ** (len(self.vae.config.block_out_channels) - 1))
+
+    @torch.no_grad()
+    def __call__(
+        self, images: Sequence[Image.Image], persons: PersonBatch, seeds: Sequence[int], prompts: Sequence[str]
+    ) -> list[Image.Image]:
+        weight = next(self.vae.parameters())
+        pixels = self.processor.preprocess(list(images)).to(weight.device, weight.dtype)
+        decoded = self.vae.decode(self.vae.encode(pixels).latent_dist.mode()).sample
+        return self.processor.postprocess(decoded.float(), output_type="pil")
+
+    def to(self, device: torch.device | str) -> VaeReconstruction:
+        self.vae.to(device)
         return self
