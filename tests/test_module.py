@@ -153,6 +153,25 @@ def test_min_snr_weighting(tiny_module):
         tiny_module.regression_loss(prediction, target, t, 5.0)
 
 
+def test_timestep_range_bounds_the_training_draws_only(demo_cfg, tiny_model_dir, monkeypatch):
+    """Training steps (per-sample seeds or the global RNG) draw timesteps in ``[low, high)``; validation losses keep
+    every timestep; a range outside the scheduler's is refused naming the field."""
+    demo_cfg.model.timestep_range = [600, 1000]
+    module = instantiate(demo_cfg.model)
+    seen, loss = [], module.regression_loss
+    monkeypatch.setattr(module, "regression_loss", lambda p, y, t, *rest: seen.append(t) or loss(p, y, t, *rest))
+    batch = _batch(module, size=8)
+    module.diffusion_loss(batch, training=True)
+    module.diffusion_loss({**batch, "sample_seed": list(range(8))}, training=True)
+    module.diffusion_loss(batch, generator=torch.Generator().manual_seed(0))
+    assert all(int(t.min()) >= 600 and int(t.max()) < 1000 for t in seen[:2]), seen
+    assert int(seen[2].min()) < 600, seen  # 8 uniform draws over [0, 1000): all >= 600 has chance 0.4**8
+    for bad in ([0, 2000], [500, 500], [100]):
+        demo_cfg.model.timestep_range = bad
+        with pytest.raises(InstantiationException, match="timestep_range must be"):
+            instantiate(demo_cfg.model)
+
+
 def test_checkpoint_holds_only_trainable_weights_and_resumes(make_cfg, tmp_path, tiny_model_dir):
     cfg = make_cfg("experiment=demo_tiny")
     module = instantiate(cfg.model)

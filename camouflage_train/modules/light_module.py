@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -79,6 +79,9 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
             unconditional branch, exactly what sampling uses as the negative).
         noise_offset: offset-noise strength (0 disables).
         snr_gamma: Min-SNR-gamma loss weighting of training steps (``None``: the plain MSE; 5 is the paper's value).
+        timestep_range: ``[low, high)``: training steps draw their timesteps there only (``None``: all of them).
+            Places and attributes are decided at high noise; the lowest levels refine texture, so skipping them
+            spends the steps where the adapter learns (validation losses keep every timestep).
         gradient_checkpointing: checkpoint the frozen UNet's blocks to save activation memory: ``true`` (all),
             ``high_res`` (only the full-resolution blocks: most of the saving for less recomputation) or ``false``.
         frozen_autocast: run a bf16/fp16 frozen backbone under the trainer's autocast instead of natively in
@@ -111,6 +114,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         attribute_dropout: float = 0.05,
         noise_offset: float = 0.0,
         snr_gamma: float | None = None,
+        timestep_range: Sequence[int] | None = None,
         gradient_checkpointing: bool | str = False,
         frozen_autocast: bool = False,
         channels_last: bool = False,
@@ -133,6 +137,11 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         self.backbone_name, self.backbone_source = frozen.name, frozen.source
         self.vae, self.text_encoder, self.unet = frozen.vae, frozen.text_encoder, frozen.unet
         self.tokenizer, self.noise_scheduler = frozen.tokenizer, frozen.noise_scheduler
+        steps = self.noise_scheduler.config.num_train_timesteps
+        bounds = (0, steps) if timestep_range is None else tuple(timestep_range)
+        if len(bounds) != 2 or not all(isinstance(b, int) for b in bounds) or not 0 <= bounds[0] < bounds[1] <= steps:
+            raise ValueError(f"model.timestep_range must be [low, high) with 0 <= low < high <= {steps}, got {bounds}")
+        self.train_timesteps: tuple[int, int] = bounds
 
         cfg = self.adapter_config
         self.encoder = AttributeEncoder.from_adapter_config(self.schema.to_config(), cfg)
@@ -227,8 +236,9 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         latent_shape: tuple[int, ...],
         dtype: torch.dtype,
         generator: torch.Generator | None,
+        timesteps: tuple[int, int],
     ) -> StepNoise:
-        """Everything random in one step, in a fixed order.
+        """Everything random in one step, in a fixed order; timesteps uniform in ``[low, high)``.
 
         With ``batch["sample_seed"]`` (training batches from :class:`ResumableSampler`) and no ``generator``, each
         sample's numbers come from its own seed, so they do not depend on the batch composition, the rank layout
@@ -236,14 +246,14 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         Otherwise they come from ``generator`` (validation) or the global RNG.
         """
         n, device = batch["person_mask"].shape[0], self.device
-        steps = self.noise_scheduler.config.num_train_timesteps
+        low, high = timesteps
         seeds = batch.get("sample_seed") if generator is None else None
         if seeds is not None:
             host = [torch.Generator().manual_seed(s) for s in seeds]
             # A different stream on the device (on CPU the same seed would repeat the host numbers).
             dev = [torch.Generator(device=device).manual_seed((s + 1) % 2**63) for s in seeds]
             uniform = torch.stack([torch.rand(2, generator=g) for g in host])
-            timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g, device=device) for g in dev])
+            drawn = torch.cat([torch.randint(low, high, (1,), generator=g, device=device) for g in dev])
             normal = torch.stack(
                 [torch.randn((2, *latent_shape), generator=g, device=device, dtype=dtype) for g in dev]
             )
@@ -253,13 +263,13 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         else:
             where = generator.device if generator is not None else "cpu"
             uniform = torch.rand((n, 2), generator=generator, device=where).cpu()
-            timesteps = torch.randint(0, steps, (n,), generator=generator, device=device)
+            drawn = torch.randint(low, high, (n,), generator=generator, device=device)
             normal = torch.randn((n, 2, *latent_shape), generator=generator, device=device, dtype=dtype)
             offset = torch.randn((n, latent_shape[0], 1, 1), generator=generator, device=device, dtype=dtype)
         return StepNoise(
             drop_text=uniform[:, 0] < self.hparams.text_dropout,
             drop_persons=uniform[:, 1] < self.hparams.attribute_dropout,
-            timesteps=timesteps,
+            timesteps=drawn,
             latent=normal[:, 0],
             noise=normal[:, 1],
             offset=offset,
@@ -273,7 +283,8 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
     ) -> torch.Tensor:
         """MSE between the UNet's prediction and the scheduler's target at uniform random timesteps.
 
-        ``training`` gives the training objective: text/attribute dropout and the ``snr_gamma`` weighting.
+        ``training`` gives the training objective: text/attribute dropout, ``timestep_range`` and the ``snr_gamma``
+        weighting.
         Validation leaves it off, so its losses compare across those settings.
 
         Takes raw batches (``pixel_values``, ``caption``) or cached ones (``latent_mean``/``latent_std``,
@@ -286,7 +297,8 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
             factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
             height, width = batch["pixel_values"].shape[-2:]
             latent_shape = (self.vae.config.latent_channels, height // factor, width // factor)
-        draw = self._draw(batch, latent_shape, self.vae.dtype, generator)
+        every = (0, self.noise_scheduler.config.num_train_timesteps)
+        draw = self._draw(batch, latent_shape, self.vae.dtype, generator, self.train_timesteps if training else every)
         person_mask = batch["person_mask"]
         drop_text = draw.drop_text if training else torch.zeros_like(draw.drop_text)
         if training:
