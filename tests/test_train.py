@@ -30,9 +30,10 @@ def test_every_experiment_composes_and_resolves(make_cfg, experiment, tmp_path):
         resolved = OmegaConf.to_container(cfg, resolve=True)
         anonymizers = resolved["anonymizers"]
         assert (
-            resolved["rows"][:4] == ["identity", "blur", "base", "light"]
+            resolved["rows"][:5] == ["identity", "reconstruction", "blur", "base", "light"]
             and anonymizers["light"]["checkpoint"] == anonymizers["no_adapter"]["checkpoint"] == "x.ckpt"
         )
+        assert anonymizers["reconstruction"]["backbone"] == anonymizers["base"]["backbone"]  # the base's own VAE
         for row in resolved["rows"]:  # every row is an anonymizer built from its _target_
             assert "_target_" in anonymizers[row], row
         for group in ("data", "trainer", "faces"):
