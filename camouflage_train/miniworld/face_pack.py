@@ -186,22 +186,19 @@ def _scene_bank(cfg: FaceBuildConfig, rng: np.random.Generator) -> dict[str, Any
 
 
 def vae_round_trip(base: str, scenes: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """``[N, H, W, 3]`` uint8 scenes encoded (latent mean) and decoded by the VAE of ``base`` (a preset or folder)."""
-    from diffusers import AutoencoderKL
-
-    from camouflage_train.models.backbone import resolve_model_folder
+    """``[N, H, W, 3]`` uint8 scenes through the evaluation's ``reconstruction`` row: the VAE of ``base`` (a preset
+    or folder), encode (latent mean) and decode."""
+    from camouflage_train.pipelines.anonymizer import VaeReconstruction
 
     if not len(scenes):
         return scenes
     with torch.random.fork_rng():  # loading must not move the seeded stream the face nets start from
-        vae = AutoencoderKL.from_pretrained(resolve_model_folder(base), subfolder="vae").eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(scenes), batch_size):
-            x = torch.from_numpy(scenes[start : start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
-            y = vae.decode(vae.encode(x).latent_dist.mode()).sample
-            out.append(((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out)
+        reconstruction = VaeReconstruction({"pretrained_model_name_or_path": base})
+    decoded = []
+    for start in range(0, len(scenes), batch_size):
+        images = [Image.fromarray(scene) for scene in scenes[start : start + batch_size]]
+        decoded += [np.asarray(image) for image in reconstruction.reconstruct(images)]
+    return np.stack(decoded)
 
 
 def identity_views(cfg: FaceBuildConfig, rng: np.random.Generator) -> np.ndarray:

@@ -96,10 +96,14 @@ class VaeReconstruction:
         self.vae = load_frozen_backbone(**backbone, with_unet=False).vae
         self.processor = VaeImageProcessor(vae_scale_factor=2 ** (len(self.vae.config.block_out_channels) - 1))
 
-    @torch.no_grad()
     def __call__(
         self, images: Sequence[Image.Image], persons: PersonBatch, seeds: Sequence[int], prompts: Sequence[str]
     ) -> list[Image.Image]:
+        return self.reconstruct(images)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Sequence[Image.Image]) -> list[Image.Image]:
+        """The round trip itself (the mini face pack trains its recogniser on it too)."""
         weight = next(self.vae.parameters())
         pixels = self.processor.preprocess(list(images)).to(weight.device, weight.dtype)
         decoded = self.vae.decode(self.vae.encode(pixels).latent_dist.mode()).sample
