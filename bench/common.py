@@ -53,9 +53,12 @@ def adapter_config(preset: str) -> dict[str, Any]:
     return adapter
 
 
-def build_module(preset: str, weight_dtype: str, cache_dir: str | None = None, **options: Any) -> LightAdapterModule:
-    """The training module on ``preset:<preset>`` (random weights, real architecture); ``options`` are
-    ``LightAdapterModule`` flags (gradient_checkpointing, frozen_autocast, channels_last, compile_unet)."""
+def build_module(
+    preset: str, weight_dtype: str, cache_dir: str | None = None, fused_adamw: bool = False, **options: Any
+) -> LightAdapterModule:
+    """The training module on ``preset:<preset>`` (random weights, real architecture) with ``light.yaml``'s AdamW
+    (``fused_adamw``: its ``fused=true``); ``options`` are ``LightAdapterModule`` flags (gradient_checkpointing,
+    frozen_autocast, channels_last, compile_unet, ...)."""
     return LightAdapterModule(
         backbone={
             "pretrained_model_name_or_path": f"preset:{preset}",
@@ -64,7 +67,7 @@ def build_module(preset: str, weight_dtype: str, cache_dir: str | None = None, *
         },
         adapter=adapter_config(preset),
         schema=load_yaml(REPO / "configs/attributes/face.yaml"),
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01, fused=fused_adamw or None),
         lr_scheduler=None,
         validation={"num_images": 2, "num_inference_steps": 10, "guidance_scale": 7.5, "seed": 0},
         **options,

@@ -129,7 +129,7 @@ def measure(
     mode: Mode, preset: str, resolution: int, batch_size: int, steps: int, warmup: int, device: torch.device
 ) -> dict[str, Any]:
     """One row: build, prefetch two batches, warm up, count FLOPs, time ``steps`` steps."""
-    bench_only = ("dtype", "cached", "attention", "fused_adamw")
+    bench_only = ("dtype", "cached", "attention")
     options = {k: v for k, v in dataclasses.asdict(mode).items() if k not in bench_only}
     module = build_module(preset, mode.dtype, **options).to(device).train()
     if mode.attention == "eager":
@@ -137,8 +137,7 @@ def measure(
     with tempfile.TemporaryDirectory() as tmp:
         dm = datamodule(module, 2 * batch_size, resolution, batch_size, Path(tmp) if mode.cached else None)
         batches = [to_device(b, device) for b in dm.train_dataloader()][:2]
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True if mode.fused_adamw else None)
+    optimizer = module.configure_optimizers()["optimizer"]  # what training builds from model.optimizer
     index = iter(range(10**9))
 
     def step() -> None:
