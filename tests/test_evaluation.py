@@ -17,6 +17,7 @@ from camouflage_train.metrics.attributes import AttributePreservation, BoxAgreem
 from camouflage_train.metrics.clip import ClipScorer, WeightsUnavailableError
 from camouflage_train.metrics.faces import FaceAnalyzer, FaceModelUnavailableError
 from camouflage_train.metrics.reid import ReIdentification, match_faces, requested_box_iou
+from camouflage_train.metrics.uncertainty import bootstrap_standard_errors, bootstrap_values
 from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.modules.evaluation_module import JointEvaluationModule
 from camouflage_train.pipelines.anonymizer import Blur, Identity, VaeReconstruction
@@ -73,6 +74,40 @@ class Flatten(nn.Module):
 
     def forward(self, x):
         return x.flatten(1).double()
+
+
+def _record(row: str, image: str, genders: list[tuple[int, int]]) -> dict:
+    """A face record (the format of ``faces.jsonl``) with one face per (original, output) gender pair."""
+    faces = [
+        {"box": [0, 0, 8, 8], "age": 30.0, "gender": g, "pose": [0, 0, 0],
+         "output": {"box": [0, 0, 8, 8], "iou": 1.0, "age": 40.0, "gender": h, "pose": [0, 0, 0], "cosine": {"r": 0.5}}}
+        for g, h in genders
+    ]  # fmt: skip
+    return {"row": row, "image": image, "requested": [{"box": [0, 0, 8, 8], "iou": 0.5}], "faces": faces}
+
+
+def test_bootstrap_errors_resample_images():
+    rng = np.random.default_rng(0)
+    agree = rng.random(400) < 0.3  # 400 one-face images, agreement p = 0.3
+    records = [_record("a", f"{i:04d}", [(1, 1 if hit else 0)]) for i, hit in enumerate(agree)]
+    records += [_record("b", r["image"], [(1, 1)]) for r in records]  # every face agrees
+    errors = bootstrap_standard_errors(records, ["r"], resamples=2000)
+    p = agree.mean()
+    # independent images: the binomial standard error (the bootstrap's own error is ~2 % at 2,000 resamples)
+    assert errors["a"]["attr/gender_agreement"] == pytest.approx(np.sqrt(p * (1 - p) / 400), rel=0.1)
+    assert errors["b"]["attr/gender_agreement"] == 0.0 and errors["b"]["attr/age_mae"] == 0.0
+    assert set(errors["a"]) == {
+        "attr/box_iou", "attr/gender_agreement", "attr/age_mae", "reid/r/detection_rate", "reid/r/cosine"
+    }  # fmt: skip
+    # the faces of one image move together: 20 images of 20 faces each are 20 draws, not 400
+    clustered = [_record("c", f"{i:02d}", [(1, int(i < 6))] * 20) for i in range(20)]
+    assert bootstrap_standard_errors(clustered, resamples=2000)["c"]["attr/gender_agreement"] == pytest.approx(
+        np.sqrt(0.3 * 0.7 / 20), rel=0.15
+    )
+    # rows are resampled paired: the same images give the same draws, so a row minus itself is exactly 0
+    values = bootstrap_values(records + [{**r, "row": "a2"} for r in records if r["row"] == "a"], ["r"])
+    assert np.array_equal(values["a"]["attr/gender_agreement"], values["a2"]["attr/gender_agreement"])
+    assert math.isnan(bootstrap_standard_errors([_record("d", "x", [(1, 0)])])["d"]["attr/gender_agreement"])
 
 
 def test_fid_and_kid_on_known_gaussians():
@@ -165,6 +200,14 @@ def test_identity_row_reidentifies_every_real_face(tmp_path, group_photo, tiny_f
     assert identity["fid"] == pytest.approx(0.0, abs=1e-2) and identity["clip/clip_i"] == pytest.approx(100.0)
     assert identity["attr/age_mae"] == 0.0 and identity["attr/gender_agreement"] == 1.0
     assert (tmp_path / "out" / "results.md").read_text().startswith("| model |")
+    records = [json.loads(line) for line in (tmp_path / "out" / "faces.jsonl").read_text().splitlines()]
+    assert sorted(r["image"] for r in records) == sorted(r["file"] for r in rows)  # one line per row and image
+    faces = [face for record in records for face in record["faces"]]
+    assert len(faces) == identity["reid/tiny/n"]  # every original face, each matched to itself
+    for face in faces:
+        assert face["output"]["iou"] == pytest.approx(1.0) and face["output"]["gender"] == face["gender"]
+        assert face["output"]["cosine"]["tiny"] == pytest.approx(1.0, abs=1e-5)
+    assert identity["attr/gender_agreement_se"] == 0.0 and identity["reid/tiny/detection_rate_se"] == 0.0
 
 
 class _Features(nn.Module):
@@ -200,7 +243,7 @@ def test_eval_demo_end_to_end(tmp_path, trained_checkpoint, tiny_faces_dir):
     assert rows["base"]["fid"] > 0 and rows["reconstruction"]["fid"] > 0
     assert all(0.0 <= r["attr/box_iou"] <= 1.0 for r in results)  # synthetic scenes always request boxes
     out = tmp_path / "eval"
-    for name in ("results.md", "results.csv", "results.json", "config.yaml", "samples/batch_000.png"):
+    for name in ("results.md", "results.csv", "results.json", "config.yaml", "faces.jsonl", "samples/batch_000.png"):
         assert (out / name).is_file(), name
     grid = Image.open(out / "samples" / "batch_000.png")
     assert grid.size[0] > 4 * 64  # original + 4 rows side by side
@@ -235,6 +278,11 @@ def test_two_process_evaluation_equals_one_process(tmp_path, tiny_faces_dir, tin
             timeout=600,
             cwd=tmp_path,
         )
+        faces = [json.loads(line) for line in (out / "faces.jsonl").read_text().splitlines()]
+        assert [(r["row"], r["image"]) for r in faces] == sorted(
+            ((row, f"{1_000_000 + i:08d}.png") for row in ("identity", "blur", "base") for i in range(8)),
+            key=lambda k: (("identity", "blur", "base").index(k[0]), k[1]),
+        )  # one file, gathered from both processes, in the same order
         return json.loads((out / "results.json").read_text())
 
     one, two = run(1), run(2)

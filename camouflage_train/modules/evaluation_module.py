@@ -1,5 +1,7 @@
 """Joint evaluation of anonymizers: every row anonymizes the same batch with the same seeds, then shares
 one set of metrics definitions (re-ID per recogniser, attributes, FID/KID, CLIP-T/CLIP-I).
+Besides the aggregate table, every output face is recorded (``faces.jsonl``: which image, which face, what
+was read in it), and the face measures get bootstrap standard errors over images (``<measure>_se``).
 
 Rows are anonymizers with the one interface of :mod:`camouflage_train.pipelines.anonymizer` (identity, VAE
 reconstruction, blur, CAMOUFLaGE-Base and -Light by default; any other one from config). All metrics are
@@ -29,8 +31,9 @@ from camouflage_train.metrics.attributes import AttributePreservation, BoxAgreem
 from camouflage_train.metrics.clip import ClipScorer, ClipScores, WeightsUnavailableError
 from camouflage_train.metrics.faces import FaceAnalyzer, FaceSet
 from camouflage_train.metrics.privacy_utility import plot_privacy_utility
-from camouflage_train.metrics.reid import ReIdentification, match_faces, requested_box_iou
+from camouflage_train.metrics.reid import ReIdentification, box_iou, match_faces, requested_box_iou
 from camouflage_train.metrics.structure import edge_iou
+from camouflage_train.metrics.uncertainty import bootstrap_standard_errors
 from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.pipelines.anonymizer import Anonymizer
 
@@ -103,20 +106,29 @@ class JointEvaluationModule(L.LightningModule):
             nn.ModuleDict(dict(zip(self.key.values(), kids, strict=True))),
         )
         self.results: list[dict[str, Any]] = []
+        self.face_records: list[dict[str, Any]] = []  # one per (row, image): see face_record
 
     def on_test_start(self) -> None:
+        self.face_records = []
         for anonymizer in self.anonymizers.values():
             anonymizer.to(self.device)
         self.clip.to(self.device)
 
     def _update_faces(
-        self, row: str, originals: list[FaceSet], outputs: list[FaceSet], requested: list[np.ndarray]
+        self,
+        row: str,
+        names: list[str],
+        originals: list[FaceSet],
+        outputs: list[FaceSet],
+        requested: list[np.ndarray],
     ) -> None:
         ages, genders, poses = [], [], []
-        for boxes, output in zip(requested, outputs, strict=True):
-            self.boxes[self.key[row]].update(torch.as_tensor(requested_box_iou(boxes, output.boxes)))
-        for original, output in zip(originals, outputs, strict=True):
+        for name, boxes, original, output in zip(names, requested, originals, outputs, strict=True):
+            box_ious = requested_box_iou(boxes, output.boxes)
+            self.boxes[self.key[row]].update(torch.as_tensor(box_ious))
             pairs = match_faces(original.boxes, output.boxes)
+            record = face_record(row, self.rows.index(row), name, boxes, box_ious, original, output, pairs)
+            self.face_records.append(record)
             matched_o = [i for i, _ in pairs]
             unmatched = [i for i in range(len(original.boxes)) if i not in matched_o]
             for rec, metric in self.reid[self.key[row]].items():
@@ -154,7 +166,8 @@ class JointEvaluationModule(L.LightningModule):
             made = anonymize(originals, persons, seeds, prompts)
             outputs = [image.convert("RGB").resize(originals[0].size) for image in made]
             fake_uint8 = torch.stack([TF.pil_to_tensor(image) for image in outputs]).to(self.device)
-            self._update_faces(row, original_faces, [self.faces(image) for image in outputs], requested)
+            output_faces = [self.faces(image) for image in outputs]
+            self._update_faces(row, list(batch["name"]), original_faces, output_faces, requested)
             self.fid[self.key[row]].update(real_uint8, real=True)
             self.fid[self.key[row]].update(fake_uint8, real=False)
             self.kid[self.key[row]].update(real_uint8, real=True)
@@ -171,6 +184,8 @@ class JointEvaluationModule(L.LightningModule):
             TF.to_pil_image(make_grid(tiles, nrow=len(grid), padding=2)).save(path)
 
     def on_test_epoch_end(self) -> None:
+        records = gather_records(self.face_records)
+        errors = bootstrap_standard_errors(records, list(self.faces.thresholds), seed=self.seed)
         self.results = []
         for row in self.rows:
             result: dict[str, Any] = {"model": row}
@@ -187,10 +202,12 @@ class JointEvaluationModule(L.LightningModule):
             result["fid"] = float(self.fid[self.key[row]].compute())
             kid_mean, kid_std = self.kid[self.key[row]].compute()
             result["kid_mean"], result["kid_std"] = float(kid_mean), float(kid_std)
+            result.update({f"{key}_se": value for key, value in errors.get(row, {}).items()})
             self.results.append(result)
         flat = {f"{r['model']}/{k}": v for r in self.results for k, v in r.items() if k != "model"}
         self.log_dict({k: float(v) for k, v in flat.items()}, sync_dist=False, rank_zero_only=True)
         if self.trainer.is_global_zero:
+            write_face_records(records, self.output_dir)
             write_results(self.results, self.output_dir)
             figure = plot_privacy_utility(self.results, self.output_dir / "privacy_utility.png")
             for logger in self.loggers:
@@ -204,6 +221,75 @@ class JointEvaluationModule(L.LightningModule):
 
     def configure_optimizers(self) -> None:
         return None
+
+
+def face_record(
+    row: str,
+    row_index: int,
+    name: str,
+    requested: np.ndarray,
+    requested_iou: np.ndarray,
+    original: FaceSet,
+    output: FaceSet,
+    pairs: list[tuple[int, int]],
+) -> dict[str, Any]:
+    """What the evaluation saw in one output image, face by face: the aggregate metrics say *how often* a row
+    fails, these records say *where* (which image, which face size, which attribute), so failures can be
+    looked at and grouped without rerunning generation."""
+    rounded = lambda a: np.round(np.asarray(a, dtype=np.float64), 4).tolist()  # noqa: E731
+    matched = dict(pairs)
+    faces = []
+    for i in range(len(original.boxes)):
+        face: dict[str, Any] = {
+            "box": rounded(original.boxes[i]),
+            "age": float(original.ages[i]),
+            "gender": int(original.genders[i]),
+            "pose": rounded(original.poses[i]),
+            "output": None,
+        }
+        if i in matched:
+            j = matched[i]
+            cosine = {
+                rec: float(np.dot(_unit(original.embeddings[rec][i]), _unit(output.embeddings[rec][j])))
+                for rec in original.embeddings
+            }
+            face["output"] = {
+                "box": rounded(output.boxes[j]),
+                "iou": float(box_iou(original.boxes[i : i + 1], output.boxes[j : j + 1])[0, 0]),
+                "age": float(output.ages[j]),
+                "gender": int(output.genders[j]),
+                "pose": rounded(output.poses[j]),
+                "cosine": cosine,
+            }
+        faces.append(face)
+    return {
+        "row": row,
+        "row_index": row_index,
+        "image": name,
+        "requested": [{"box": b, "iou": float(v)} for b, v in zip(rounded(requested), requested_iou, strict=True)],
+        "detected": len(output.boxes),
+        "faces": faces,
+    }
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    return np.asarray(vector, dtype=np.float64) / max(float(np.linalg.norm(vector)), 1e-12)
+
+
+def gather_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every process's records, in row then image order (the same file whatever the number of processes)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, records)
+        records = [record for part in parts for record in part]
+    return sorted(records, key=lambda r: (r["row_index"], r["image"]))
+
+
+def write_face_records(records: list[dict[str, Any]], output_dir: Path) -> None:
+    """``faces.jsonl``: one line per row and image (see :func:`face_record`)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with (output_dir / "faces.jsonl").open("w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
 
 
 def write_results(results: list[dict[str, Any]], output_dir: Path) -> str:

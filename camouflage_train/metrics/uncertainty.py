@@ -1,0 +1,79 @@
+"""How far an evaluation's numbers would move on other images: bootstrap standard errors over images.
+
+A table of 64 images gives gender agreement from ~130 face pairs; its sampling error (~0.03) is as large as
+many differences a user wants to read off it. Resampling *images* (not faces) keeps the faces of one scene
+together, as they are not independent (one generation, one layout). Computed from the per-face records of
+:func:`camouflage_train.modules.evaluation_module.face_record`, so every process of a multi-GPU evaluation
+gives the same numbers once the records are gathered. Rank-1 needs the whole gallery and is left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _image_sums(record: Mapping[str, Any], recognisers: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """Each measure as (numerator, denominator) of one image, keyed like the aggregate result it matches."""
+    matched = [face for face in record["faces"] if face["output"] is not None]
+    sums = {
+        "attr/box_iou": (float(sum(r["iou"] for r in record["requested"])), float(len(record["requested"]))),
+        "attr/gender_agreement": (float(sum(f["gender"] == f["output"]["gender"] for f in matched)), len(matched)),
+        "attr/age_mae": (float(sum(abs(f["age"] - f["output"]["age"]) for f in matched)), float(len(matched))),
+    }
+    for rec in recognisers:
+        sums[f"reid/{rec}/detection_rate"] = (float(len(matched)), float(len(record["faces"])))
+        sums[f"reid/{rec}/cosine"] = (float(sum(f["output"]["cosine"][rec] for f in matched)), float(len(matched)))
+    return sums
+
+
+def bootstrap_values(
+    records: Iterable[Mapping[str, Any]],
+    recognisers: Sequence[str] = (),
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per row and result key, the measure on ``resamples`` draws of the row's images with replacement.
+
+    Keys as in ``results.json``: ``attr/box_iou``, ``attr/gender_agreement``, ``attr/age_mae`` and, per
+    recogniser, ``reid/<name>/detection_rate`` and ``reid/<name>/cosine``. The same ``seed`` draws the same
+    image indices for every row holding the same images, so ``values[a][k] - values[b][k]`` is the paired
+    bootstrap of the difference between rows ``a`` and ``b`` (a resample without a matched face gives NaN).
+    """
+    by_row: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        by_row.setdefault(str(record["row"]), []).append(record)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for row, rows in by_row.items():
+        sums = [_image_sums(r, recognisers) for r in sorted(rows, key=lambda r: str(r["image"]))]
+        rng = np.random.default_rng(seed)
+        # counts[b, i]: how often image i is drawn in resample b.
+        counts = rng.multinomial(len(sums), np.full(len(sums), 1.0 / len(sums)), size=resamples).astype(np.float64)
+        out[row] = {}
+        for key in sums[0]:
+            numerator = np.array([s[key][0] for s in sums])
+            denominator = np.array([s[key][1] for s in sums])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[row][key] = (counts @ numerator) / (counts @ denominator)
+    return out
+
+
+def bootstrap_standard_errors(
+    records: Iterable[Mapping[str, Any]],
+    recognisers: Sequence[str] = (),
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Per row, ``{result key: standard error}`` (see :func:`bootstrap_values`); NaN where a row has fewer than
+    two images or fewer than two resamples with a matched face."""
+    records = list(records)
+    images = {row: sum(str(r["row"]) == row for r in records) for row in {str(r["row"]) for r in records}}
+    errors: dict[str, dict[str, float]] = {}
+    for row, values in bootstrap_values(records, recognisers, resamples, seed).items():
+        errors[row] = {}
+        for key, draws in values.items():
+            draws = draws[np.isfinite(draws)]
+            errors[row][key] = float(draws.std(ddof=1)) if images[row] > 1 and len(draws) > 1 else float("nan")
+    return errors
