@@ -42,22 +42,33 @@ class EvaluateConfig:
 
 
 def expand_sweep(cfg: DictConfig) -> None:
-    """Replace ``row_sweep.row`` in ``rows`` by one row per value of its setting ``row_sweep.key``
-    (``<row>@<name>=<v>``), each a copy of that anonymizer with the value set: same images, seeds and metrics for
-    every value."""
-    spec = cfg.get("row_sweep")
-    if not spec:
+    """Replace each swept row in ``rows`` by one row per value of its setting (``<row>@<name>=<v>``), each a copy of
+    that anonymizer with the value set: same images, seeds and metrics for every value.
+
+    ``row_sweep`` is one sweep ``{row, key, name, values}`` or a list of them (one per row, e.g. Base's guidance
+    and Light's classifier-free guidance, drawn as two curves)."""
+    specs = cfg.get("row_sweep")
+    if not specs:
         return
+    specs = [specs] if isinstance(specs, DictConfig) else list(specs)
+    swept = [spec.get("row") for spec in specs]
+    if len(set(swept)) != len(swept):
+        raise ConfigError(f"row_sweep: each row can be swept once, got rows {swept}")
+    for index, spec in enumerate(specs):
+        _expand_one(cfg, spec, "row_sweep" if len(specs) == 1 else f"row_sweep[{index}]")
+
+
+def _expand_one(cfg: DictConfig, spec: DictConfig, where: str) -> None:
     row, key, values = spec.get("row"), spec.get("key"), list(spec.get("values") or [])
     name = spec.get("name") or str(key).rsplit(".", 1)[-1]
     if row not in cfg.rows:
         raise ConfigError(
-            f"row_sweep.row: '{row}' is not one of rows {list(cfg.rows)}: add it to rows, or pass row_sweep=null"
+            f"{where}.row: '{row}' is not one of rows {list(cfg.rows)}: add it to rows, or pass row_sweep=null"
         )
     if not values:
-        raise ConfigError("row_sweep.values: give at least one value")
+        raise ConfigError(f"{where}.values: give at least one value")
     if OmegaConf.select(cfg.anonymizers[row], str(key), default=_ABSENT) is _ABSENT:
-        raise ConfigError(f"row_sweep.key: anonymizers.{row} has no setting '{key}'")
+        raise ConfigError(f"{where}.key: anonymizers.{row} has no setting '{key}'")
     rows = []
     with open_dict(cfg):
         for current in cfg.rows:

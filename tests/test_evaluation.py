@@ -12,7 +12,7 @@ from torchmetrics.image import FrechetInceptionDistance, KernelInceptionDistance
 from camouflage_train.annotation.faces import FaceAnnotator
 from camouflage_train.data.datamodule import PersonDataModule
 from camouflage_train.data.sources import FolderSource
-from camouflage_train.evaluation import run_evaluation
+from camouflage_train.evaluation import expand_sweep, run_evaluation
 from camouflage_train.metrics.attributes import AttributePreservation, BoxAgreement
 from camouflage_train.metrics.clip import ClipScorer, WeightsUnavailableError
 from camouflage_train.metrics.faces import FaceAnalyzer, FaceModelUnavailableError
@@ -322,3 +322,32 @@ def test_a_sweep_writes_one_row_per_value_and_the_privacy_utility_plot(tmp_path,
         )  # fmt: skip
     with pytest.raises(ConfigError, match=r"anonymization\.scael"):
         run_evaluation(bad)
+
+
+def test_several_sweeps_expand_each_row_in_place():
+    """A list of sweeps (one per row) gives one curve per swept row; each copy carries its own value."""
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(
+            "evaluate.yaml",
+            overrides=[
+                "experiment=eval_tiny", "rows=[identity,base,light,no_adapter]", "light_checkpoint=x.ckpt",
+                "row_sweep=[{row: base, key: anonymization.scale, name: guidance, values: [0, 0.5]},"
+                "{row: light, key: guidance_scale, name: cfg, values: [2, 6]}]",
+            ],
+        )  # fmt: skip
+    expand_sweep(cfg)
+    assert list(cfg.rows) == [
+        "identity", "base@guidance=0", "base@guidance=0.5", "light@cfg=2", "light@cfg=6", "no_adapter"
+    ]  # fmt: skip
+    assert [cfg.anonymizers[f"light@cfg={v}"].guidance_scale for v in (2, 6)] == [2, 6]
+    assert cfg.anonymizers["light@cfg=6"].checkpoint == "x.ckpt"  # interpolations intact
+    assert cfg.anonymizers["no_adapter"].guidance_scale == cfg.anonymizers["light"].guidance_scale  # untouched
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        twice = compose(
+            "evaluate.yaml",
+            overrides=["experiment=eval_tiny", "rows=[identity,base]",
+                       "row_sweep=[{row: base, key: anonymization.scale, values: [0]},"
+                       "{row: base, key: anonymization.scale, values: [1]}]"],
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="each row can be swept once"):
+        expand_sweep(twice)

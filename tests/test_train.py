@@ -12,6 +12,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from camouflage_train.evaluation import expand_sweep
 from camouflage_train.models.backbone import BackboneUnavailableError
 from camouflage_train.training import run_training
 from tests.conftest import REPO
@@ -38,6 +39,8 @@ def test_every_experiment_composes_and_resolves(make_cfg, experiment, tmp_path):
             assert "_target_" in anonymizers[row], row
         for group in ("data", "trainer", "faces"):
             assert "_target_" in resolved[group], group
+        expand_sweep(cfg)  # every swept key exists in its row
+        assert all("_target_" in cfg.anonymizers[row] for row in cfg.rows)
         return
     cfg = make_cfg(f"experiment={experiment}")
     resolved = OmegaConf.to_container(cfg, resolve=True)

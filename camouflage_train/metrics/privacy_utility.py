@@ -1,6 +1,7 @@
 """The privacy-utility figure of anonymization papers: re-identification (privacy; lower is better) against
 utility (FID, lower is better; attribute, box and edge agreement, higher is better), one point per evaluated row;
-the rows of one sweep (``base@guidance=0``, ``base@guidance=1``, ...) are joined into a curve in sweep order."""
+the rows of one sweep (``base@guidance=0``, ``base@guidance=1``, ...) are joined into a curve in sweep order,
+and standard errors (``<key>_se``, :mod:`camouflage_train.metrics.uncertainty`) are drawn as error bars."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 UTILITY_AXES = (
-    ("fid", "FID (lower is better)"),
+    ("fid", "FID (lower is better; log above 1)"),
     ("attr/box_iou", "box IoU"),
     ("attr/gender_agreement", "gender agreement"),
     ("struct/edge_iou", "edge IoU (structure kept)"),
@@ -22,10 +23,16 @@ PRIVACY_AXES = (("rank1", "re-ID rank-1"), ("cosine", "identity cosine"))
 SWEEP_SEPARATOR = "@"
 
 
+def _value(row: Mapping[str, Any], key: str) -> float | None:
+    value = row.get(key)
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def plot_privacy_utility(results: Sequence[Mapping[str, Any]], path: str | Path, recogniser: str | None = None):
     """Write the figure to ``path`` (PNG) and return it as a PIL image; ``recogniser``: whose rank-1 and cosine are
     the privacy axes (default: the first one in the results). Rows without a finite value on an axis are left off
-    it."""
+    it. A sweep's rows share one colour, are joined in sweep order and labelled by their value; measures with a
+    standard error in the results (``<key>_se``) get error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,26 +42,49 @@ def plot_privacy_utility(results: Sequence[Mapping[str, Any]], path: str | Path,
     if recogniser is None:
         keys = [k for k in results[0] if k.startswith("reid/") and k.endswith("/rank1")] if results else []
         recogniser = keys[0].split("/")[1] if keys else None
+    groups: dict[str, list[Mapping[str, Any]]] = {}  # a plain row alone, a sweep's rows together
+    for row in results:
+        groups.setdefault(str(row["model"]).split(SWEEP_SEPARATOR)[0], []).append(row)
+    colours = {name: f"C{i % 10}" for i, name in enumerate(groups)}
     n_rows, n_cols = len(PRIVACY_AXES), len(UTILITY_AXES)
-    figure, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.4 * n_rows), dpi=100, squeeze=False)
+    figure, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.6 * n_rows), dpi=100, squeeze=False)
     for (measure, measure_label), axis_row in zip(PRIVACY_AXES, axes, strict=True):
         privacy = f"reid/{recogniser}/{measure}"
         for axis, (key, label) in zip(axis_row, UTILITY_AXES, strict=True):
-            curves: dict[str, list[tuple[float, float]]] = {}
-            for row in results:
-                x, y = row.get(key), row.get(privacy)
-                if not isinstance(x, (int, float)) or not isinstance(y, (int, float)) or not math.isfinite(x + y):
+            for name, rows in groups.items():
+                points = [(row, _value(row, key), _value(row, privacy)) for row in rows]
+                points = [(row, x, y) for row, x, y in points if x is not None and y is not None]
+                if not points:
                     continue
-                axis.scatter([x], [y], s=30)
-                axis.annotate(str(row["model"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-                if SWEEP_SEPARATOR in str(row["model"]):
-                    curves.setdefault(str(row["model"]).split(SWEEP_SEPARATOR)[0], []).append((x, y))
-            for points in curves.values():
-                axis.plot(*zip(*points, strict=True), linewidth=1, alpha=0.6)
+                xs, ys = [x for _, x, _ in points], [y for _, _, y in points]
+                axis.errorbar(
+                    xs,
+                    ys,
+                    xerr=[_value(row, f"{key}_se") or 0.0 for row, _, _ in points],
+                    yerr=[_value(row, f"{privacy}_se") or 0.0 for row, _, _ in points],
+                    color=colours[name],
+                    marker="o",
+                    markersize=4,
+                    linewidth=1 if len(points) > 1 else 0,
+                    elinewidth=0.6,
+                    alpha=0.8,
+                    label=name,
+                )
+                swept = len(rows) > 1 or SWEEP_SEPARATOR in str(rows[0]["model"])
+                for row, x, y in points:  # a sweep's points by their value, the others by name
+                    text = str(row["model"]).split("=", 1)[-1] if swept else name
+                    axis.annotate(text, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            if key == "fid":  # a blur's FID is 10-30x a generator's: linear up to 1, logarithmic beyond
+                axis.set_xscale("symlog", linthresh=1.0)
             axis.set_xlabel(label)
             axis.set_ylabel(f"{measure_label} ({recogniser}; lower = more private)", fontsize=8)
             axis.grid(alpha=0.3)
-    figure.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    sweeps = {name: rows[0]["model"].split(SWEEP_SEPARATOR, 1)[1].split("=")[0] for name, rows in groups.items()
+              if SWEEP_SEPARATOR in str(rows[0]["model"])}  # fmt: skip
+    labels = [f"{name} ({sweeps[name]})" if name in sweeps else name for name in labels]
+    figure.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 0.95))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
