@@ -32,6 +32,17 @@ def test_synthetic_scenes_are_deterministic_and_valid(schema):
         schema.validate(p, f"scene 7 person {i}")
 
 
+def test_synthetic_face_size_sets_the_box_widths_and_the_cache_key(schema):
+    default = SyntheticSource(schema, 8, 64, seed=5)
+    large = SyntheticSource(schema, 8, 64, seed=5, face_size=[0.3, 0.5])
+    widths = [p["box"][2] - p["box"][0] for i in range(8) for p in large[i].persons]
+    assert all(0.3 - 1e-3 <= w <= 0.5 + 1e-3 for w in widths)
+    assert [p["box"] for p in default[0].persons] == [p["box"] for p in draw_scene(5, schema, 64)[1]]
+    assert "face_size" not in default.fingerprint() and large.fingerprint()["face_size"] == [0.3, 0.5]
+    with pytest.raises(ValueError, match="face_size"):
+        SyntheticSource(schema, 8, 64, face_size=[0.5, 0.3])
+
+
 def test_flip_mirrors_pixels_boxes_and_yaw(tmp_path, schema):
     image, persons = draw_scene(3, schema, 64)
     source = _folder(tmp_path, {"a.png": image}, [{"file": "a.png", "persons": persons}])

@@ -23,7 +23,7 @@ from PIL import Image
 
 from camouflage_train.data.images import load_rgb
 from camouflage_train.data.schema import AttributeSchema, InvalidRecordError, as_schema
-from camouflage_train.data.synthetic import draw_scene
+from camouflage_train.data.synthetic import FACE_SIZE, check_face_size, draw_scene
 from camouflage_train.errors import DataError, InputError
 from camouflage_train.utils.paths import file_sha256
 
@@ -162,7 +162,8 @@ def _file_of(row: dict[str, Any]) -> str | None:
 
 
 class SyntheticSource:
-    """``num_samples`` scenes drawn from ``seed + index``; deterministic, no files."""
+    """``num_samples`` scenes drawn from ``seed + index``; deterministic, no files. ``face_size``: the range of
+    face box widths as fractions of the image width (the miniature world's models were trained on the default)."""
 
     def __init__(
         self,
@@ -171,9 +172,11 @@ class SyntheticSource:
         resolution: int,
         seed: int = 0,
         min_persons: int = 1,
+        face_size: Sequence[float] = FACE_SIZE,
     ) -> None:
         self.schema = as_schema(schema)
         self.num_samples, self.resolution, self.seed, self.min_persons = num_samples, resolution, seed, min_persons
+        self.face_size = check_face_size(face_size)
         self.skipped: Counter[str] = Counter()
 
     def __len__(self) -> int:
@@ -187,10 +190,14 @@ class SyntheticSource:
             "seed": self.seed,
             "min_persons": self.min_persons,
             "schema": self.schema.to_config(),
+            # only when set: caches of default scenes keep their key
+            **({"face_size": list(self.face_size)} if self.face_size != FACE_SIZE else {}),
         }
 
     def __getitem__(self, index: int) -> RawSample:
-        image, persons = draw_scene(self.seed + index, self.schema, self.resolution, self.min_persons)
+        image, persons = draw_scene(
+            self.seed + index, self.schema, self.resolution, self.min_persons, face_size=self.face_size
+        )
         return RawSample(
             image=image,
             persons=persons,

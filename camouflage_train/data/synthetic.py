@@ -8,6 +8,7 @@ feature tilt = roll), so an adapter has something real to learn.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +27,28 @@ def _rotate(
     return [(cx + (x - cx) * cos - (y - cy) * sin, cy + (x - cx) * sin + (y - cy) * cos) for x, y in points]
 
 
-def sample_person(rng: np.random.Generator, schema: AttributeSchema, occupied: list[list[float]]) -> dict[str, Any]:
-    """Draw a random face box that overlaps earlier ones little, plus attribute values inside the schema."""
+# Face box width as a fraction of the image width: the miniature world's scenes (10-22 px faces at 64²).
+FACE_SIZE = (0.15, 0.35)
+
+
+def check_face_size(face_size: Sequence[float]) -> tuple[float, float]:
+    """``(low, high)`` as floats, or a ValueError naming ``face_size``."""
+    values = [float(v) for v in face_size]
+    if len(values) != 2 or not 0.0 < values[0] <= values[1] < 1.0:
+        raise ValueError(f"face_size: [low, high] with 0 < low <= high < 1 (fractions of the width), got {values}")
+    return values[0], values[1]
+
+
+def sample_person(
+    rng: np.random.Generator,
+    schema: AttributeSchema,
+    occupied: list[list[float]],
+    face_size: tuple[float, float] = FACE_SIZE,
+) -> dict[str, Any]:
+    """Draw a random face box (width uniform in ``face_size`` of the image width) that overlaps earlier ones
+    little, plus attribute values inside the schema."""
     for _ in range(20):
-        w = float(rng.uniform(0.15, 0.35))
+        w = float(rng.uniform(*face_size))
         h = w * float(rng.uniform(1.1, 1.3))
         x0 = float(rng.uniform(0.0, 1.0 - w))
         y0 = float(rng.uniform(0.05, max(0.06, 0.75 - h)))
@@ -127,9 +146,15 @@ def draw_background(rng: np.random.Generator, resolution: int) -> Image.Image:
 
 
 def draw_scene(
-    seed: int, schema: AttributeSchema, resolution: int, min_persons: int = 1, max_persons: int | None = None
+    seed: int,
+    schema: AttributeSchema,
+    resolution: int,
+    min_persons: int = 1,
+    max_persons: int | None = None,
+    face_size: tuple[float, float] = FACE_SIZE,
 ) -> tuple[Image.Image, list[dict[str, Any]]]:
     """Return an RGB scene and the person records drawn into it; the same seed gives the same scene."""
+    face_size = check_face_size(face_size)
     rng = np.random.default_rng(seed)
     upper = schema.max_persons if max_persons is None else max_persons
     count = int(rng.integers(min_persons, upper + 1))
@@ -137,7 +162,7 @@ def draw_scene(
     draw = ImageDraw.Draw(image)
     persons: list[dict[str, Any]] = []
     for _ in range(count):
-        persons.append(sample_person(rng, schema, [p["box"] for p in persons]))
+        persons.append(sample_person(rng, schema, [p["box"] for p in persons], face_size))
     # Far persons (higher up) first, so nearer ones overlap them.
     for person in sorted(persons, key=lambda p: p["box"][3]):
         draw_person(draw, person, (resolution, resolution), sample_appearance(rng, float(person.get("age", 40.0))))
