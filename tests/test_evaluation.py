@@ -97,7 +97,8 @@ def test_bootstrap_errors_resample_images():
     assert errors["a"]["attr/gender_agreement"] == pytest.approx(np.sqrt(p * (1 - p) / 400), rel=0.1)
     assert errors["b"]["attr/gender_agreement"] == 0.0 and errors["b"]["attr/age_mae"] == 0.0
     assert set(errors["a"]) == {
-        "attr/box_iou", "attr/gender_agreement", "attr/age_mae", "reid/r/detection_rate", "reid/r/cosine"
+        "attr/box_iou", "attr/gender_agreement", "attr/age_mae", "attr/pose_mae", "reid/r/detection_rate",
+        "reid/r/cosine",
     }  # fmt: skip
     # the faces of one image move together: 20 images of 20 faces each are 20 draws, not 400
     clustered = [_record("c", f"{i:02d}", [(1, int(i < 6))] * 20) for i in range(20)]

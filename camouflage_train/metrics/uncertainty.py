@@ -9,7 +9,7 @@ gives the same numbers once the records are gathered. Rank-1 needs the whole gal
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,14 +18,20 @@ import numpy as np
 def _image_sums(record: Mapping[str, Any], recognisers: Sequence[str]) -> dict[str, tuple[float, float]]:
     """Each measure as (numerator, denominator) of one image, keyed like the aggregate result it matches."""
     matched = [face for face in record["faces"] if face["output"] is not None]
+    pairs = float(len(matched))
+
+    def over_pairs(value: Callable[[Mapping[str, Any], Mapping[str, Any]], Any]) -> tuple[float, float]:
+        return float(sum(value(face, face["output"]) for face in matched)), pairs
+
     sums = {
         "attr/box_iou": (float(sum(r["iou"] for r in record["requested"])), float(len(record["requested"]))),
-        "attr/gender_agreement": (float(sum(f["gender"] == f["output"]["gender"] for f in matched)), len(matched)),
-        "attr/age_mae": (float(sum(abs(f["age"] - f["output"]["age"]) for f in matched)), float(len(matched))),
+        "attr/gender_agreement": over_pairs(lambda o, a: o["gender"] == a["gender"]),
+        "attr/age_mae": over_pairs(lambda o, a: abs(o["age"] - a["age"])),
+        "attr/pose_mae": over_pairs(lambda o, a: np.abs(np.subtract(o["pose"], a["pose"])).mean()),
     }
     for rec in recognisers:
-        sums[f"reid/{rec}/detection_rate"] = (float(len(matched)), float(len(record["faces"])))
-        sums[f"reid/{rec}/cosine"] = (float(sum(f["output"]["cosine"][rec] for f in matched)), float(len(matched)))
+        sums[f"reid/{rec}/detection_rate"] = (pairs, float(len(record["faces"])))
+        sums[f"reid/{rec}/cosine"] = over_pairs(lambda o, a, rec=rec: a["cosine"][rec])
     return sums
 
 
@@ -37,7 +43,8 @@ def bootstrap_values(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per row and result key, the measure on ``resamples`` draws of the row's images with replacement.
 
-    Keys as in ``results.json``: ``attr/box_iou``, ``attr/gender_agreement``, ``attr/age_mae`` and, per
+    Keys as in ``results.json``: ``attr/box_iou``, ``attr/gender_agreement``, ``attr/age_mae``,
+    ``attr/pose_mae`` (from the records' poses, rounded to 4 decimals) and, per
     recogniser, ``reid/<name>/detection_rate`` and ``reid/<name>/cosine``. The same ``seed`` draws the same
     image indices for every row holding the same images, so ``values[a][k] - values[b][k]`` is the paired
     bootstrap of the difference between rows ``a`` and ``b`` (a resample without a matched face gives NaN).
