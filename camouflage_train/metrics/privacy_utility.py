@@ -23,6 +23,13 @@ PRIVACY_AXES = (("rank1", "re-ID rank-1"), ("cosine", "identity cosine"))
 SWEEP_SEPARATOR = "@"
 
 
+def _split(model: Any) -> tuple[str, str, str]:
+    """``base@guidance=0.4`` -> (``base``, ``guidance``, ``0.4``); a row outside a sweep -> (name, "", "")."""
+    method, _, setting = str(model).partition(SWEEP_SEPARATOR)
+    name, _, value = setting.partition("=")
+    return method, name, value
+
+
 def _value(row: Mapping[str, Any], key: str) -> float | None:
     value = row.get(key)
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
@@ -43,8 +50,11 @@ def plot_privacy_utility(results: Sequence[Mapping[str, Any]], path: str | Path,
         keys = [k for k in results[0] if k.startswith("reid/") and k.endswith("/rank1")] if results else []
         recogniser = keys[0].split("/")[1] if keys else None
     groups: dict[str, list[Mapping[str, Any]]] = {}  # a plain row alone, a sweep's rows together
+    settings: dict[str, str] = {}  # method -> the swept setting's name ("" outside a sweep)
     for row in results:
-        groups.setdefault(str(row["model"]).split(SWEEP_SEPARATOR)[0], []).append(row)
+        method, setting, _ = _split(row["model"])
+        groups.setdefault(method, []).append(row)
+        settings[method] = setting
     colours = {name: f"C{i % 10}" for i, name in enumerate(groups)}
     n_rows, n_cols = len(PRIVACY_AXES), len(UTILITY_AXES)
     figure, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.6 * n_rows), dpi=100, squeeze=False)
@@ -70,9 +80,8 @@ def plot_privacy_utility(results: Sequence[Mapping[str, Any]], path: str | Path,
                     alpha=0.8,
                     label=name,
                 )
-                swept = len(rows) > 1 or SWEEP_SEPARATOR in str(rows[0]["model"])
                 for row, x, y in points:  # a sweep's points by their value, the others by name
-                    text = str(row["model"]).split("=", 1)[-1] if swept else name
+                    text = _split(row["model"])[2] if settings[name] else name
                     axis.annotate(text, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
             if key == "fid":  # a blur's FID is 10-30x a generator's: linear up to 1, logarithmic beyond
                 axis.set_xscale("symlog", linthresh=1.0)
@@ -80,9 +89,7 @@ def plot_privacy_utility(results: Sequence[Mapping[str, Any]], path: str | Path,
             axis.set_ylabel(f"{measure_label} ({recogniser}; lower = more private)", fontsize=8)
             axis.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    sweeps = {name: rows[0]["model"].split(SWEEP_SEPARATOR, 1)[1].split("=")[0] for name, rows in groups.items()
-              if SWEEP_SEPARATOR in str(rows[0]["model"])}  # fmt: skip
-    labels = [f"{name} ({sweeps[name]})" if name in sweeps else name for name in labels]
+    labels = [f"{name} ({settings[name]})" if settings.get(name) else name for name in labels]
     figure.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), fontsize=8, frameon=False)
     figure.tight_layout(rect=(0, 0, 1, 0.95))
     path = Path(path)

@@ -47,7 +47,8 @@ def bootstrap_values(
     ``attr/pose_mae`` (from the records' poses, rounded to 4 decimals) and, per
     recogniser, ``reid/<name>/detection_rate`` and ``reid/<name>/cosine``. The same ``seed`` draws the same
     image indices for every row holding the same images, so ``values[a][k] - values[b][k]`` is the paired
-    bootstrap of the difference between rows ``a`` and ``b`` (a resample without a matched face gives NaN).
+    bootstrap of the difference between rows ``a`` and ``b``. NaN for a resample without a matched face and for
+    a row of one image.
     """
     by_row: dict[str, list[Mapping[str, Any]]] = {}
     for record in records:
@@ -55,6 +56,9 @@ def bootstrap_values(
     out: dict[str, dict[str, np.ndarray]] = {}
     for row, rows in by_row.items():
         sums = [_image_sums(r, recognisers) for r in sorted(rows, key=lambda r: str(r["image"]))]
+        if len(sums) < 2:  # resampling one image says nothing about other images
+            out[row] = {key: np.full(resamples, np.nan) for key in sums[0]}
+            continue
         rng = np.random.default_rng(seed)
         # counts[b, i]: how often image i is drawn in resample b.
         counts = rng.multinomial(len(sums), np.full(len(sums), 1.0 / len(sums)), size=resamples).astype(np.float64)
@@ -75,12 +79,8 @@ def bootstrap_standard_errors(
 ) -> dict[str, dict[str, float]]:
     """Per row, ``{result key: standard error}`` (see :func:`bootstrap_values`); NaN where a row has fewer than
     two images or fewer than two resamples with a matched face."""
-    records = list(records)
-    images = {row: sum(str(r["row"]) == row for r in records) for row in {str(r["row"]) for r in records}}
     errors: dict[str, dict[str, float]] = {}
     for row, values in bootstrap_values(records, recognisers, resamples, seed).items():
-        errors[row] = {}
-        for key, draws in values.items():
-            draws = draws[np.isfinite(draws)]
-            errors[row][key] = float(draws.std(ddof=1)) if images[row] > 1 and len(draws) > 1 else float("nan")
+        finite = {key: draws[np.isfinite(draws)] for key, draws in values.items()}
+        errors[row] = {key: float(d.std(ddof=1)) if len(d) > 1 else float("nan") for key, d in finite.items()}
     return errors

@@ -127,8 +127,7 @@ class JointEvaluationModule(L.LightningModule):
             box_ious = requested_box_iou(boxes, output.boxes)
             self.boxes[self.key[row]].update(torch.as_tensor(box_ious))
             pairs = match_faces(original.boxes, output.boxes)
-            record = face_record(row, self.rows.index(row), name, boxes, box_ious, original, output, pairs)
-            self.face_records.append(record)
+            self.face_records.append(face_record(row, name, boxes, box_ious, original, output, pairs))
             matched_o = [i for i, _ in pairs]
             unmatched = [i for i in range(len(original.boxes)) if i not in matched_o]
             for rec, metric in self.reid[self.key[row]].items():
@@ -184,7 +183,7 @@ class JointEvaluationModule(L.LightningModule):
             TF.to_pil_image(make_grid(tiles, nrow=len(grid), padding=2)).save(path)
 
     def on_test_epoch_end(self) -> None:
-        records = gather_records(self.face_records)
+        records = gather_records(self.face_records, self.rows)
         errors = bootstrap_standard_errors(records, list(self.faces.thresholds), seed=self.seed)
         self.results = []
         for row in self.rows:
@@ -225,7 +224,6 @@ class JointEvaluationModule(L.LightningModule):
 
 def face_record(
     row: str,
-    row_index: int,
     name: str,
     requested: np.ndarray,
     requested_iou: np.ndarray,
@@ -264,7 +262,6 @@ def face_record(
         faces.append(face)
     return {
         "row": row,
-        "row_index": row_index,
         "image": name,
         "requested": [{"box": b, "iou": float(v)} for b, v in zip(rounded(requested), requested_iou, strict=True)],
         "detected": len(output.boxes),
@@ -276,13 +273,14 @@ def _unit(vector: np.ndarray) -> np.ndarray:
     return np.asarray(vector, dtype=np.float64) / max(float(np.linalg.norm(vector)), 1e-12)
 
 
-def gather_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every process's records, in row then image order (the same file whatever the number of processes)."""
+def gather_records(records: list[dict[str, Any]], rows: list[str]) -> list[dict[str, Any]]:
+    """Every process's records, in the table's row order, then by image (the same file whatever the number of
+    processes)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         parts: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(parts, records)
         records = [record for part in parts for record in part]
-    return sorted(records, key=lambda r: (r["row_index"], r["image"]))
+    return sorted(records, key=lambda r: (rows.index(r["row"]), r["image"]))
 
 
 def write_face_records(records: list[dict[str, Any]], output_dir: Path) -> None:
