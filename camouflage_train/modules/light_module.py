@@ -138,7 +138,8 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         self.vae, self.text_encoder, self.unet = frozen.vae, frozen.text_encoder, frozen.unet
         self.tokenizer, self.noise_scheduler = frozen.tokenizer, frozen.noise_scheduler
         steps = self.noise_scheduler.config.num_train_timesteps
-        bounds = (0, steps) if timestep_range is None else tuple(timestep_range)
+        self.all_timesteps: tuple[int, int] = (0, steps)  # what validation draws from
+        bounds = self.all_timesteps if timestep_range is None else tuple(timestep_range)
         if len(bounds) != 2 or not all(isinstance(b, int) for b in bounds) or not 0 <= bounds[0] < bounds[1] <= steps:
             raise ValueError(f"model.timestep_range must be [low, high) with 0 <= low < high <= {steps}, got {bounds}")
         self.train_timesteps: tuple[int, int] = bounds
@@ -297,8 +298,8 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
             factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
             height, width = batch["pixel_values"].shape[-2:]
             latent_shape = (self.vae.config.latent_channels, height // factor, width // factor)
-        every = (0, self.noise_scheduler.config.num_train_timesteps)
-        draw = self._draw(batch, latent_shape, self.vae.dtype, generator, self.train_timesteps if training else every)
+        timesteps = self.train_timesteps if training else self.all_timesteps
+        draw = self._draw(batch, latent_shape, self.vae.dtype, generator, timesteps)
         person_mask = batch["person_mask"]
         drop_text = draw.drop_text if training else torch.zeros_like(draw.drop_text)
         if training:
