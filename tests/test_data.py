@@ -1,15 +1,23 @@
 import json
 
 import datasets
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torchvision.transforms.v2 import functional as TF
 
 from camouflage_train.data.datamodule import PersonDataModule
 from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset, Skipped
 from camouflage_train.data.sources import FolderSource, HFDatasetSource, SyntheticSource, read_sidecar
-from camouflage_train.data.synthetic import draw_scene
+from camouflage_train.data.synthetic import (
+    SHAPE_RANGES,
+    Appearance,
+    draw_person,
+    draw_scene,
+    face_keypoints,
+    sample_appearance,
+)
 from camouflage_train.errors import DataError
 from tests.conftest import person
 
@@ -32,13 +40,33 @@ def test_synthetic_scenes_are_deterministic_and_valid(schema):
         schema.validate(p, f"scene 7 person {i}")
 
 
+def test_identity_shape_changes_the_face_pixels_but_not_its_keypoints():
+    """Identity lives in the face's shape too; alignment keypoints stay nominal so a recogniser's crop keeps it."""
+    person = {"box": [0.2, 0.2, 0.6, 0.68], "age": 30.0, "yaw": 0.0, "pitch": 0.0, "roll": 0.0, "gender": "male"}
+    colours = ((90, 40, 10), (50, 100, 150), (200, 160, 130))
+    nominal, reshaped = Appearance(*colours), Appearance(*colours, eye_gap=1.3, mouth_width=0.5, nose_size=1.6)
+    pixels = []
+    for appearance in (nominal, reshaped):
+        image = Image.new("RGB", (64, 64))
+        draw_person(ImageDraw.Draw(image), person, image.size, appearance)
+        pixels.append(np.asarray(image).astype(int))
+    assert (pixels[0] != pixels[1]).any(axis=-1).sum() >= 10  # eyes, nose and mouth moved or resized
+    shapes = [sample_appearance(np.random.default_rng(s), 30.0) for s in range(50)]
+    for name, (low, high) in SHAPE_RANGES.items():
+        values = [getattr(a, name) for a in shapes]
+        assert low <= min(values) < max(values) <= high and max(values) - min(values) > (high - low) / 2
+    np.testing.assert_allclose(
+        face_keypoints(person, (64, 64))[0], [0.4 * 64 - 0.2 * 0.4 * 64, 0.44 * 64 - 0.05 * 0.48 * 64], atol=1e-3
+    )
+
+
 def test_synthetic_face_size_sets_the_box_widths_and_the_cache_key(schema):
     default = SyntheticSource(schema, 8, 64, seed=5)
-    large = SyntheticSource(schema, 8, 64, seed=5, face_size=[0.3, 0.5])
-    widths = [p["box"][2] - p["box"][0] for i in range(8) for p in large[i].persons]
-    assert all(0.3 - 1e-3 <= w <= 0.5 + 1e-3 for w in widths)
+    small = SyntheticSource(schema, 8, 64, seed=5, face_size=[0.15, 0.35])
+    widths = [p["box"][2] - p["box"][0] for i in range(8) for p in small[i].persons]
+    assert all(0.15 - 1e-3 <= w <= 0.35 + 1e-3 for w in widths)
     assert [p["box"] for p in default[0].persons] == [p["box"] for p in draw_scene(5, schema, 64)[1]]
-    assert "face_size" not in default.fingerprint() and large.fingerprint()["face_size"] == [0.3, 0.5]
+    assert default.fingerprint()["face_size"] == [0.3, 0.5] and small.fingerprint()["face_size"] == [0.15, 0.35]
     with pytest.raises(ValueError, match="face_size"):
         SyntheticSource(schema, 8, 64, face_size=[0.5, 0.3])
 

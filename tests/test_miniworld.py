@@ -44,6 +44,23 @@ def test_the_build_command_builds_every_part_for_a_few_steps(tmp_path):
         controlnet = load_controlnet(str(tmp_path / part))
         assert controlnet.config.cross_attention_dim == backbone.unet.config.cross_attention_dim
 
+    # A world change continues the base: same autoencoder, the denoiser trained on, the first build in its lineage.
+    done = subprocess.run(
+        [*command[:-1], str(tmp_path / "next"), "--part", "base", "--init-from", str(tmp_path / "base"),
+         "--steps-scale", "0.005", "--num-scenes", "48"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    following = load_frozen_backbone(str(tmp_path / "next" / "base"))
+    for name, tensor in backbone.vae.state_dict().items():
+        assert torch.equal(following.vae.state_dict()[name], tensor), name
+    assert any(
+        not torch.equal(following.unet.state_dict()[name], tensor)
+        for name, tensor in backbone.unet.state_dict().items()
+    )
+    lineage = json.loads((tmp_path / "next" / "base" / "build.json").read_text())["lineage"]
+    assert lineage == [json.loads((tmp_path / "base" / "build.json").read_text())]
+
 
 def test_the_committed_face_pack_finds_reads_and_recognises_synthetic_people():
     """Held-out scenes blurred and noised like generated images, through insightface's own code. A random pack

@@ -23,7 +23,7 @@ from PIL import Image
 
 from camouflage_train.data.images import load_rgb
 from camouflage_train.data.schema import AttributeSchema, InvalidRecordError, as_schema
-from camouflage_train.data.synthetic import FACE_SIZE, check_face_size, draw_scene
+from camouflage_train.data.synthetic import FACE_SIZE, WORLD_VERSION, check_face_size, draw_scene
 from camouflage_train.errors import DataError, InputError
 from camouflage_train.utils.paths import file_sha256
 
@@ -190,8 +190,8 @@ class SyntheticSource:
             "seed": self.seed,
             "min_persons": self.min_persons,
             "schema": self.schema.to_config(),
-            # only when set: caches of default scenes keep their key
-            **({"face_size": list(self.face_size)} if self.face_size != FACE_SIZE else {}),
+            "face_size": list(self.face_size),
+            "world": WORLD_VERSION,  # scenes drawn by an older renderer are never read back
         }
 
     def __getitem__(self, index: int) -> RawSample:

@@ -2,7 +2,9 @@
 
 Used by the demo and the tests: no files, no downloads, and every attribute is visible in the pixels
 (face size and place = box, hair colour = age, hair length = gender, eye/nose offset = yaw/pitch,
-feature tilt = roll), so an adapter has something real to learn.
+feature tilt = roll), so an adapter has something real to learn. Identity is what no attribute carries: the
+colours of skin, hair and clothes and the shape of the face (eye spacing and size, mouth width, nose size), so a
+face recogniser has something to recognise and an anonymizer something to change.
 """
 
 from __future__ import annotations
@@ -27,8 +29,12 @@ def _rotate(
     return [(cx + (x - cx) * cos - (y - cy) * sin, cy + (x - cx) * sin + (y - cy) * cos) for x, y in points]
 
 
-# Face box width as a fraction of the image width: the miniature world's scenes (10-22 px faces at 64²).
-FACE_SIZE = (0.15, 0.35)
+# Bumped whenever a seed draws different pixels or records; part of every synthetic cache key.
+WORLD_VERSION = 2
+
+# Face box width as a fraction of the image width: the miniature world's scenes (19-32 px faces at 64², large
+# enough for the shape of a face to survive the autoencoder; 10-22 px faces re-identify at half the rate).
+FACE_SIZE = (0.3, 0.5)
 
 
 def check_face_size(face_size: Sequence[float]) -> tuple[float, float]:
@@ -65,11 +71,24 @@ def sample_person(
 
 @dataclass(frozen=True)
 class Appearance:
-    """What no attribute carries: the person's identity in this world (and the hair colour, grey past 45)."""
+    """What no attribute carries: the person's identity in this world (and the hair colour, grey past 45).
+
+    Colours, plus the face's shape as factors on the nominal feature sizes: eye spacing, eye radius, mouth
+    width and nose size (1.0: the nominal face). The five keypoints stay nominal (pose only), so aligning a
+    crop on them keeps these differences for a recogniser to see, as aligning a real face keeps its proportions.
+    """
 
     hair: tuple[int, int, int]
     clothes: tuple[int, int, int]
     skin: tuple[int, int, int]
+    eye_gap: float = 1.0
+    eye_size: float = 1.0
+    mouth_width: float = 1.0
+    nose_size: float = 1.0
+
+
+# Ranges of the shape factors, wide enough to tell faces apart after the 64² autoencoder.
+SHAPE_RANGES = {"eye_gap": (0.7, 1.3), "eye_size": (0.7, 1.5), "mouth_width": (0.5, 1.5), "nose_size": (0.6, 1.6)}
 
 
 def sample_appearance(rng: np.random.Generator, age: float) -> Appearance:
@@ -77,7 +96,17 @@ def sample_appearance(rng: np.random.Generator, age: float) -> Appearance:
     hair = (grey, grey, grey) if age > 45 else (int(rng.integers(40, 120)), int(rng.integers(20, 60)), 10)
     clothes = tuple(int(v) for v in rng.integers(30, 225, size=3))
     skin = tuple(int(v) for v in np.array([225, 185, 150]) * rng.uniform(0.55, 1.0))
-    return Appearance(hair, clothes, skin)  # type: ignore[arg-type]
+    shape = {name: float(rng.uniform(low, high)) for name, (low, high) in SHAPE_RANGES.items()}
+    return Appearance(hair, clothes, skin, **shape)  # type: ignore[arg-type]
+
+
+def _scaled(points: list[tuple[float, float]], anchor: tuple[float, float], factor: float) -> list[tuple[float, float]]:
+    ax, ay = anchor
+    return [(ax + (x - ax) * factor, ay + (y - ay) * factor) for x, y in points]
+
+
+def _midpoint(points: list[tuple[float, float]]) -> tuple[float, float]:
+    return sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
 
 
 def _face_geometry(person: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
@@ -130,11 +159,14 @@ def draw_person(
     hair_bottom = y1 + 0.4 * fh if long_hair else cy
     draw.rectangle([x0 - 0.08 * fw, y0 - 0.1 * fh, x1 + 0.08 * fw, hair_bottom], fill=appearance.hair)
     draw.ellipse([x0, y0 + 0.1 * fh, x1, y1], fill=appearance.skin)
-    eye_r = max(1.0, 0.07 * fw)
-    for px, py in g["eyes"]:
+    # The identity's shape: eyes spread about their midpoint, the nose grows from its tip, the mouth from its centre.
+    eyes, mouth = g["eyes"], g["mouth"]
+    eye_r = max(1.0, 0.07 * fw * appearance.eye_size)
+    for px, py in _scaled(eyes, _midpoint(eyes), appearance.eye_gap):
         draw.ellipse([px - eye_r, py - eye_r, px + eye_r, py + eye_r], fill=(20, 20, 20))
-    draw.polygon(g["nose"], fill=(150, 90, 70))
-    draw.line(g["mouth"], fill=(120, 30, 30), width=max(1, int(0.04 * fh)))
+    draw.polygon(_scaled(g["nose"], g["nose"][0], appearance.nose_size), fill=(150, 90, 70))
+    mouth_px = max(1, int(0.04 * fh))
+    draw.line(_scaled(mouth, _midpoint(mouth), appearance.mouth_width), fill=(120, 30, 30), width=mouth_px)
 
 
 def draw_background(rng: np.random.Generator, resolution: int) -> Image.Image:

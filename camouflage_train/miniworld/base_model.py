@@ -45,6 +45,9 @@ class BaseBuildConfig:
     ema_decay: float = 0.998
     threads: int = 0  # 0: torch's default
     device: str = "cpu"  # "cuda": the same recipe on a GPU (random draws stay on the CPU, so seeds mean the same)
+    # A mini base folder to continue from: its autoencoder is kept as is (no autoencoder steps) and its denoiser
+    # and text encoder are trained on for ``unet_steps`` on the scenes drawn now (a world change costs minutes).
+    init_from: str | None = None
 
 
 Log = Callable[[str], None]
@@ -116,8 +119,13 @@ def train_denoiser(
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = UNet2DConditionModel.from_config(_read("unet")).to(cfg.device).train()
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(_read("text_encoder"))).to(cfg.device).train()
+    if cfg.init_from:  # fp16 storage: trained on in fp32
+        unet = UNet2DConditionModel.from_pretrained(Path(cfg.init_from) / "unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(Path(cfg.init_from) / "text_encoder", torch_dtype=torch.float32)
+    else:
+        unet = UNet2DConditionModel.from_config(_read("unet"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(_read("text_encoder")))
+    unet, text_encoder = unet.to(cfg.device).train(), text_encoder.to(cfg.device).train()
     schedule = DDPMScheduler.from_config(_read("scheduler"))
     alphas = schedule.alphas_cumprod
     snr = (alphas / (1 - alphas)).to(cfg.device)
@@ -173,10 +181,20 @@ def build_mini_base(folder: Path, cfg: BaseBuildConfig, log: Log = print) -> dic
     start = time.perf_counter()
     bank = draw_bank(cfg.first_scene_seed, cfg.num_scenes, cfg.resolution)
     log(f"drew {len(bank)} scenes at {cfg.resolution}² ({time.perf_counter() - start:.0f} s)")
-    vae = train_autoencoder(bank, cfg, generator, log)
-    raw = encode_bank(vae, bank)
-    scaling = float(1.0 / raw.std())
-    vae.register_to_config(scaling_factor=scaling)
+    if cfg.init_from:  # the denoiser continues in the same latent space, on the same scale
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(Path(cfg.init_from) / "vae", torch_dtype=torch.float32).to(cfg.device)
+        vae = vae.eval().requires_grad_(False)
+        raw, scaling = encode_bank(vae, bank), float(vae.config.scaling_factor)
+        init = json.loads((Path(cfg.init_from) / "build.json").read_text(encoding="utf-8"))
+        lineage = [*init.get("lineage", []), {k: v for k, v in init.items() if k != "lineage"}]
+    else:
+        vae = train_autoencoder(bank, cfg, generator, log)
+        raw = encode_bank(vae, bank)
+        scaling = float(1.0 / raw.std())
+        vae.register_to_config(scaling_factor=scaling)
+        lineage = []
     with torch.no_grad():
         probe = bank.pixels(torch.arange(min(256, len(bank)))).to(cfg.device)
         recon_mse = F.mse_loss(vae.decode(vae.encode(probe).latent_dist.mean).sample, probe).item()
@@ -194,6 +212,7 @@ def build_mini_base(folder: Path, cfg: BaseBuildConfig, log: Log = print) -> dic
         "latent_scaling_factor": scaling,
         "denoiser_loss_curve_per_50_steps": curve,
         "seconds": time.perf_counter() - start,
+        **({"lineage": lineage} if lineage else {}),  # the builds this one continued from, oldest first
     }
     (folder / "build.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (tests: 0.01)")
     parser.add_argument("--num-scenes", type=int, default=None, help="scenes drawn per part (default: the part's)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--init-from", default=None, help="base: continue from this mini base folder (keeps its autoencoder)"
+    )
     parser.add_argument("--device", default="cpu", help="the base's device, e.g. cuda (the face pack trains on CPU)")
     args = parser.parse_args(argv)
 
@@ -64,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.part not in (part, "all"):
             continue
         cfg = _scaled(config_class(seed=args.seed, threads=args.threads), args.steps_scale)
-        changes = {"num_scenes": args.num_scenes, "num_identities": args.num_scenes, "device": args.device}
+        changes = {
+            "num_scenes": args.num_scenes,
+            "num_identities": args.num_scenes,
+            "device": args.device,
+            "init_from": args.init_from,
+        }
         if args.out.resolve() != WEIGHTS.resolve() and (args.out / "base" / "model_index.json").is_file():
             changes["base"] = str(args.out / "base")  # ControlNets follow the base built next to them
         known = {f.name for f in dataclasses.fields(cfg)}
