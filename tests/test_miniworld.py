@@ -58,8 +58,9 @@ def test_the_build_command_builds_every_part_for_a_few_steps(tmp_path):
         not torch.equal(following.unet.state_dict()[name], tensor)
         for name, tensor in backbone.unet.state_dict().items()
     )
-    lineage = json.loads((tmp_path / "next" / "base" / "build.json").read_text())["lineage"]
-    assert lineage == [json.loads((tmp_path / "base" / "build.json").read_text())]
+    build = json.loads((tmp_path / "next" / "base" / "build.json").read_text())
+    assert build["lineage"] == [json.loads((tmp_path / "base" / "build.json").read_text())]
+    assert build["config"]["vae_steps"] == 0 and build["config"]["unet_steps"] > 0
 
 
 def test_the_committed_face_pack_finds_reads_and_recognises_synthetic_people():

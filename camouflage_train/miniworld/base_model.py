@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -174,6 +174,8 @@ def build_mini_base(folder: Path, cfg: BaseBuildConfig, log: Log = print) -> dic
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
+    if cfg.init_from:  # build.json records what ran: no autoencoder steps
+        cfg = replace(cfg, vae_steps=0)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
