@@ -169,11 +169,25 @@ def train_denoiser(
     return ema_unet.requires_grad_(False), ema_text.requires_grad_(False), curve
 
 
+def _earlier_autoencoder(cfg: BaseBuildConfig) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(Path(cfg.init_from) / "vae", torch_dtype=torch.float32)
+    return vae.to(cfg.device).eval().requires_grad_(False)
+
+
+def _lineage(init_from: str) -> list[dict]:
+    """The builds a continued base descends from, oldest first: the earlier build's own lineage, then it."""
+    earlier = json.loads((Path(init_from) / "build.json").read_text(encoding="utf-8"))
+    return [*earlier.get("lineage", []), {k: v for k, v in earlier.items() if k != "lineage"}]
+
+
 def build_mini_base(folder: Path, cfg: BaseBuildConfig, log: Log = print) -> dict:
     """Train and write the mini base into ``folder`` (a diffusers pipeline folder); return build metrics."""
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
+    lineage = _lineage(cfg.init_from) if cfg.init_from else None  # read before anything is written
     if cfg.init_from:  # build.json records what ran: no autoencoder steps
         cfg = replace(cfg, vae_steps=0)
     if cfg.threads:
@@ -183,20 +197,12 @@ def build_mini_base(folder: Path, cfg: BaseBuildConfig, log: Log = print) -> dic
     start = time.perf_counter()
     bank = draw_bank(cfg.first_scene_seed, cfg.num_scenes, cfg.resolution)
     log(f"drew {len(bank)} scenes at {cfg.resolution}² ({time.perf_counter() - start:.0f} s)")
-    if cfg.init_from:  # the denoiser continues in the same latent space, on the same scale
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(Path(cfg.init_from) / "vae", torch_dtype=torch.float32).to(cfg.device)
-        vae = vae.eval().requires_grad_(False)
-        raw, scaling = encode_bank(vae, bank), float(vae.config.scaling_factor)
-        init = json.loads((Path(cfg.init_from) / "build.json").read_text(encoding="utf-8"))
-        lineage = [*init.get("lineage", []), {k: v for k, v in init.items() if k != "lineage"}]
-    else:
-        vae = train_autoencoder(bank, cfg, generator, log)
-        raw = encode_bank(vae, bank)
-        scaling = float(1.0 / raw.std())
-        vae.register_to_config(scaling_factor=scaling)
-        lineage = []
+    # A continued base keeps the earlier latent space and its scale; a new one measures its scale.
+    vae = _earlier_autoencoder(cfg) if cfg.init_from else train_autoencoder(bank, cfg, generator, log)
+    raw = encode_bank(vae, bank)
+    if not cfg.init_from:
+        vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
+    scaling = float(vae.config.scaling_factor)
     with torch.no_grad():
         probe = bank.pixels(torch.arange(min(256, len(bank)))).to(cfg.device)
         recon_mse = F.mse_loss(vae.decode(vae.encode(probe).latent_dist.mean).sample, probe).item()
@@ -214,7 +220,7 @@ def build_mini_base(folder: Path, cfg: BaseBuildConfig, log: Log = print) -> dic
         "latent_scaling_factor": scaling,
         "denoiser_loss_curve_per_50_steps": curve,
         "seconds": time.perf_counter() - start,
-        **({"lineage": lineage} if lineage else {}),  # the builds this one continued from, oldest first
+        **({"lineage": lineage} if lineage else {}),
     }
     (folder / "build.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
