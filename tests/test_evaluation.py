@@ -325,6 +325,19 @@ def test_a_sweep_writes_one_row_per_value_and_the_privacy_utility_plot(tmp_path,
         run_evaluation(bad)
 
 
+def test_a_kid_subset_larger_than_the_evaluation_split_fails_before_the_first_batch(tmp_path, tiny_faces_dir):
+    """torchmetrics' KID raises only in compute, after every row has generated every image."""
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(
+            "evaluate.yaml",
+            overrides=["experiment=eval_tiny", "rows=[identity,blur]", "data.val_source.num_samples=3", "logger=csv",
+                       f"paths.output_dir={tmp_path}"],
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"kid_subset_size=4 is more than the 3 images"):
+        run_evaluation(cfg)
+    assert not (tmp_path / "samples").exists()  # no batch ran
+
+
 def test_several_sweeps_expand_each_row_in_place():
     """A list of sweeps (one per row) gives one curve per swept row; each copy carries its own value."""
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):

@@ -36,6 +36,7 @@ from camouflage_train.metrics.structure import edge_iou
 from camouflage_train.metrics.uncertainty import bootstrap_standard_errors
 from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.pipelines.anonymizer import Anonymizer
+from camouflage_train.utils.config_checks import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +110,27 @@ class JointEvaluationModule(L.LightningModule):
         self.face_records: list[dict[str, Any]] = []  # one per (row, image): see face_record
 
     def on_test_start(self) -> None:
+        self._check_kid_subset_size()
         self.face_records = []
         for anonymizer in self.anonymizers.values():
             anonymizer.to(self.device)
         self.clip.to(self.device)
+
+    def _check_kid_subset_size(self) -> None:
+        """KID draws subsets of ``kid_subset_size`` images; with fewer images torchmetrics fails only in
+        ``compute``, after every row has run. Say so before the first batch, naming the two settings."""
+        loaders = self.trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        try:
+            images = sum(len(loader.dataset) for loader in loaders)
+        except TypeError:  # an iterable dataset: its size is unknown until it has run
+            return
+        subset = self.kid[self.key[self.rows[0]]].subset_size
+        if images < subset:
+            raise ConfigError(
+                f"metrics.fid.kid_subset_size={subset} is more than the {images} images of the evaluation split: "
+                f"set metrics.fid.kid_subset_size to at most {images}, or evaluate more images"
+            )
 
     def _update_faces(
         self,
