@@ -66,3 +66,73 @@ def test_offline_multirun_over_adapter_sizes_writes_a_summary(tmp_path, tiny_mod
     assert rows[0]["model/trainable_params"] < rows[1]["model/trainable_params"]
     assert all(isinstance(r["val/loss"], float) for r in rows)
     assert "| run | overrides |" in (sweep_dir / "summary.md").read_text()
+
+
+def _fake_evaluation_multirun(sweep, runs: dict[str, list[dict]]) -> None:
+    """A multirun folder as `evaluate.py -m` leaves it: per job its overrides and results.json."""
+    (sweep / "multirun.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (sweep / "multirun.yaml").write_text("{}\n")
+    for number, (override, rows) in enumerate(runs.items()):
+        (sweep / str(number) / ".hydra").mkdir(parents=True)
+        (sweep / str(number) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["rows=[base]", override]))
+        (sweep / str(number) / "results.json").write_text(json.dumps(rows))
+
+
+def _row(model, rank1, edge, detection=0.95, ssim=0.7):
+    return {"model": model, "reid/r/rank1": rank1, "reid/r/rank1_se": 0.01, "reid/r/detection_rate": detection,
+            "struct/edge_iou": edge, "struct/ssim": ssim, "fid": 0.1}  # fmt: skip
+
+
+def test_an_evaluation_multirun_summary_has_one_line_per_run_and_row(tmp_path):
+    from camouflage_train.utils.sweep_summary import MultirunSummary
+
+    sweep = tmp_path / "sweep"
+    _fake_evaluation_multirun(
+        sweep,
+        {"s=0.3": [_row("base@g=0", 0.4, 0.6), _row("base@g=1", 0.1, 0.5)], "s=0.5": [_row("base@g=0", 0.3, 0.6)]},
+    )
+    (sweep / "2" / ".hydra").mkdir(parents=True)  # a job that failed: Hydra wrote its overrides, it wrote nothing
+    (sweep / "2" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["rows=[base]", "s=0.9"]))
+    MultirunSummary(["reid/*/rank1", "struct/edge_iou", "val/loss"]).on_multirun_end(
+        OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    )
+    lines = json.loads((sweep / "summary.json").read_text())
+    assert [(line["run"], line["row"], line["overrides"]) for line in lines] == [
+        ("0", "base@g=0", "s=0.3"), ("0", "base@g=1", "s=0.3"), ("1", "base@g=0", "s=0.5"), ("2", "", "s=0.9")
+    ]  # fmt: skip
+    assert lines[1]["reid/r/rank1"] == 0.1 and "reid/r/rank1_se" not in lines[1]  # the pattern, not its _se
+    assert lines[0]["val/loss"] == "n/a" and lines[3]["struct/edge_iou"] == "failed"
+
+
+def test_the_operating_point_is_the_largest_feasible_privacy_fall_and_the_weakest_setting_among_ties(tmp_path):
+    from camouflage_train.metrics.operating_point import main
+
+    sweep = tmp_path / "sweep"
+    _fake_evaluation_multirun(
+        sweep,
+        {
+            "strength=0.3": [
+                _row("identity", 1.0, 1.0),  # outside any sweep: never a candidate
+                _row("base@guidance=0", 0.40, 0.60),
+                _row("base@guidance=1", 0.105, 0.52),  # fall 0.295, within the tie of 0.30: weaker setting wins
+                _row("base@guidance=2", 0.00, 0.45),  # fall 0.40 but structure falls 0.15
+            ],
+            "strength=0.5": [
+                _row("base@guidance=0", 0.40, 0.60),
+                _row("base@guidance=2", 0.10, 0.55),  # fall 0.30
+                _row("base@guidance=3", 0.00, 0.58, detection=0.5),  # fall 0.40, faces lost
+            ],
+            "strength=0.9": [_row("base@guidance=0", 0.5, 0.6, ssim=0.3), _row("base@guidance=1", 0.0, 0.6)],
+        },
+    )
+    chosen = main([str(sweep)])
+    assert (chosen.run, chosen.row) == ("strength=0.3", "base@guidance=1")
+    assert chosen.privacy_fall == pytest.approx(0.295) and chosen.structure_fall == pytest.approx(0.08)
+    report = json.loads((sweep / "operating_point.json").read_text())
+    why = {(c["run"], c["row"]): c["infeasible"] for c in report["candidates"]}
+    assert len(why) == 5 and why[("strength=0.5", "base@guidance=2")] == ""
+    assert "struct/edge_iou falls 0.150" in why[("strength=0.3", "base@guidance=2")]
+    assert "detection 0.500" in why[("strength=0.5", "base@guidance=3")]
+    assert "reference struct/ssim 0.300" in why[("strength=0.9", "base@guidance=1")]
+    assert main([str(sweep), "--tie", "0"]).row == "base@guidance=2"  # no tie: the largest fall, 0.30
+    assert main([str(sweep), "--max-structure-fall", "0.01"]) is None

@@ -23,7 +23,7 @@ PRIVACY_AXES = (("rank1", "re-ID rank-1"), ("cosine", "identity cosine"))
 SWEEP_SEPARATOR = "@"
 
 
-def _split(model: Any) -> tuple[str, str, str]:
+def split_row_name(model: Any) -> tuple[str, str, str]:
     """``base@guidance=0.4`` -> (``base``, ``guidance``, ``0.4``); a row outside a sweep -> (name, "", "")."""
     method, _, setting = str(model).partition(SWEEP_SEPARATOR)
     name, _, value = setting.partition("=")
@@ -52,7 +52,7 @@ def plot_privacy_utility(results: Sequence[Mapping[str, Any]], path: str | Path,
     groups: dict[str, list[Mapping[str, Any]]] = {}  # a plain row alone, a sweep's rows together
     settings: dict[str, str] = {}  # method -> the swept setting's name ("" outside a sweep)
     for row in results:
-        method, setting, _ = _split(row["model"])
+        method, setting, _ = split_row_name(row["model"])
         groups.setdefault(method, []).append(row)
         settings[method] = setting
     colours = {name: f"C{i % 10}" for i, name in enumerate(groups)}
@@ -81,7 +81,7 @@ def plot_privacy_utility(results: Sequence[Mapping[str, Any]], path: str | Path,
                     label=name,
                 )
                 for row, x, y in points:  # a sweep's points by their value, the others by name
-                    text = _split(row["model"])[2] if settings[name] else name
+                    text = split_row_name(row["model"])[2] if settings[name] else name
                     axis.annotate(text, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
             if key == "fid":  # a blur's FID is 10-30x a generator's: linear up to 1, logarithmic beyond
                 axis.set_xscale("symlog", linthresh=1.0)

@@ -1,0 +1,198 @@
+"""Choose an anonymizer's operating point from evaluation sweeps, by a rule fixed before looking at the numbers.
+
+Each evaluation run holds sweeps of one setting (``base@guidance=0``, ``base@guidance=0.4``, ...; the first row of a
+sweep is its reference, e.g. no guidance); several runs differ in another setting (a Hydra multirun over
+``anonymizers.base.strength``). A candidate is a swept row; it is *feasible* when, against its sweep's reference,
+structure falls by at most ``max_structure_fall``, faces are still detected (``min_detection``) and the reference
+itself keeps the scene (``min_reference``). The choice is the feasible candidate with the largest fall of
+re-identification; candidates within ``tie`` of that fall count as equal, and the one with the smallest swept value
+(the weakest setting) wins. Run it on scenes that no reported number uses::
+
+    python evaluate.py -m experiment=eval_demo rows=[base] data.val_source.seed=6000000 \\
+        'row_sweep=[{row: base, key: anonymization.scale, name: guidance, values: [0, 0.8, 1.2, 1.6, 2.4]}]' \\
+        anonymizers.base.strength=0.2,0.25,0.3,0.35,0.5
+    python -m camouflage_train.metrics.operating_point logs/eval_demo/multiruns/<date>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from camouflage_train.metrics.privacy_utility import split_row_name
+from camouflage_train.utils.sweep_summary import multirun_runs, run_results, varied_overrides
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One swept row measured against its sweep's reference row (same run, same images and seeds)."""
+
+    run: str  # what sets this run apart from the others (its overrides), "" for a single run
+    row: str  # e.g. base@guidance=1.2
+    reference: str  # e.g. base@guidance=0
+    value: float  # the swept value
+    privacy_fall: float
+    structure_fall: float
+    detection: float
+    reference_structure: float
+    reference_detection: float
+    infeasible: str  # why not, "" when feasible
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The selection rule; its defaults are issue 15's targets for the mini world."""
+
+    privacy: str = "reid/*/rank1"  # a results key; * is the recogniser (the first one found)
+    structure: str = "struct/edge_iou"
+    max_structure_fall: float = 0.1
+    detection: str = "reid/*/detection_rate"
+    min_detection: float = 0.8
+    reference_key: str = "struct/ssim"
+    min_reference: float = 0.6
+    tie: float = 0.01
+
+
+def _resolve(key: str, row: Mapping[str, Any]) -> str:
+    if "*" not in key:
+        return key
+    head, tail = key.split("*", 1)
+    found = [k for k in row if k.startswith(head) and k.endswith(tail) and "/" not in k[len(head) : -len(tail) or None]]
+    if not found:
+        raise KeyError(f"no results key matches '{key}' (keys: {sorted(row)})")
+    return found[0]
+
+
+def _number(row: Mapping[str, Any], key: str) -> float:
+    value = row.get(key)
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _swept_value(model: Any) -> float:
+    """The number after ``=`` in ``base@guidance=1.2``; NaN for a setting that is not a number."""
+    try:
+        return float(split_row_name(model)[2])
+    except ValueError:
+        return math.nan
+
+
+def candidates(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], rule: Rule) -> list[Candidate]:
+    """Every swept row of every run, measured against the first row of its sweep."""
+    found = []
+    for run, rows in runs:
+        sweeps: dict[str, list[Mapping[str, Any]]] = {}
+        for row in rows:
+            method, setting, _ = split_row_name(row["model"])
+            if setting:
+                sweeps.setdefault(method, []).append(row)
+        for reference, *others in sweeps.values():
+            keys = {name: _resolve(getattr(rule, name), reference) for name in ("privacy", "structure", "detection")}
+            ref_structure = _number(reference, rule.reference_key)
+            ref_detection = _number(reference, keys["detection"])
+            for row in others:
+                structure_fall = _number(reference, keys["structure"]) - _number(row, keys["structure"])
+                detection = _number(row, keys["detection"])
+                reasons = []
+                if not structure_fall <= rule.max_structure_fall:
+                    reasons.append(f"{keys['structure']} falls {structure_fall:.3f} > {rule.max_structure_fall}")
+                if not detection >= rule.min_detection:
+                    reasons.append(f"detection {detection:.3f} < {rule.min_detection}")
+                if not ref_structure >= rule.min_reference:
+                    reasons.append(f"reference {rule.reference_key} {ref_structure:.3f} < {rule.min_reference}")
+                if not ref_detection >= rule.min_detection:
+                    reasons.append(f"reference detection {ref_detection:.3f} < {rule.min_detection}")
+                found.append(
+                    Candidate(
+                        run=run,
+                        row=str(row["model"]),
+                        reference=str(reference["model"]),
+                        value=_swept_value(row["model"]),
+                        privacy_fall=_number(reference, keys["privacy"]) - _number(row, keys["privacy"]),
+                        structure_fall=structure_fall,
+                        detection=detection,
+                        reference_structure=ref_structure,
+                        reference_detection=ref_detection,
+                        infeasible="; ".join(reasons),
+                    )
+                )
+    return found
+
+
+def choose(found: Sequence[Candidate], tie: float) -> Candidate | None:
+    """The feasible candidate with the largest privacy fall; within ``tie`` of it, the smallest swept value."""
+    feasible = [c for c in found if not c.infeasible and math.isfinite(c.privacy_fall)]
+    if not feasible:
+        return None
+    best = max(c.privacy_fall for c in feasible)
+    tied = [c for c in feasible if c.privacy_fall >= best - tie]
+    return min(tied, key=lambda c: (c.value if math.isfinite(c.value) else math.inf, -c.privacy_fall))
+
+
+def load_runs(folders: Sequence[Path]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """``(what sets the run apart, its results rows)`` for each evaluation run: a multirun folder stands for its
+    runs, any other folder is one run."""
+    runs: list[Path] = []
+    for folder in folders:
+        runs += [run for run, _ in multirun_runs(folder)] if (folder / "multirun.yaml").is_file() else [folder]
+    loaded = []
+    for run, label in zip(runs, varied_overrides(runs), strict=True):
+        rows = [metrics for name, metrics in run_results(run) if name is not None]
+        if not rows:
+            raise FileNotFoundError(f"{run}: no results.json (not an evaluation run, or it failed)")
+        loaded.append((label, rows))
+    return loaded
+
+
+def table(found: Sequence[Candidate], chosen: Candidate | None) -> str:
+    lines = [
+        "| run | row | privacy fall | structure fall | detection | feasible |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for c in found:
+        mark = " **chosen**" if c == chosen else ""
+        feasible = c.infeasible or "yes"
+        lines.append(
+            f"| {c.run} | {c.row}{mark} | {c.privacy_fall:.3f} | {c.structure_fall:.3f} | {c.detection:.3f} | "
+            f"{feasible} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> Candidate | None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", type=Path, nargs="+", help="a multirun folder, or evaluation run folders")
+    defaults = Rule()
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--out", type=Path, default=None, help="write operating_point.md/.json here")
+    args = parser.parse_args(argv)
+    rule = Rule(**{name: getattr(args, name) for name in asdict(defaults)})
+    found = candidates(load_runs(args.folders), rule)
+    chosen = choose(found, rule.tie)
+    text = table(found, chosen)
+    text += f"\nrule: {json.dumps(asdict(rule))}\nchosen: " + (
+        f"{chosen.run} {chosen.row}" if chosen else "none (no feasible candidate)"
+    )
+    print(text)
+    out = args.out or (
+        args.folders[0] if len(args.folders) == 1 and (args.folders[0] / "multirun.yaml").is_file() else None
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "operating_point.md").write_text(text + "\n")
+        report = {
+            "rule": asdict(rule),
+            "chosen": asdict(chosen) if chosen else None,
+            "candidates": [asdict(c) for c in found],
+        }
+        (out / "operating_point.json").write_text(json.dumps(report, indent=2))
+    return chosen
+
+
+if __name__ == "__main__":
+    main()
