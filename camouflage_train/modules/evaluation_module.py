@@ -86,6 +86,7 @@ class JointEvaluationModule(L.LightningModule):
         self.key = {row: f"row{i}" for i, row in enumerate(self.rows)}
         self.faces, self.clip, self.seed = faces, clip, seed
         self.output_dir, self.grid_batches = Path(output_dir), grid_batches
+        self.kid_subset_size = kid_subset_size
         self.reid = nn.ModuleDict(
             {
                 self.key[row]: nn.ModuleDict(
@@ -125,11 +126,10 @@ class JointEvaluationModule(L.LightningModule):
             images = sum(len(loader.dataset) for loader in loaders)
         except TypeError:  # an iterable dataset: its size is unknown until it has run
             return
-        subset = self.kid[self.key[self.rows[0]]].subset_size
-        if images < subset:
+        if images < self.kid_subset_size:
             raise ConfigError(
-                f"metrics.fid.kid_subset_size={subset} is more than the {images} images of the evaluation split: "
-                f"set metrics.fid.kid_subset_size to at most {images}, or evaluate more images"
+                f"metrics.fid.kid_subset_size={self.kid_subset_size} is more than the {images} images of the "
+                f"evaluation split: set metrics.fid.kid_subset_size to at most {images}, or evaluate more images"
             )
 
     def _update_faces(
