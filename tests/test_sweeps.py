@@ -70,7 +70,7 @@ def test_offline_multirun_over_adapter_sizes_writes_a_summary(tmp_path, tiny_mod
 
 def _fake_evaluation_multirun(sweep, runs: dict[str, list[dict]]) -> None:
     """A multirun folder as `evaluate.py -m` leaves it: per job its overrides and results.json."""
-    (sweep / "multirun.yaml").parent.mkdir(parents=True, exist_ok=True)
+    sweep.mkdir(parents=True)
     (sweep / "multirun.yaml").write_text("{}\n")
     for number, (override, rows) in enumerate(runs.items()):
         (sweep / str(number) / ".hydra").mkdir(parents=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from camouflage_train.metrics.privacy_utility import split_row_name
-from camouflage_train.utils.sweep_summary import multirun_runs, run_results, varied_overrides
+from camouflage_train.utils.sweep_summary import job_folders, run_results, varied_overrides
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def load_runs(folders: Sequence[Path]) -> list[tuple[str, list[dict[str, Any]]]]
     runs, any other folder is one run."""
     runs: list[Path] = []
     for folder in folders:
-        runs += [run for run, _ in multirun_runs(folder)] if (folder / "multirun.yaml").is_file() else [folder]
+        runs += job_folders(folder) if (folder / "multirun.yaml").is_file() else [folder]
     loaded = []
     for run, label in zip(runs, varied_overrides(runs), strict=True):
         rows = [metrics for name, metrics in run_results(run) if name is not None]

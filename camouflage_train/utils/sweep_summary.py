@@ -19,10 +19,9 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 
-def multirun_runs(sweep: Path) -> list[tuple[Path, str]]:
-    """The runs of a multirun folder (``<sweep>/<job number>/``) in job order, each with what sets it apart."""
-    runs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-    return list(zip(runs, varied_overrides(runs), strict=True))
+def job_folders(sweep: Path) -> list[Path]:
+    """The runs of a multirun folder (``<sweep>/<job number>/``), in job order."""
+    return sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
 def varied_overrides(runs: Sequence[Path]) -> list[str]:
@@ -73,7 +72,8 @@ class MultirunSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        runs = [(run, overrides, run_results(run)) for run, overrides in multirun_runs(sweep)]
+        folders = job_folders(sweep)
+        runs = [(run, own, run_results(run)) for run, own in zip(folders, varied_overrides(folders), strict=True)]
         if not runs:
             return
         columns = _columns(self.metrics, (metrics for *_, results in runs for _, metrics in results))
