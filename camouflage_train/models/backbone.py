@@ -1,10 +1,12 @@
 """Load the frozen Stable Diffusion components (VAE, text encoder, tokenizer, UNet, noise scheduler).
 
 ``pretrained_model_name_or_path`` is a hub id, a local diffusers folder, or ``preset:<name>`` for the
-random-weight stand-ins in :mod:`camouflage_train.models.presets`. Hub ids are resolved with one
-``snapshot_download`` restricted to the five components (safetensors only), so an offline machine
-fails in well under a second with a message saying how to supply a local copy, instead of retrying
-per file or, worse, returning transformers' silent 2-token dummy tokenizer.
+random-weight stand-ins in :mod:`camouflage_train.models.presets`. Hub ids go through
+:mod:`camouflage_train.utils.hub`: the repository's file list is read first and exactly the files the loaders read
+are downloaded (each component's safetensors weights, or its ``.bin`` weights where the repository has no
+safetensors), so a missing file or an offline machine fails in well under a second with a message saying how to
+supply a local copy, instead of after gigabytes of downloads or, worse, with transformers' silent 2-token dummy
+tokenizer.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from camouflage_train.errors import UserError
 from camouflage_train.models.presets import CLIP_VOCAB_SIZE, PRESET_PREFIX, materialize_preset
+from camouflage_train.utils.hub import HubError, HubPlan, Want, plan_files, weight_file
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 _DTYPES = {
@@ -29,7 +31,7 @@ _DTYPES = {
 }
 
 
-class BackboneUnavailableError(UserError, OSError):
+class BackboneUnavailableError(HubError):
     """The Stable Diffusion weights cannot be found locally or downloaded."""
 
 
@@ -58,23 +60,53 @@ class FrozenBackbone:
         return {name: module for name, module in found.items() if module is not None}
 
 
-def _hub_patterns(variant: str | None) -> list[str]:
-    suffix = f".{variant}" if variant else ""
-    patterns = ["model_index.json"]
-    for sub in COMPONENTS:
-        patterns += [f"{sub}/*.json", f"{sub}/*.txt"]
-    patterns += [
-        f"vae/diffusion_pytorch_model{suffix}.safetensors",
-        f"unet/diffusion_pytorch_model{suffix}.safetensors",
+def backbone_wants(variant: str | None = None) -> list[Want]:
+    """The files of a diffusers Stable Diffusion repository that :func:`load_frozen_backbone` reads.
+
+    Args:
+        variant: the weight variant (``fp16``) or ``None`` for the plain files.
+    """
+    wants = [Want(("model_index.json",), required=False)]
+    wants += [Want((f"{sub}/config.json",)) for sub in ("vae", "text_encoder", "unet")]
+    wants += [
+        Want(("scheduler/scheduler_config.json",)),
+        Want(("tokenizer/vocab.json",)),
+        Want(("tokenizer/merges.txt",)),
     ]
-    patterns += [f"text_encoder/model{suffix}.safetensors"]
-    return patterns
+    wants += [Want(("tokenizer/*.json",), required=False)]
+    wants += [
+        weight_file("vae", "diffusion_pytorch_model", variant),
+        weight_file("unet", "diffusion_pytorch_model", variant),
+        weight_file("text_encoder", "model", variant, bin_stem="pytorch_model"),
+    ]
+    return wants
 
 
-def resolve_model_folder(
-    name_or_path: str, revision: str | None = None, variant: str | None = None, cache_dir: str | Path | None = None
-) -> Path:
-    """Turn a preset name, local folder or hub id into a local diffusers folder."""
+def controlnet_wants(variant: str | None = None) -> list[Want]:
+    """The files of a diffusers ControlNet repository that :func:`load_controlnet` reads.
+
+    Args:
+        variant: the weight variant (``fp16``) or ``None`` for the plain files.
+    """
+    return [Want(("config.json",)), weight_file("", "diffusion_pytorch_model", variant)]
+
+
+def backbone_source(
+    name_or_path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | Path | None = None,
+    config_key: str = "model.backbone.pretrained_model_name_or_path",
+) -> Path | HubPlan:
+    """A preset or local folder (its path), or a hub id (the checked :class:`HubPlan`; nothing downloaded yet).
+
+    Args:
+        name_or_path: hub id, local diffusers folder or ``preset:<name>``.
+        revision: hub branch, tag or commit.
+        variant: weight variant (``fp16``).
+        cache_dir: hub cache folder (``None``: ``HF_HOME``'s); presets are built under it too.
+        config_key: the config key that names the model, for messages.
+    """
     if name_or_path.startswith(PRESET_PREFIX):
         return materialize_preset(name_or_path[len(PRESET_PREFIX) :], cache_dir)
     local = Path(name_or_path).expanduser()
@@ -86,30 +118,46 @@ def resolve_model_folder(
         return local
     if name_or_path.startswith(("/", "./", "../", "~")):
         raise BackboneUnavailableError(f"local model folder '{name_or_path}' does not exist")
-    return download_snapshot(
+    return plan_files(
         name_or_path,
-        revision,
-        _hub_patterns(variant),
-        "Stable Diffusion weights",
-        "model.backbone.pretrained_model_name_or_path",
+        backbone_wants(variant),
+        revision=revision,
+        cache_dir=cache_dir,
+        what="Stable Diffusion weights",
+        config_key=config_key,
+        error=BackboneUnavailableError,
     )
 
 
-def download_snapshot(repo_id: str, revision: str | None, patterns: list[str], what: str, config_key: str) -> Path:
-    """``snapshot_download`` of just ``patterns``; offline or missing -> a clear error within seconds."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+def resolve_model_folder(
+    name_or_path: str, revision: str | None = None, variant: str | None = None, cache_dir: str | Path | None = None
+) -> Path:
+    """Turn a preset name, local folder or hub id into a local diffusers folder (downloading what is needed)."""
+    source = backbone_source(name_or_path, revision, variant, cache_dir)
+    return source.fetch() if isinstance(source, HubPlan) else source
 
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
-        include = " ".join(f"'{p}'" for p in patterns)
-        raise BackboneUnavailableError(
-            f"Cannot load {what} '{repo_id}' (revision={revision}): it is not in the Hugging Face cache and could "
-            f"not be downloaded ({type(err).__name__}: {str(err).splitlines()[0]}). On a machine with internet run "
-            f"`hf download {repo_id} --include {include} --local-dir <folder>`, then pass "
-            f"{config_key}=<folder> (or point HF_HOME at a cache that has it)."
-        ) from err
+
+def controlnet_source(
+    name_or_path: str,
+    variant: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    config_key: str = "controlnet",
+) -> Path | HubPlan:
+    """Like :func:`backbone_source`, for a ControlNet (``preset:tiny-controlnet-<seed>``, folder or hub id)."""
+    if name_or_path.startswith(PRESET_PREFIX):
+        return materialize_preset(name_or_path[len(PRESET_PREFIX) :], cache_dir)
+    if Path(name_or_path).expanduser().is_dir():
+        return Path(name_or_path).expanduser()
+    return plan_files(
+        name_or_path,
+        controlnet_wants(variant),
+        revision=revision,
+        cache_dir=cache_dir,
+        what="ControlNet weights",
+        config_key=config_key,
+        error=BackboneUnavailableError,
+    )
 
 
 def load_controlnet(
@@ -120,22 +168,23 @@ def load_controlnet(
     cache_dir: str | Path | None = None,
     config_key: str = "controlnet",
 ) -> nn.Module:
-    """A frozen ``ControlNetModel`` from a hub id, a local folder or ``preset:tiny-controlnet-<seed>``."""
+    """A frozen ``ControlNetModel`` from a hub id, a local folder or ``preset:tiny-controlnet-<seed>``.
+
+    Hub repositories are read in the format they have: ``diffusion_pytorch_model.safetensors`` where present, else
+    the ``.bin`` file (loaded by diffusers with ``weights_only=True``).
+
+    Args:
+        name_or_path: hub id, local folder or preset.
+        weight_dtype: dtype of the frozen weights.
+        variant: weight variant (``fp16``).
+        revision: hub branch, tag or commit.
+        cache_dir: hub cache folder.
+        config_key: the config key that names it, for messages.
+    """
     from diffusers import ControlNetModel
 
-    if name_or_path.startswith(PRESET_PREFIX):
-        folder = materialize_preset(name_or_path[len(PRESET_PREFIX) :], cache_dir)
-    elif Path(name_or_path).expanduser().is_dir():
-        folder = Path(name_or_path).expanduser()
-    else:
-        suffix = f".{variant}" if variant else ""
-        folder = download_snapshot(
-            name_or_path,
-            revision,
-            ["config.json", f"diffusion_pytorch_model{suffix}.safetensors"],
-            "ControlNet weights",
-            config_key,
-        )
+    source = controlnet_source(name_or_path, variant, revision, cache_dir, config_key)
+    folder = source.fetch() if isinstance(source, HubPlan) else source
     kwargs = {"variant": variant} if variant else {}
     controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=parse_dtype(weight_dtype), **kwargs)
     return controlnet.requires_grad_(False).eval()

@@ -33,7 +33,14 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from camouflage_train.models.backbone import FrozenBackbone, load_controlnet, load_frozen_backbone, parse_dtype
+from camouflage_train.models.backbone import (
+    FrozenBackbone,
+    backbone_source,
+    controlnet_source,
+    load_controlnet,
+    load_frozen_backbone,
+    parse_dtype,
+)
 from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.models.ip_adapter import person_region_masks
 from camouflage_train.pipelines.controls import Preprocessor
@@ -251,6 +258,31 @@ class CamouflageBase:
         ).images
 
 
+def check_sources(
+    backbone: Mapping[str, Any], controlnets: Mapping[str, Mapping[str, Any]], anonymization: Mapping[str, Any]
+) -> None:
+    """Check that the backbone and every ControlNet can be loaded from where the config says, downloading nothing.
+
+    Args:
+        backbone: :func:`load_frozen_backbone`'s arguments.
+        controlnets: ``{name: {model, ...}}``.
+        anonymization: the anonymization branch's config (``enabled``, ``model``).
+    """
+    cache_dir = backbone.get("cache_dir")
+    backbone_source(
+        backbone["pretrained_model_name_or_path"],
+        backbone.get("revision"),
+        backbone.get("variant"),
+        cache_dir,
+        config_key="model.backbone.pretrained_model_name_or_path",
+    )
+    named = {f"model.controlnets.{name}.model": spec["model"] for name, spec in controlnets.items()}
+    if anonymization.get("enabled"):
+        named["model.anonymization.model"] = anonymization["model"]
+    for key, model in named.items():
+        controlnet_source(model, cache_dir=cache_dir, config_key=key)
+
+
 def build_base(
     backbone: Mapping[str, Any],
     controlnets: Mapping[str, Mapping[str, Any]],
@@ -263,7 +295,13 @@ def build_base(
     region_expand: float = 1.5,
 ) -> CamouflageBase:
     """``configs/anonymize/model/base*.yaml``: the frozen SD, the structure ControlNets and the reconstruction
-    ControlNet."""
+    ControlNet.
+
+    Every hub repository is checked (its file list read, the files to load chosen) before the first download, so a
+    missing or gated repository or one without a readable weights file stops the run before gigabytes of others
+    are fetched.
+    """
+    check_sources(backbone, controlnets, anonymization)
     frozen = load_frozen_backbone(**backbone)
     controls = build_controls(controlnets, backbone.get("weight_dtype", "fp32"), backbone.get("cache_dir"))
     return CamouflageBase(
