@@ -2,6 +2,7 @@ import json
 import math
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -14,7 +15,7 @@ from camouflage_train.data.datamodule import PersonDataModule
 from camouflage_train.data.sources import FolderSource
 from camouflage_train.evaluation import expand_sweep, run_evaluation
 from camouflage_train.metrics.attributes import AttributePreservation, BoxAgreement
-from camouflage_train.metrics.clip import ClipScorer, WeightsUnavailableError
+from camouflage_train.metrics.clip import ClipConfigError, ClipScorer, WeightsUnavailableError, check_activation
 from camouflage_train.metrics.faces import FaceAnalyzer, FaceModelUnavailableError
 from camouflage_train.metrics.reid import ReIdentification, match_faces, requested_box_iou
 from camouflage_train.metrics.uncertainty import bootstrap_standard_errors, bootstrap_values
@@ -160,9 +161,22 @@ def test_reconstruction_row_is_the_base_vae_round_trip():
     assert min(trained) > 20 and max(random) < 16, (trained, random)  # measured: 22.7-23.5 dB and 11.1-12.4 dB
 
 
+def test_clip_with_openai_weights_must_be_the_quickgelu_network(tmp_path):
+    """open_clip builds ViT-L-14 with GELU and only warns when given OpenAI's QuickGELU weights: refused, before any
+    download, and the evaluation's default names the -quickgelu architecture."""
+    with pytest.raises(ClipConfigError, match=r"QuickGELU.*metrics\.clip\.model_name=ViT-L-14-quickgelu"):
+        ClipScorer("ViT-L-14", "openai")
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        clip = compose(
+            "evaluate.yaml", overrides=["experiment=eval_celebahq", f"paths.output_dir={tmp_path}"]
+        ).metrics.clip
+    check_activation(clip.model_name, clip.pretrained)
+    assert open_clip.get_model_config(clip.model_name)["quick_gelu"] is True
+
+
 def test_missing_weights_name_the_metric(tmp_path):
     with pytest.raises(WeightsUnavailableError, match="CLIP scores"):
-        ClipScorer("ViT-B-32", "openai")
+        ClipScorer("ViT-B-32-quickgelu", "openai")
     with pytest.raises(FaceModelUnavailableError, match="re-identification"):
         from camouflage_train.metrics.faces import _load_recogniser
 

@@ -23,14 +23,49 @@ class WeightsUnavailableError(UserError, OSError):
     """A metric's model weights cannot be loaded; the message names the metric and how to supply them."""
 
 
-class ClipScorer(nn.Module):
-    """An open_clip model + its preprocessing and tokenizer; ``pretrained=None`` gives random weights."""
+class ClipConfigError(UserError, ValueError):
+    """The CLIP architecture does not match the weights it is asked to load."""
 
-    def __init__(self, model_name: str = "ViT-L-14", pretrained: str | None = "openai") -> None:
+
+def check_activation(model_name: str, pretrained: str | None) -> None:
+    """Refuse an architecture whose activation differs from the one its pretrained weights were trained with.
+
+    OpenAI's CLIP weights need QuickGELU; open_clip 3.x builds ``ViT-L-14`` with GELU and, given ``openai`` weights,
+    only warns, so every CLIP score would come from a different network. The ``-quickgelu`` model names build the
+    right one.
+
+    Args:
+        model_name: the open_clip architecture (``metrics.clip.model_name``).
+        pretrained: the pretrained tag (``metrics.clip.pretrained``); a file path or ``None`` is not checked.
+    """
+    import open_clip
+
+    if pretrained is None or Path(str(pretrained)).is_file():
+        return
+    wants_quick_gelu = bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu"))
+    builds_quick_gelu = bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu"))
+    if wants_quick_gelu and not builds_quick_gelu:
+        raise ClipConfigError(
+            f"metrics.clip: the '{pretrained}' weights of {model_name} were trained with QuickGELU, but open_clip "
+            f"builds '{model_name}' with GELU, which would score with a different network; set "
+            f"metrics.clip.model_name={model_name}-quickgelu"
+        )
+
+
+class ClipScorer(nn.Module):
+    """An open_clip model + its preprocessing and tokenizer; ``pretrained=None`` gives random weights.
+
+    Args:
+        model_name: the open_clip architecture; OpenAI weights need a ``-quickgelu`` name (checked).
+        pretrained: a pretrained tag of that architecture, a local checkpoint file, or ``None``.
+    """
+
+    def __init__(self, model_name: str = "ViT-L-14-quickgelu", pretrained: str | None = "openai") -> None:
         super().__init__()
         import open_clip
 
         open_clip.add_model_config(CONFIG_DIR)  # the tiny test/demo architecture
+        check_activation(model_name, pretrained)  # before any download
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
         except Exception as err:
