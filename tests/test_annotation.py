@@ -110,3 +110,39 @@ def test_annotation_of_a_hf_dataset(annotator, group_photo, tmp_path):
     assert [r["index"] for r in rows] == [0, 1] and summary.images == 2
     assert rows[1]["persons"] == [] and rows[0]["width"] == 320
     assert np.all([0 <= v <= 1 for r in rows for p in r["persons"] for v in p["box"]])
+
+
+# The antelopev2 record's detector, attribute and recogniser files (docs/hub_repositories.yaml), as the tiny pack's
+# models. Its two landmark files (1k3d68, 2d106det) are left out: there is no tiny stand-in for them, and insightface
+# loads every .onnx file of a pack.
+ANTELOPE_FILES = {
+    "scrfd_10g_bnkps.onnx": "det_tiny.onnx",
+    "genderage.onnx": "genderage_tiny.onnx",
+    "glintr100.onnx": "w600k_tiny.onnx",
+}
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["zip-unpacked-in-place", "flat"])
+def test_antelopev2_loads_in_both_layouts_its_zip_has_unpacked_into(tmp_path, tiny_faces_dir, group_photo, nested):
+    from camouflage_train.metrics.faces import _load_recogniser
+
+    pack = tmp_path / "models" / "antelopev2" / ("antelopev2" if nested else "")
+    pack.mkdir(parents=True)
+    for name, source in ANTELOPE_FILES.items():
+        shutil.copyfile(tiny_faces_dir / source, pack / name)
+    annotator = FaceAnnotator("antelopev2", str(tmp_path), ctx_id=-1, providers=["CPUExecutionProvider"])
+    assert annotator(Image.open(group_photo).convert("RGB"))
+    recogniser = _load_recogniser("antelopev2", str(tmp_path), -1, ["CPUExecutionProvider"])
+    assert recogniser.taskname == "recognition"
+
+
+def test_a_gpu_provider_the_onnxruntime_package_lacks_is_named_with_the_fix(tiny_faces_dir, caplog):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(FaceModelUnavailableError, match=r"CUDAExecutionProvider.*onnxruntime-gpu"):
+        FaceAnnotator(str(tiny_faces_dir), ctx_id=-1, providers=["CUDAExecutionProvider"])
+    with caplog.at_level("WARNING"):
+        FaceAnnotator(str(tiny_faces_dir), ctx_id=-1, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert "onnxruntime-gpu" in caplog.text and "using ['CPUExecutionProvider']" in caplog.text

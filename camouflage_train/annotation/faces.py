@@ -6,6 +6,7 @@ normalized keypoints so later versions can add body boxes without breaking reade
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,64 @@ from PIL import Image
 from camouflage_train.annotation.head_pose import head_pose
 from camouflage_train.errors import UserError
 
+log = logging.getLogger(__name__)
+
 RECORD_SCHEMA_VERSION = 1
 GENDERS = ("female", "male")  # insightface: gender 0 = female, 1 = male
 
 
 class FaceModelUnavailableError(UserError, OSError):
     """The insightface model pack cannot be found or downloaded."""
+
+
+def resolve_pack(model_name: str, model_root: str | Path) -> str:
+    """The name or folder to give insightface's ``FaceAnalysis`` for a pack, accepting both layouts of its zips.
+
+    ``antelopev2.zip`` holds a folder, so unpacking it into ``<root>/models/antelopev2/`` (as insightface's own
+    download does) gives ``<root>/models/antelopev2/antelopev2/*.onnx``, which ``FaceAnalysis(name="antelopev2")``
+    refuses; ``buffalo_l.zip`` unpacks flat. A pack (or folder) without ``.onnx`` files but with one inner folder
+    that has them resolves to that inner folder.
+
+    Args:
+        model_name: a pack name under ``<model_root>/models/`` or a folder of ``.onnx`` files.
+        model_root: insightface's model root.
+    """
+    given = Path(model_name).expanduser()
+    folder = given if given.is_dir() else Path(model_root).expanduser() / "models" / model_name
+    if not folder.is_dir() or any(folder.glob("*.onnx")):
+        return str(given) if given.is_dir() else model_name
+    inner = [sub for sub in folder.iterdir() if sub.is_dir() and any(sub.glob("*.onnx"))]
+    return str(inner[0]) if len(inner) == 1 else model_name
+
+
+def check_providers(providers: Sequence[str] | None, key: str = "faces.providers") -> list[str] | None:
+    """Check the requested onnxruntime execution providers against those installed.
+
+    The plain ``onnxruntime`` package has only the CPU provider; given ``CUDAExecutionProvider`` it runs on the CPU
+    without a word. None of the requested providers installed is an error; some of them missing is a warning.
+
+    Args:
+        providers: onnxruntime provider names, in order of preference (``None``: insightface's default).
+        key: the config key, for messages.
+    """
+    if not providers:
+        return None
+    import onnxruntime
+
+    available = set(onnxruntime.get_available_providers())
+    missing = [name for name in providers if name not in available]
+    if missing:
+        fix = (
+            "for CUDA install onnxruntime-gpu instead of onnxruntime (`pip uninstall -y onnxruntime && pip install "
+            "onnxruntime-gpu`, or the project's faces-gpu extra)"
+            if any("CUDA" in name or "Tensorrt" in name for name in missing)
+            else "install the onnxruntime build that has them"
+        )
+        message = f"{key}: {missing} not available in the installed onnxruntime (it has {sorted(available)}); {fix}"
+        if len(missing) == len(providers):
+            raise FaceModelUnavailableError(message)
+        log.warning("%s; using %s", message, [name for name in providers if name in available])
+    return list(providers)
 
 
 class FaceAnnotator:
@@ -48,11 +101,15 @@ class FaceAnnotator:
     ) -> None:
         from insightface.app import FaceAnalysis
 
-        kwargs: dict[str, Any] = {"providers": list(providers)} if providers else {}
+        providers = check_providers(providers)
+        kwargs: dict[str, Any] = {"providers": providers} if providers else {}
         modules = ["detection", "genderage"]
         try:
             self.app = FaceAnalysis(
-                name=model_name, root=str(Path(model_root).expanduser()), allowed_modules=modules, **kwargs
+                name=resolve_pack(model_name, model_root),
+                root=str(Path(model_root).expanduser()),
+                allowed_modules=modules,
+                **kwargs,
             )
         except Exception as err:  # insightface raises requests/zip/assert errors for a missing pack
             raise FaceModelUnavailableError(

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from camouflage_train.annotation.faces import FaceAnnotator, FaceModelUnavailableError
+from camouflage_train.annotation.faces import FaceAnnotator, FaceModelUnavailableError, resolve_pack
 from camouflage_train.annotation.head_pose import head_pose
 
 
@@ -36,7 +36,7 @@ def _load_recogniser(model: str, model_root: str, ctx_id: int, providers: list[s
             recogniser = model_zoo.get_model(model, **kwargs)
         else:
             pack = FaceAnalysis(
-                name=model,
+                name=resolve_pack(model, model_root),
                 root=str(Path(model_root).expanduser()),
                 allowed_modules=["detection", "recognition"],
                 **kwargs,
