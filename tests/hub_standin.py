@@ -70,10 +70,10 @@ def build_standin(files: list[str], source: Path, target: Path, weights: dict[st
         path.parent.mkdir(parents=True, exist_ok=True)
         folder, _, base = name.rpartition("/")
         is_weights = base.endswith((".safetensors", ".bin")) and folder in weights
-        if is_weights and base.split(".")[0] in ("diffusion_pytorch_model", "model", "pytorch_model"):
-            _write_weights(_weights_of(weights[folder]), path)
-        elif (source / name).is_file():
+        if (source / name).is_file() and not is_weights:
             shutil.copyfile(source / name, path)
+        elif is_weights and base.split(".")[0] in ("diffusion_pytorch_model", "model", "pytorch_model"):
+            _write_weights(_weights_of(weights[folder]), path)
         else:
             path.write_bytes(PLACEHOLDER)
     return target

@@ -174,3 +174,46 @@ def test_cache_dir_is_where_hub_downloads_go(tmp_path: Path, monkeypatch: pytest
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     load_frozen_backbone(SD15, cache_dir=str(tmp_path / "my-cache"))
     assert seen == [str(tmp_path / "my-cache")]
+
+
+def test_annotators_fetch_the_files_each_base_preprocessor_reads_from_the_real_layout(tmp_path, monkeypatch):
+    from camouflage_train.pipelines.controls import ANNOTATORS_REPO, annotator_weights
+
+    annotators = record(ANNOTATORS_REPO)
+    hub = StandinHub(tmp_path / "hub")
+    hub.add(ANNOTATORS_REPO, build_standin(annotators["files"], tmp_path, tmp_path / "annotators", {}))
+    hub.install(monkeypatch)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    base = OmegaConf.load(REPO / "configs" / "anonymize" / "model" / "base.yaml")
+    used = [spec.preprocessor.processor_id for spec in base.controlnets.values() if "processor_id" in spec.preprocessor]
+    assert used
+    for processor_id in used:
+        folder = annotator_weights(processor_id)
+        assert all((folder / name).is_file() for name in annotators["uses"][processor_id])
+    assert hub.served[ANNOTATORS_REPO] == {name for pid in used for name in annotators["uses"][pid]}
+
+
+def test_upernet_segmentation_loads_its_bin_only_layout_onto_the_chosen_device(tmp_path, monkeypatch):
+    from transformers import ConvNextConfig, SegformerImageProcessor, UperNetConfig, UperNetForSemanticSegmentation
+
+    from camouflage_train.pipelines.controls import UperNetSegmentation
+
+    repo = "openmmlab/upernet-convnext-small"
+    backbone = ConvNextConfig(
+        hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], out_features=["stage1", "stage2", "stage3", "stage4"]
+    )
+    tiny = tmp_path / "tiny-upernet"
+    UperNetForSemanticSegmentation(
+        UperNetConfig(backbone_config=backbone, hidden_size=16, auxiliary_in_channels=32, num_labels=150)
+    ).save_pretrained(tiny)
+    SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tiny)
+    hub = StandinHub(tmp_path / "hub")
+    hub.add(repo, build_standin(record(repo)["files"], tiny, tmp_path / "upernet", {"": tiny}))  # weights as .bin
+    hub.install(monkeypatch)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    segmentation = UperNetSegmentation(repo, device="auto")
+    model = segmentation.load()
+    assert model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert hub.served[repo] == {"config.json", "preprocessor_config.json", "pytorch_model.bin"}
+    inputs = segmentation._processor(images=Image.new("RGB", (64, 64)), return_tensors="pt")
+    assert model(**inputs).logits.shape[1] == 150
