@@ -11,6 +11,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from camouflage_train.data.sources import check_sidecars
 from camouflage_train.metrics.clip import ClipScorer
 from camouflage_train.metrics.faces import FaceAnalyzer
 from camouflage_train.metrics.privacy_utility import SWEEP_SEPARATOR
@@ -104,6 +105,10 @@ def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
             for path in [cfg.anonymizers[row].checkpoint]
         }
     )
+    # Evaluation reads only the validation images: with a val_source the training split is never loaded.
+    sources = ["val_source"] if cfg.data.get("val_source") else ["train_source"]
+    check_sidecars(cfg.data, sources)
+    datamodule = instantiate(cfg.data, train_source=None) if cfg.data.get("val_source") else instantiate(cfg.data)
     L.seed_everything(cfg.seed, workers=True)
     anonymizers = instantiate_named(cfg.anonymizers, list(cfg.rows), "rows")
     output_dir = Path(cfg.paths.output_dir)
@@ -123,5 +128,5 @@ def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
         cfg.seed,
     )
     trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")))
-    trainer.test(module, datamodule=instantiate(cfg.data))
+    trainer.test(module, datamodule=datamodule)
     return module.results

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from camouflage_train.data.sources import check_sidecars
 from camouflage_train.errors import DataError
 from camouflage_train.utils.checkpoints import checkpoint_folder, resolve_checkpoint
 from camouflage_train.utils.config_checks import validate_config
@@ -43,6 +44,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg, TrainConfig)  # before anything is built or written
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+    check_sidecars(cfg.data)  # seconds, before the backbone's download
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model = instantiate(cfg.model)  # first: a missing backbone fails before any data is read

@@ -25,12 +25,13 @@ class PersonDataModule(L.LightningDataModule):
     """Train/val loaders of person-annotated images.
 
     Validation uses ``val_source`` when given, else a seeded ``val_fraction`` split of ``train_source``;
-    it never crops randomly or flips, so its loss is comparable across runs.
+    it never crops randomly or flips, so its loss is comparable across runs. ``train_source=None`` with a
+    ``val_source`` builds only the validation split (evaluation reads nothing else).
     """
 
     def __init__(
         self,
-        train_source: SampleSource,
+        train_source: SampleSource | None,
         schema: AttributeSchema | Mapping[str, Any],
         resolution: int,
         val_source: SampleSource | None = None,
@@ -53,6 +54,8 @@ class PersonDataModule(L.LightningDataModule):
         ``seed``: the training order and every sample's randomness derive from it (see
         :mod:`camouflage_train.data.sampling`)."""
         super().__init__()
+        if train_source is None and val_source is None:
+            raise ValueError("PersonDataModule needs a train_source, a val_source, or both")
         self.cache = dict(cache or {})
         if self.cache.get("enabled") and random_crop:
             raise ValueError("data.cache.enabled=true needs data.random_crop=false (cached latents are fixed crops)")
@@ -99,7 +102,7 @@ class PersonDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build the latent cache if it is enabled and missing (Lightning runs this on one process per node)."""
-        if not self.cache.get("enabled"):
+        if not self.cache.get("enabled") or self.train_source is None:
             return
         from camouflage_train.data.cache import build_cache, cache_problem
 
@@ -126,7 +129,10 @@ class PersonDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        if self.train_set is not None or self.val_set is not None:
+            return
+        if self.train_source is None:  # validation/evaluation only
+            self.val_set = self._dataset(self.val_source, train=False)
             return
         train: Dataset = self._dataset(self.train_source, train=True)
         if self.cache.get("enabled"):
@@ -154,6 +160,8 @@ class PersonDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled per epoch from ``seed``, sharded over ranks; resumes mid-epoch where a checkpoint left off
         (:class:`~camouflage_train.data.sampling.ResumableLoader`)."""
+        if self.train_source is None:
+            raise DataError("this data module was built without data.train_source: it can only validate")
         assert self.train_set is not None, "call setup() first"
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)

@@ -157,6 +157,34 @@ def read_sidecar(path: str | Path) -> tuple[list[dict[str, Any]], list[RejectedR
     return rows, rejected
 
 
+def check_sidecars(data: Mapping[str, Any], sources: Sequence[str] = ("train_source", "val_source")) -> None:
+    """Check, before any model or dataset is loaded, that every person-record sidecar ``data`` names exists.
+
+    One :class:`InputError` lists each missing file with the ``annotate.py`` command that writes it.
+
+    Args:
+        data: the ``data`` config (``data.<source>.sidecar`` keys are read).
+        sources: which sources the run will read (evaluation reads only the validation source).
+    """
+    problems = []
+    for key in sources:
+        source = data.get(key) or {}
+        sidecar = source.get("sidecar") if isinstance(source, Mapping) else None
+        if sidecar is None or Path(str(sidecar)).expanduser().is_file():
+            continue
+        where = (
+            f"input.dataset={source['path']} input.split={source.get('split', 'train')}"
+            if "path" in source
+            else f"input.folder={source.get('root', '<images>')}"
+        )
+        problems.append(
+            f"data.{key}.sidecar: '{sidecar}' does not exist; write it with "
+            f"`python annotate.py {where} output={sidecar}`"
+        )
+    if problems:
+        raise InputError("missing person records:\n  " + "\n  ".join(problems))
+
+
 def _file_of(row: dict[str, Any]) -> str | None:
     return row["file"] if isinstance(row.get("file"), str) else None
 
@@ -296,6 +324,8 @@ class HFDatasetSource:
     ) -> None:
         import datasets
 
+        if sidecar is not None and not Path(sidecar).is_file():  # before the dataset's download
+            raise InputError(f"person-record sidecar not found: {sidecar}")
         if Path(path, "dataset_info.json").is_file() or Path(path, "dataset_dict.json").is_file():
             loaded = datasets.load_from_disk(path)
             self.dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
