@@ -22,8 +22,10 @@ from omegaconf import DictConfig
 
 from camouflage_train.errors import user_error_in
 from camouflage_train.utils.config_checks import unknown_key_message
+from camouflage_train.utils.resolvers import register_resolvers
 
 log = logging.getLogger(__name__)
+register_resolvers()  # before @hydra.main composes the config
 T = TypeVar("T")
 
 _task_started = False

@@ -30,6 +30,9 @@ from omegaconf import DictConfig  # noqa: E402
 from camouflage_train.data.schema import AttributeSchema  # noqa: E402
 from camouflage_train.miniworld.scenes import FACE_ATTRIBUTES  # noqa: E402
 from camouflage_train.models.presets import materialize_preset  # noqa: E402
+from camouflage_train.utils.resolvers import register_resolvers  # noqa: E402
+
+register_resolvers()
 
 torch.set_num_threads(1 if WORKERS > 1 else min(2, os.cpu_count() or 1))
 

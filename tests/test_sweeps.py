@@ -1,5 +1,6 @@
 import itertools
 import json
+import os
 import subprocess
 import sys
 
@@ -136,3 +137,31 @@ def test_the_operating_point_is_the_largest_feasible_privacy_fall_and_the_weakes
     assert "reference struct/ssim 0.300" in why[("strength=0.9", "base@guidance=1")]
     assert main([str(sweep), "--tie", "0"]).row == "base@guidance=2"  # no tie: the largest fall, 0.30
     assert main([str(sweep), "--max-structure-fall", "0.01"]) is None
+
+
+RUN_DIR = """
+import camouflage_train.cli  # registers the resolvers, as every entry point does
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+with initialize_config_dir(config_dir=r"{configs}", version_base="1.3"):
+    cfg = compose("train.yaml", overrides=["experiment=demo_tiny"], return_hydra_config=True)
+print(OmegaConf.select(cfg, "hydra.run.dir"))
+"""
+
+
+@pytest.mark.parametrize("run_ids", [(None, None), ("abc123", "def456")], ids=["plain", "wandb-agents"])
+def test_runs_started_in_the_same_second_get_their_own_folders(run_ids):
+    """Two sweep agents starting at once: before, both resolved to logs/<task>/runs/<same second> and the second
+    resumed from the first's checkpoints (ckpt_path=auto)."""
+    script = RUN_DIR.format(configs=REPO / "configs")
+    started = []
+    for run_id in run_ids:
+        env = {k: v for k, v in os.environ.items() if k != "WANDB_RUN_ID"}
+        if run_id:
+            env["WANDB_RUN_ID"] = run_id
+        started.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True))
+    folders = [process.communicate(timeout=120)[0].strip() for process in started]
+    assert all(process.returncode == 0 for process in started)
+    assert folders[0] != folders[1], folders
+    if run_ids[0]:
+        assert [folder.rsplit("_", 1)[1] for folder in folders] == list(run_ids)
