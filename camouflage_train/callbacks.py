@@ -84,3 +84,95 @@ class ExportAdapter(L.Callback):
             if trainer.is_global_zero:
                 export_adapter(checkpoint, self.output, base_model=self.base_model, overwrite=self.overwrite)
                 log.info("exported the adapter to %s", self.output)
+
+
+class PreemptionCheckpoint(L.Callback):
+    """Save a checkpoint when the cluster announces the job's end with a signal, then let the job be requeued.
+
+    SLURM sends ``--signal=USR2@<seconds>`` before a pre-emption or the time limit (the submitit launcher's
+    ``signal_delay_s``, ``configs/hydra/launcher/slurm.yaml``). submitit's own handler for that signal requeues the
+    job and exits at once, and Lightning's auto-requeue does not install itself over an existing handler, so
+    without this callback the requeued job resumed from the last periodic checkpoint (up to
+    ``every_n_train_steps`` lost). Here the handler only notes the signal; at the end of the current training
+    batch every rank agrees (one reduce), ``checkpoints/preempted.ckpt`` is written (atomically, all ranks
+    taking part), and then the previous handler runs (submitit: requeue and exit), or, in a plain ``sbatch``
+    job, rank 0 calls ``scontrol requeue $SLURM_JOB_ID``; training then stops. ``ckpt_path=auto`` resumes
+    from that checkpoint when the requeued job starts.
+
+    Args:
+        signal_name: the signal's name (``SIGUSR2``, ``SIGUSR1``, ``SIGTERM``).
+        filename: the checkpoint's file name in the checkpoint folder.
+    """
+
+    def __init__(self, signal_name: str = "SIGUSR2", filename: str = "preempted.ckpt") -> None:
+        import signal
+
+        self.signum = signal.Signals[signal_name]
+        self.filename = filename
+        self.received = False
+        self._previous: Any = None
+        self._installed = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("PreemptionCheckpoint: not in the main thread; %s is not handled", self.signum.name)
+            return
+        self._previous = signal.getsignal(self.signum)
+        signal.signal(self.signum, self._note)
+        self._installed = True
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        received = self.received
+        if trainer.world_size > 1:
+            received = trainer.strategy.reduce_boolean_decision(received, all=False)
+        if not received:
+            return
+        from pathlib import Path
+
+        from camouflage_train.utils.checkpoints import checkpoint_folder
+
+        path = checkpoint_folder(trainer, Path(trainer.default_root_dir) / "checkpoints") / self.filename
+        trainer.save_checkpoint(path)  # collective: every rank calls it
+        log.warning(
+            "%s received: saved %s at step %d; the requeued job resumes from it (ckpt_path=auto)",
+            self.signum.name,
+            path,
+            trainer.global_step,
+        )
+        trainer.should_stop = True
+        self.received = False
+        self._requeue(trainer)
+
+    def _requeue(self, trainer: L.Trainer) -> None:
+        import os
+        import signal
+        import subprocess
+
+        self.teardown(trainer, trainer.lightning_module, "fit")
+        previous = self._previous
+        if callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler):
+            previous(self.signum, None)  # submitit: requeues the job (rank 0) and exits
+        elif trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
+            array = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
+            try:
+                done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+                outcome = "requeued" if done.returncode == 0 else f"requeue failed: {done.stderr.strip()}"
+            except (OSError, subprocess.TimeoutExpired) as error:
+                outcome = f"requeue failed: {error}"
+            log.warning("SLURM job %s %s", job, outcome)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import signal
+
+        if self._installed:
+            signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False

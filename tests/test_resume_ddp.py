@@ -243,3 +243,32 @@ def test_a_resumed_run_logs_to_the_same_wandb_run_and_continues_its_csv(tmp_path
     steps = [r["step"] for r in _csv(run) if r.get("train/loss_step")]
     assert steps == ["0", "1", "2", "3"], steps
     assert json.loads((run / "metrics.json").read_text())["model/trainable_params"] > 0
+
+
+def test_slurm_warning_signal_saves_a_checkpoint_and_the_requeued_run_continues_from_it(tmp_path, tiny_model_dir):
+    """SIGUSR2 (sbatch --signal=USR2@<s>, the submitit launcher's signal_delay_s) to a CPU training process: it
+    writes checkpoints/preempted.ckpt after the current step, asks SLURM to requeue the job (a stand-in
+    `scontrol` records the call), and stops; the same command then resumes from that checkpoint."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
+    run = tmp_path / "run"
+    with (tmp_path / "first.log").open("w") as output:
+        process = subprocess.Popen(
+            _command(run, "trainer.max_steps=400", "data.batch_size=2"), cwd=REPO, env=env, stdout=output, stderr=output
+        )
+        marker, deadline = run / "checkpoints/step_0000003.ckpt", time.monotonic() + 300
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGUSR2)
+        assert process.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    preempted = run / "checkpoints/preempted.ckpt"
+    step = torch.load(preempted, map_location="cpu", weights_only=True)["global_step"]
+    assert 3 <= step < 400
+    assert calls.read_text().split() == ["requeue", "4242"]
+
+    _run(run, f"trainer.max_steps={step + 2}", "data.batch_size=2")
+    assert f"resuming from {preempted}" in (run / "train.log").read_text()
+    assert torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["global_step"] == step + 2
