@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -272,3 +273,41 @@ def test_slurm_warning_signal_saves_a_checkpoint_and_the_requeued_run_continues_
     _run(run, f"trainer.max_steps={step + 2}", "data.batch_size=2")
     assert f"resuming from {preempted}" in (run / "train.log").read_text()
     assert torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["global_step"] == step + 2
+
+
+class SignalAtStep(L.Callback):
+    """Sends this process ``signal_name`` once, after optimizer step ``step``."""
+
+    def __init__(self, step: int, signal_name: str = "SIGUSR2") -> None:
+        self.step, self.signum, self.sent = step, signal.Signals[signal_name], False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+def test_under_submitit_the_checkpoint_is_written_before_its_requeue_handler_runs(make_cfg, tmp_path, tiny_model_dir):
+    """submitit installs its own SIGUSR2 handler (requeue, then exit): it must run after the checkpoint exists."""
+    from camouflage_train.training import run_training
+
+    seen: list[bool] = []
+    preempted = tmp_path / "checkpoints" / "preempted.ckpt"
+
+    def submitit_like(signum, frame) -> None:
+        seen.append(preempted.is_file())
+
+    previous = signal.signal(signal.SIGUSR2, submitit_like)
+    try:
+        cfg = make_cfg(
+            *COMMON,
+            "trainer.max_steps=50",
+            "+callbacks.signal._target_=tests.test_resume_ddp.SignalAtStep",
+            "+callbacks.signal.step=2",
+        )
+        run_training(cfg)
+        assert seen == [True]
+        assert torch.load(preempted, map_location="cpu", weights_only=True)["global_step"] < 50
+        assert signal.getsignal(signal.SIGUSR2) is submitit_like  # restored after training
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
