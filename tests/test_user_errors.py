@@ -4,7 +4,9 @@ exit, no Python traceback (unless asked for), and no work done before the check.
 import json
 import os
 
+import lightning as L
 import pytest
+import torch
 from PIL import Image
 
 from camouflage_train.data.synthetic import draw_scene
@@ -196,3 +198,33 @@ def test_symlinks_to_files_and_folders_follow_one_rule_and_skips_are_counted(tmp
         "folder reached twice through a link": 1,
         "not an image file name": 1,
     }
+
+
+class OutOfMemoryAtStep(L.Callback):
+    """Raises torch's out-of-memory error at the start of training step ``step`` (a GPU's allocator would)."""
+
+    def __init__(self, step: int = 1) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.55 GiB total)")
+
+
+def test_out_of_memory_names_the_settings_that_fit(make_cfg, tiny_model_dir):
+    from camouflage_train.training import OutOfMemoryAdvice, run_training
+
+    cfg = make_cfg(
+        "experiment=demo_tiny",
+        "logger=csv",
+        "trainer.max_steps=3",
+        "data.batch_size=4",
+        "+callbacks.oom._target_=tests.test_user_errors.OutOfMemoryAtStep",
+    )
+    with pytest.raises(OutOfMemoryAdvice) as caught:
+        run_training(cfg)
+    message = str(caught.value)
+    assert "Tried to allocate 2.00 GiB" in message
+    assert "data.batch_size=2 trainer.accumulate_grad_batches=2" in message
+    assert "model.gradient_checkpointing=high_res" in message and "data.cache.enabled=true" in message
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
