@@ -1,4 +1,5 @@
-"""The core install (``pip install camouflage-train``, no extras) imports every module of the package.
+"""The core install (``pip install .`` from the clone, no extras) imports every module of the package; the wheel
+declares every extra, ships the package data, and installs with the extras this environment has.
 
 Offline, a fresh ``pip install`` cannot download the dependencies, so the fresh virtual environment gets
 exactly the distributions the package's declared requirements resolve to (markers and requested extras
@@ -122,3 +123,76 @@ def test_core_install_without_extras_imports_every_module(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert int(done.stdout.split()[0]) > 40  # the walk found the package's modules
+
+
+# Extras whose packages this environment has (`make` installs the dev extra): the wheel is installed with them offline.
+# annotators (controlnet_aux) and faces-gpu (onnxruntime-gpu) are checked in the wheel's metadata only.
+EXTRAS_INSTALLED_HERE = ("faces", "cluster", "test")
+EXTRA_MODULES = {"faces": ["insightface", "onnxruntime", "cv2"], "cluster": ["hydra_plugins.hydra_submitit_launcher"],
+                 "test": ["pytest", "xdist", "pytest_timeout"]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel pip builds from a copy of the sources (no build isolation: offline)."""
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"
+    shutil.copytree(
+        REPO / "camouflage_train", source / "camouflage_train", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", "--no-build-isolation", "--quiet",
+         "-w", str(root / "dist"), str(source)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    return next((root / "dist").glob("camouflage_train-*.whl"))
+
+
+def test_the_wheel_declares_every_extra_and_ships_the_package_data(wheel):
+    import zipfile
+
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        meta = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    provided = {line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Provides-Extra:")}
+    assert provided == set(extras)
+    declared = [Requirement(line.split(":", 1)[1]) for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    for extra, requirements in extras.items():
+        wanted = {canonicalize_name(Requirement(r).name) for r in requirements}
+        got = {canonicalize_name(r.name) for r in declared if r.marker and r.marker.evaluate({"extra": extra})}
+        assert wanted <= got, (extra, wanted - got)
+    assert "camouflage_train/models/configs/tiny/unet.json" in names
+    assert any(n.startswith("camouflage_train/miniworld/weights/") for n in names)
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_with_its_extras_and_they_import(wheel, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    )  # fmt: skip
+    _link_distributions(_closure("camouflage-train", EXTRAS_INSTALLED_HERE), site)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    # --no-index: pip must find every requirement of the extras already installed, or it fails.
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-index", "--quiet",
+         f"{wheel}[{','.join(EXTRAS_INSTALLED_HERE)}]"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    modules = [m for extra in EXTRAS_INSTALLED_HERE for m in EXTRA_MODULES[extra]]
+    check = "import importlib, camouflage_train; assert 'site-packages' in camouflage_train.__file__\n"
+    check += "".join(f"importlib.import_module({m!r})\n" for m in modules)
+    done = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
