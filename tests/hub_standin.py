@@ -86,14 +86,19 @@ class StandinHub:
     root: Path
     repos: dict[str, Path] = field(default_factory=dict)
     served: dict[str, set[str]] = field(default_factory=dict)
+    gated: set[str] = field(default_factory=set)  # repositories whose terms the user has not accepted
     listings: int = 0
 
     def add(self, repo_id: str, folder: Path) -> None:
         self.repos[repo_id] = folder
 
     def _files(self, repo_id: str) -> list[str]:
-        from huggingface_hub.errors import RepositoryNotFoundError
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+        if repo_id in self.gated:
+            request = httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
+            message = f"401 Client Error: Cannot access gated repo for url {request.url}"
+            raise GatedRepoError(message, response=httpx2.Response(401, request=request))
         if repo_id not in self.repos:
             request = httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
             raise RepositoryNotFoundError(

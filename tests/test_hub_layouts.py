@@ -217,3 +217,12 @@ def test_upernet_segmentation_loads_its_bin_only_layout_onto_the_chosen_device(t
     assert hub.served[repo] == {"config.json", "preprocessor_config.json", "pytorch_model.bin"}
     inputs = segmentation._processor(images=Image.new("RGB", (64, 64)), return_tensors="pt")
     assert model(**inputs).logits.shape[1] == 150
+
+
+def test_a_gated_repository_is_one_line_saying_what_to_accept_and_how_to_log_in(hub: StandinHub):
+    hub.gated.add(SD15)
+    with pytest.raises(BackboneUnavailableError) as caught:
+        load_frozen_backbone(SD15)
+    message = str(caught.value)
+    assert "\n" not in message and f"https://huggingface.co/{SD15}" in message and "hf auth login" in message
+    assert SD15 not in hub.served

@@ -87,31 +87,34 @@ def _link_distributions(names: set[str], site: Path) -> None:
                     target.symlink_to(here / path)
 
 
-@pytest.mark.slow
-def test_core_install_without_extras_imports_every_module(tmp_path):
-    venv = tmp_path / "venv"
+def _fresh_venv(venv: Path) -> tuple[Path, Path]:
+    """A new virtual environment without pip: its python and its site-packages folder."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = Path(
-        subprocess.run(
-            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    return python, Path(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip())
+
+
+def _copy_sources(source: Path) -> Path:
+    """The package sources outside the repository (setuptools writes build/ next to them)."""
+    shutil.copytree(
+        REPO / "camouflage_train", source / "camouflage_train", ignore=shutil.ignore_patterns("__pycache__")
     )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    return source
+
+
+@pytest.mark.slow
+def test_core_install_without_extras_imports_every_module(tmp_path):
+    python, site = _fresh_venv(tmp_path / "venv")
     core = _closure("camouflage-train")
     assert {"torch", "lightning", "diffusers", "pyyaml", "tqdm"} <= core
     assert not {"insightface", "onnxruntime", "opencv-python", "controlnet-aux"} & core  # extras stay out
     # Build backend (only to build the package, as pip's isolated build would provide it).
     _link_distributions(core | _closure("setuptools") | _closure("wheel"), site)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    source = tmp_path / "source"  # setuptools writes build/ next to the sources: never into the repository
-    shutil.copytree(
-        REPO / "camouflage_train", source / "camouflage_train", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
+    source = _copy_sources(tmp_path / "source")
     install = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
          "--no-build-isolation", "--quiet", str(source)],
@@ -136,12 +139,7 @@ EXTRA_MODULES = {"faces": ["insightface", "onnxruntime", "cv2"], "cluster": ["hy
 def wheel(tmp_path_factory) -> Path:
     """The wheel pip builds from a copy of the sources (no build isolation: offline)."""
     root = tmp_path_factory.mktemp("wheel")
-    source = root / "source"
-    shutil.copytree(
-        REPO / "camouflage_train", source / "camouflage_train", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, source / name)
+    source = _copy_sources(root / "source")
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", "--no-build-isolation", "--quiet",
          "-w", str(root / "dist"), str(source)],
@@ -173,15 +171,7 @@ def test_the_wheel_declares_every_extra_and_ships_the_package_data(wheel):
 
 @pytest.mark.slow
 def test_the_wheel_installs_with_its_extras_and_they_import(wheel, tmp_path):
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    site = Path(
-        subprocess.run(
-            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
-    )  # fmt: skip
+    python, site = _fresh_venv(tmp_path / "venv")
     _link_distributions(_closure("camouflage-train", EXTRAS_INSTALLED_HERE), site)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     # --no-index: pip must find every requirement of the extras already installed, or it fails.

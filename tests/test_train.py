@@ -95,9 +95,19 @@ def test_tiny_train_and_validate_run(make_cfg, tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_cli_light_celebahq_fails_fast_offline(tmp_path):
+    """With its person records in place, the next thing light_celebahq needs is SD 1.5: offline, one message."""
+    (tmp_path / "celebahq").mkdir()
+    for split in ("train", "validation"):
+        (tmp_path / "celebahq" / f"persons_{split}.jsonl").touch()
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "experiment=light_celebahq", f"paths.log_dir={tmp_path}"],
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "experiment=light_celebahq",
+            f"paths.log_dir={tmp_path}",
+            f"paths.data_dir={tmp_path}",
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,
