@@ -181,3 +181,29 @@ def test_light_from_training_checkpoint(scenes, trained_checkpoint):
     # module's own init), so not the very same computation: a last bit may round differently. At most one 8-bit
     # step (measured: 1 level in 0.004 % of the values when other tests ran first, none when run alone).
     assert np.abs(a - b).max() <= 1 and np.abs(a - b).mean() < 0.01
+
+
+def test_light_keeps_the_scene_outside_the_person_regions_with_a_few_step_solver(scenes, make_cfg, tiny_model_dir):
+    """keep_background: outside the (grown) person boxes the output is the real scene; inside, new content drawn in
+    its context. The DPM-Solver++ sampler is chosen by name."""
+    from camouflage_train.models.ip_adapter import person_region_masks
+
+    images, batch = scenes
+    module = instantiate(make_cfg("experiment=demo_tiny").model)
+    persons = PersonBatch.from_batch(batch)
+    light = CamouflageLight(
+        _backbone_of(module), module.encoder, module.adapter_config, guidance_scale=3.0, num_inference_steps=4,
+        scheduler={"name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++"}, keep_background=True,
+    )  # fmt: skip
+    assert type(light.pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    out, real = _arrays(light(images, persons, [7, 8], list(batch["caption"]))), _arrays(images)
+    regions = person_region_masks(persons.boxes, persons.mask, (64, 64), module.adapter_config.region_expand)
+    inside = regions.amax(dim=1).numpy() > 0
+    assert inside.any() and (~inside).any()
+    assert np.array_equal(out[~inside], real[~inside])
+    assert np.abs(out - real)[inside].mean() > 10.0  # the persons are drawn anew
+    plain = CamouflageLight(
+        _backbone_of(module), module.encoder, module.adapter_config, guidance_scale=3.0, num_inference_steps=4,
+        scheduler={"name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++"},
+    )  # fmt: skip
+    assert not np.array_equal(_arrays(plain(images, persons, [7, 8], list(batch["caption"])))[~inside], real[~inside])

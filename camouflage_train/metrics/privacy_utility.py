@@ -1,5 +1,6 @@
 """The privacy-utility figure of anonymization papers: re-identification (privacy; lower is better) against
-utility (FID, lower is better; attribute, box and edge agreement, higher is better), one point per evaluated row;
+utility (FID, lower is better; attribute, box and edge agreement, higher is better) and cost (generation seconds
+per image), one point per evaluated row;
 the rows of one sweep (``base@guidance=0``, ``base@guidance=1``, ...) are joined into a curve in sweep order,
 and standard errors (``<key>_se``, :mod:`camouflage_train.metrics.uncertainty`) are drawn as error bars."""
 
@@ -15,6 +16,7 @@ UTILITY_AXES = (
     ("attr/box_iou", "box IoU"),
     ("attr/gender_agreement", "gender agreement"),
     ("struct/edge_iou", "edge IoU (structure kept)"),
+    ("time/seconds_per_image", "generation s / image (warm; lower is cheaper)"),
 )
 # One row of panels per privacy measure: rank-1 (the headline number) and the mean cosine similarity between each
 # output face and its original (graded: it still moves when rank-1 is already at its floor).

@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics.aggregation import MeanMetric
+from torchmetrics.aggregation import MeanMetric, SumMetric
 from torchmetrics.image import FrechetInceptionDistance, KernelInceptionDistance, StructuralSimilarityIndexMeasure
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import make_grid
@@ -99,6 +101,10 @@ class JointEvaluationModule(L.LightningModule):
         self.boxes = nn.ModuleDict({self.key[row]: BoxAgreement() for row in self.rows})
         self.clip_scores = nn.ModuleDict({self.key[row]: ClipScores() for row in self.rows})
         self.edges = nn.ModuleDict({self.key[row]: MeanMetric() for row in self.rows})
+        # Generation time per image: seconds and images of every batch but each process's first (warm-up: lazy
+        # weights, caches, allocator), summed over processes; every row runs on the same device, batches and dtype.
+        self.seconds = nn.ModuleDict({self.key[row]: SumMetric() for row in self.rows})
+        self.timed_images = nn.ModuleDict({self.key[row]: SumMetric() for row in self.rows})
         self.ssim = nn.ModuleDict(
             {self.key[row]: StructuralSimilarityIndexMeasure(data_range=1.0) for row in self.rows}
         )
@@ -180,7 +186,13 @@ class JointEvaluationModule(L.LightningModule):
         ]
         grid = [real_uint8.cpu()]
         for row, anonymize in self.anonymizers.items():
+            start = time.perf_counter()
             made = anonymize(originals, persons, seeds, prompts)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if batch_idx > 0:
+                self.seconds[self.key[row]].update(time.perf_counter() - start)
+                self.timed_images[self.key[row]].update(len(made))
             outputs = [image.convert("RGB").resize(originals[0].size) for image in made]
             fake_uint8 = torch.stack([TF.pil_to_tensor(image) for image in outputs]).to(self.device)
             output_faces = [self.faces(image) for image in outputs]
@@ -219,6 +231,10 @@ class JointEvaluationModule(L.LightningModule):
             result["fid"] = float(self.fid[self.key[row]].compute())
             kid_mean, kid_std = self.kid[self.key[row]].compute()
             result["kid_mean"], result["kid_std"] = float(kid_mean), float(kid_std)
+            images = float(self.timed_images[self.key[row]].compute())
+            result["time/seconds_per_image"] = (
+                float(self.seconds[self.key[row]].compute()) / images if images else math.nan
+            )
             result.update({f"{key}_se": value for key, value in errors.get(row, {}).items()})
             self.results.append(result)
         flat = {f"{r['model']}/{k}": v for r in self.results for k, v in r.items() if k != "model"}

@@ -16,14 +16,41 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 from camouflage_train.errors import UserError
 from camouflage_train.models.attribute_encoder import AttributeEncoder, encoder_state_dict
 from camouflage_train.models.backbone import FrozenBackbone, load_frozen_backbone
 from camouflage_train.models.conditioning import PersonBatch, conditioning_inputs
-from camouflage_train.models.ip_adapter import AdapterConfig, adapter_modules, checkpoint_state_dict, install_ip_adapter
+from camouflage_train.models.ip_adapter import (
+    AdapterConfig,
+    adapter_modules,
+    checkpoint_state_dict,
+    install_ip_adapter,
+    person_region_masks,
+)
 from camouflage_train.pipelines.base import build_controls, control_kwargs, stock_controlnet_pipeline
 from camouflage_train.utils.checkpoints import read_checkpoint
+
+
+def make_scheduler(scheduler_config: Mapping[str, Any], name: str = "DDIMScheduler", **options: Any) -> Any:
+    """A diffusers sampler by class name, on the backbone's noise schedule.
+
+    The adapter is trained for epsilon prediction on the standard schedule, so the sampler is free at inference:
+    ``DDIMScheduler`` (the default), or a higher-order solver for fewer steps, e.g. ``DPMSolverMultistepScheduler``
+    (DPM-Solver++) or ``UniPCMultistepScheduler``.
+
+    Args:
+        scheduler_config: the backbone's noise scheduler config.
+        name: a scheduler class of ``diffusers``.
+        options: overrides of its config (``algorithm_type``, ``solver_order``, ...).
+    """
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise UserError(f"scheduler: '{name}' is not a diffusers scheduler class (e.g. DPMSolverMultistepScheduler)")
+    return cls.from_config(dict(scheduler_config), **options)
 
 
 def build_pipeline(
@@ -32,14 +59,16 @@ def build_pipeline(
     tokenizer: object,
     unet: torch.nn.Module,
     scheduler_config: dict,
+    scheduler: Any = None,
 ) -> StableDiffusionPipeline:
-    """A stock SD pipeline around already-loaded modules (no copies, no safety checker)."""
+    """A stock SD pipeline around already-loaded modules (no copies, no safety checker); ``scheduler``: a sampler
+    instance (default DDIM on ``scheduler_config``)."""
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler.from_config(scheduler_config),
+        scheduler=scheduler if scheduler is not None else DDIMScheduler.from_config(scheduler_config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -70,6 +99,73 @@ def persons_per_prompt(pipe: StableDiffusionPipeline) -> Iterator[None]:
         yield
     finally:
         del pipe.prepare_ip_adapter_image_embeds
+
+
+class KeepBackground:
+    """Keep the real scene outside the person regions: a ``callback_on_step_end`` for diffusers' pipelines.
+
+    After every denoising step the latents outside the persons' regions are replaced by the real image's latents
+    noised to the step's next timestep (the same noise throughout, from the image's seed), and after the last
+    step by the real latents themselves, so the persons are drawn in the real scene's context. Inside the regions
+    each person is drawn from noise, from its attributes only: nothing of the original face reaches them but what
+    crosses the region's border through the network's receptive field (measured by re-identification). The VAE
+    decoder mixes pixels across the border too, so :func:`paste_outside` then puts the original pixels back
+    outside the regions. It costs one VAE encode per image, no extra UNet pass.
+
+    Args:
+        latents: the real images' latents (``[B, C, h, w]``, already scaled).
+        regions: ``[B, 1, h, w]`` in ``[0, 1]``, 1 inside a person's region.
+        noise: ``[B, C, h, w]`` noise for the outside (from the images' seeds).
+    """
+
+    def __init__(self, latents: torch.Tensor, regions: torch.Tensor, noise: torch.Tensor) -> None:
+        self.latents, self.regions, self.noise = latents, regions, noise
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        timesteps = pipe.scheduler.timesteps
+        current = tensors["latents"]
+        if step + 1 < len(timesteps):
+            following = timesteps[step + 1 : step + 2].to(self.latents.device)
+            outside = pipe.scheduler.add_noise(self.latents, self.noise, following)
+        else:
+            outside = self.latents
+        regions = self.regions.to(current.dtype)
+        tensors["latents"] = regions * current + (1 - regions) * outside.to(current.dtype)
+        return tensors
+
+
+def background_keeper(
+    pipe: StableDiffusionPipeline,
+    images: Sequence[Image.Image],
+    persons: PersonBatch,
+    seeds: Sequence[int],
+    region_expand: float,
+) -> KeepBackground:
+    """:class:`KeepBackground` for ``images``: their VAE latents, the union of the persons' regions (boxes grown
+    ``region_expand`` times) and per-image noise from ``seeds``."""
+    device, dtype = pipe._execution_device, pipe.vae.dtype
+    pixels = torch.stack([TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True) for image in images])
+    pixels = (pixels * 2 - 1).to(device, dtype)
+    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    size = tuple(latents.shape[-2:])
+    regions = person_region_masks(persons.boxes.to(device), persons.mask.to(device), size, region_expand)
+    generators = [torch.Generator(device="cpu").manual_seed(int(s) + 1) for s in seeds]
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(device, latents.dtype)
+    return KeepBackground(latents, regions.amax(dim=1, keepdim=True), noise)
+
+
+def paste_outside(
+    originals: Sequence[Image.Image], generated: Sequence[Image.Image], persons: PersonBatch, region_expand: float
+) -> list[Image.Image]:
+    """Each generated image inside its persons' regions (boxes grown ``region_expand`` times), the original
+    outside them."""
+    width, height = originals[0].size
+    regions = person_region_masks(persons.boxes.cpu(), persons.mask.cpu(), (height, width), region_expand)
+    pasted = []
+    for original, image, region in zip(originals, generated, regions.amax(dim=1), strict=True):
+        inside = Image.fromarray((region.numpy() * 255).astype("uint8"), mode="L")
+        pasted.append(Image.composite(image.convert("RGB").resize(original.size), original.convert("RGB"), inside))
+    return pasted
 
 
 @torch.no_grad()
@@ -142,9 +238,13 @@ class CamouflageLight:
         num_inference_steps: int = 25,
         negative_prompt: str = "",
         adapter_scale: float | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        keep_background: bool = False,
     ) -> None:
-
+        """``scheduler``: ``{name, **options}`` of a diffusers sampler (:func:`make_scheduler`; default DDIM);
+        ``keep_background``: keep the real scene outside the person regions (:class:`KeepBackground`)."""
         self.backbone, self.encoder, self.adapter_config = backbone, encoder, adapter_config
+        self.keep_background = keep_background
         self.controls = list(controls)
         self.guidance_scale, self.num_inference_steps, self.negative_prompt = (
             guidance_scale,
@@ -157,6 +257,9 @@ class CamouflageLight:
             self.pipe = build_pipeline(
                 backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.unet, backbone.noise_scheduler.config
             )
+        if scheduler:
+            options = dict(scheduler)
+            self.pipe.scheduler = make_scheduler(backbone.noise_scheduler.config, options.pop("name"), **options)
         if adapter_scale is not None:
             self.set_adapter_scale(adapter_scale)
 
@@ -196,7 +299,10 @@ class CamouflageLight:
         width, height = images[0].size
         persons = persons.to(self.pipe._execution_device)
         kwargs = control_kwargs(self.controls, images) if self.controls else {}
-        return generate_light(
+        if self.keep_background:
+            keeper = background_keeper(self.pipe, images, persons, seeds, self.adapter_config.region_expand)
+            kwargs.update(callback_on_step_end=keeper, callback_on_step_end_tensor_inputs=["latents"])
+        generated = generate_light(
             self.pipe,
             self.encoder,
             self.adapter_config,
@@ -210,6 +316,9 @@ class CamouflageLight:
             negative_prompt=self.negative_prompt,
             **kwargs,
         )
+        if self.keep_background:
+            return paste_outside(images, generated, persons, self.adapter_config.region_expand)
+        return generated
 
 
 def build_light(
@@ -221,9 +330,11 @@ def build_light(
     num_inference_steps: int = 25,
     negative_prompt: str = "",
     adapter_scale: float | None = None,
+    scheduler: Mapping[str, Any] | None = None,
+    keep_background: bool = False,
 ) -> CamouflageLight:
     """``configs/anonymize/model/light*.yaml``: a training checkpoint's backbone and adapter, plus optional
-    structure ControlNets."""
+    structure ControlNets, the sampler and whether the scene outside the persons is kept."""
     return CamouflageLight.from_checkpoint(
         checkpoint,
         weight_dtype=weight_dtype,
@@ -233,4 +344,6 @@ def build_light(
         num_inference_steps=num_inference_steps,
         negative_prompt=negative_prompt,
         adapter_scale=adapter_scale,
+        scheduler=scheduler,
+        keep_background=keep_background,
     )
