@@ -1,13 +1,16 @@
-"""Seconds per image of CAMOUFLaGE-Light vs -Base at equal steps and resolution, in one process.
+"""Seconds per image of CAMOUFLaGE-Light vs -Base, each at its operating point, in one process.
 
-    python bench/inference_ratio.py      # tiny SD, 5 tiny ControlNets + reconstruction (Base), CPU
-    python bench/inference_ratio.py --preset sd15-shape --resolution 512 --steps 25 --device cuda --dtype bf16
+    python bench/inference_ratio.py --preset mini --resolution 64 --structure-controlnets 1   # the mini world, CPU
+    python bench/inference_ratio.py --preset sd15-shape --resolution 512 --device cuda --dtype bf16
 
-Base = 5 structure ControlNets (``--structure-controlnets``) + the reconstruction branch (the paper's default set;
-the miniature world's Base has 1); Light = the adapter,
-no ControlNet. Both use classifier-free guidance. Models have random weights in the real architectures
-(speed does not depend on weight values). Ends with one JSON line; the paper reports Light at about half
-of Base's time on SD 1.5.
+Each method samples as its config says (``--base-config``/``--light-config``; by default
+``configs/anonymize/model/{base,light}_mini.yaml`` for ``--preset mini``, ``*_tiny.yaml`` for tiny and
+``{base,light}.yaml`` for SD 1.5 shapes): steps, classifier-free guidance, Base's img2img ``strength`` and
+anonymization branch, Light's sampler and ``keep_background``. ``--steps N`` instead runs both from noise with N
+DDIM steps (the equal-steps comparison). Base = ``--structure-controlnets`` structure ControlNets (the paper's
+default set: 5; the miniature world's Base has 1) + the reconstruction branch; Light = the adapter, no ControlNet.
+Models have random weights in the real architectures (speed does not depend on weight values), Light's adapter
+too. Ends with one JSON line; the paper reports Light at about half of Base's time on SD 1.5.
 """
 
 from __future__ import annotations
@@ -40,10 +43,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+CONFIGS = REPO / "configs" / "anonymize" / "model"
+SUFFIX = {"mini": "_mini", "tiny": "_tiny", "sd15-shape": ""}
+BASE_KEYS = ("guidance_scale", "num_inference_steps", "strength", "anonymization")
+LIGHT_KEYS = ("guidance_scale", "num_inference_steps", "scheduler", "keep_background")
+
+
+def operating_points(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Base's and Light's sampling settings: from their model configs, or both from noise with ``--steps``."""
+    from omegaconf import OmegaConf
+
+    suffix = SUFFIX.get(args.preset, "")
+    base_cfg = OmegaConf.load(args.base_config or CONFIGS / f"base{suffix}.yaml")
+    light_cfg = OmegaConf.load(args.light_config or CONFIGS / f"light{suffix}.yaml")
+    base = {key: OmegaConf.to_container(base_cfg, resolve=False).get(key) for key in BASE_KEYS}
+    light = {key: OmegaConf.to_container(light_cfg, resolve=False).get(key) for key in LIGHT_KEYS}
+    base["anonymization"] = {k: v for k, v in (base["anonymization"] or {}).items() if k != "model"}
+    base["anonymization"]["enabled"] = True
+    light["keep_background"] = bool(light.get("keep_background"))
+    if args.steps is not None:  # the equal-steps comparison: both from noise, DDIM
+        base.update(num_inference_steps=args.steps, strength=None)
+        light.update(num_inference_steps=args.steps, scheduler=None, keep_background=False)
+    return base, light
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=None, help="both from noise with N DDIM steps (default: configs)")
+    parser.add_argument("--base-config", type=Path, default=None, help="Base's sampling settings (a model config)")
+    parser.add_argument("--light-config", type=Path, default=None, help="Light's sampling settings (a model config)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--preset", default="tiny", help="tiny, mini (the trained miniature world) or sd15-shape")
@@ -68,19 +97,29 @@ def main() -> None:
         f"cn{i}": {"model": f"preset:{args.preset}-controlnet-{i}", "preprocessor": preprocessors[i % 2]}
         for i in range(1, args.structure_controlnets + 1)
     }
-    recon = {"enabled": True, "model": f"preset:{args.preset}-controlnet-0"}
+    base_point, light_point = operating_points(args)
+    recon = {**base_point["anonymization"], "model": f"preset:{args.preset}-controlnet-0"}
     base = CamouflageBase(
         load_frozen_backbone(f"preset:{args.preset}", weight_dtype=args.dtype),
         build_controls(specs, args.dtype, None),
         recon,
-        guidance_scale=5.0,
-        num_inference_steps=args.steps,
+        guidance_scale=base_point["guidance_scale"],
+        num_inference_steps=base_point["num_inference_steps"],
+        strength=base_point["strength"],
     ).to(device)
     backbone = load_frozen_backbone(f"preset:{args.preset}", weight_dtype=args.dtype)
     config = AdapterConfig(**adapter_config(args.preset))
     install_ip_adapter(backbone.unet, initial_state_dict(backbone.unet, config))
     encoder = AttributeEncoder.from_adapter_config(schema.to_config(), config)
-    light = CamouflageLight(backbone, encoder, config, guidance_scale=5.0, num_inference_steps=args.steps).to(device)
+    light = CamouflageLight(
+        backbone,
+        encoder,
+        config,
+        guidance_scale=light_point["guidance_scale"],
+        num_inference_steps=light_point["num_inference_steps"],
+        scheduler=light_point["scheduler"],
+        keep_background=light_point["keep_background"],
+    ).to(device)
     persons = PersonBatch.from_batch(batch)
 
     def run(fn: Any) -> None:
@@ -103,7 +142,7 @@ def main() -> None:
             "autocast": args.autocast,
             "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "resolution": args.resolution,
-            "steps": args.steps,
+            "operating_points": {"base": base_point, "light": light_point},
             "batch": args.batch,
             "structure_controlnets": args.structure_controlnets,
             "base_s_per_image": round(base_s, 4),

@@ -247,3 +247,39 @@ def test_batched_person_attention_equals_the_stock_loop(tiny_model_dir, schema, 
             for u in (stock, batched)
         ]
     assert torch.equal(plain[0], plain[1])
+
+
+def test_inference_skips_the_person_attention_of_images_without_persons(tiny_model_dir, schema):
+    """Under classifier-free guidance half the batch has no persons: without gradients their person attention is
+    skipped (zeros), and the output is what the full computation gives."""
+    config = AdapterConfig(embed_dim=16, tokens_per_person=3)
+    stock = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").requires_grad_(False).eval()
+    install_ip_adapter(stock, initial_state_dict(stock, config), batched_persons=False)
+    batched = copy.deepcopy(stock)
+    batch_person_attention(batched)
+    encoder = AttributeEncoder(schema=schema.to_config(), embed_dim=16, width=32)
+    boxes = torch.tensor([[[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.7]]] * 2)
+    person_mask = torch.tensor([[True, True], [False, False]])  # the second image: the CFG negative, no persons
+    masks = person_region_masks(boxes, person_mask, (32, 32), config.region_expand)
+    embeds = encoder(boxes, torch.rand(2, 2, 4), torch.zeros(2, 2, 1, dtype=torch.long)).detach()
+    calls = []
+    original = BatchedPersonsAttnProcessor._persons_attention
+
+    def counting(self, query, persons, masks):
+        calls.append(query.shape[0])
+        return original(self, query, persons, masks)
+
+    BatchedPersonsAttnProcessor._persons_attention = counting
+    try:
+        with torch.no_grad():
+            skipped = _forward(batched, embeds, masks)
+        assert calls and set(calls) == {1}  # only the image with persons went through the person attention
+        calls.clear()
+        full = _forward(batched, embeds, masks).detach()  # with gradients on: the whole batch
+        assert calls and set(calls) == {2}
+    finally:
+        BatchedPersonsAttnProcessor._persons_attention = original
+    with torch.no_grad():
+        reference = _forward(stock, embeds, masks)
+    torch.testing.assert_close(skipped, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(skipped, reference, rtol=1e-5, atol=1e-6)

@@ -46,3 +46,21 @@ def test_framework_overhead_bench(tmp_path, tiny_model_dir):
     result = _run("framework_overhead.py", *("--batch-size", "2", "--steps", "2", "--rounds", "1"), tmp_path=tmp_path)
     assert result["lightning_over_bare"] > 0 and result["steps_timed"] == 2
     assert result["bare_step_s_median"] > 0 and result["lightning_step_s_median"] > 0
+
+
+def test_inference_ratio_times_each_method_at_its_configured_operating_point(tmp_path, tiny_model_dir):
+    from omegaconf import OmegaConf
+
+    result = _run("inference_ratio.py", "--batch", "2", "--repeats", "1", "--structure-controlnets", "2",
+                  tmp_path=tmp_path)  # fmt: skip
+    base = OmegaConf.load(REPO / "configs/anonymize/model/base_tiny.yaml")
+    light = OmegaConf.load(REPO / "configs/anonymize/model/light_tiny.yaml")
+    points = result["operating_points"]
+    for key in ("num_inference_steps", "guidance_scale", "strength"):
+        assert points["base"][key] == base[key]
+    for key in ("num_inference_steps", "guidance_scale", "scheduler", "keep_background"):
+        assert points["light"][key] == light[key]
+    assert result["base_s_per_image"] > 0 and result["light_s_per_image"] > 0
+    equal = _run("inference_ratio.py", "--batch", "2", "--repeats", "1", "--steps", "2", tmp_path=tmp_path)
+    assert equal["operating_points"]["base"]["strength"] is None
+    assert equal["operating_points"]["light"]["num_inference_steps"] == 2

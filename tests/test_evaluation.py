@@ -383,3 +383,17 @@ def test_several_sweeps_expand_each_row_in_place():
         )  # fmt: skip
     with pytest.raises(ConfigError, match="each row can be swept once"):
         expand_sweep(twice)
+
+
+def test_the_report_table_shows_errors_time_and_missing_values():
+    from camouflage_train.metrics.report import results_table
+
+    rows = [
+        {"model": "identity", "reid/r/rank1": 1.0, "attr/box_iou": 0.6114, "attr/box_iou_se": 0.0231, "fid": 0.0},
+        {"model": "light", "reid/r/rank1": 0.0094, "attr/box_iou": 0.469, "time/seconds_per_image": float("nan")},
+    ]
+    table = results_table(rows, bold=["light"]).splitlines()
+    header = table[0].split(" | ")
+    assert table[2].split(" | ")[header.index("box IoU")] == "0.611 ± 0.023"
+    assert table[3].startswith("| **light** | 0.009 |")
+    assert table[3].split(" | ")[header.index("s / image")].rstrip(" |") == "n/a"

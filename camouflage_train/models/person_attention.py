@@ -87,7 +87,7 @@ class BatchedPersonsAttnProcessor(IPAdapterAttnProcessor2_0):
         if not isinstance(person_scale, (int, float)):
             raise ValueError(f"batched person attention takes one adapter scale for all persons, got {person_scale!r}")
         if person_scale != 0:
-            out = out + person_scale * self._persons_attention(query, persons, masks)
+            out = out + person_scale * self._active_persons_attention(query, persons, masks)
 
         out = attn.to_out[1](attn.to_out[0](out))
         if spatial is not None:
@@ -95,6 +95,25 @@ class BatchedPersonsAttnProcessor(IPAdapterAttnProcessor2_0):
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _active_persons_attention(
+        self, query: torch.Tensor, persons: torch.Tensor, masks: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`_persons_attention` computed only for the images with a person region, zeros for the others.
+
+        Under classifier-free guidance the negative half of every batch has no persons (all-zero masks), so at
+        inference half of this layer's person attention is skipped. Only without gradients and outside
+        ``torch.compile`` (the choice depends on the data; training keeps one static graph).
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._persons_attention(query, persons, masks)
+        active = masks.flatten(1).any(dim=1)
+        if bool(active.all()):
+            return self._persons_attention(query, persons, masks)
+        out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1] * query.shape[3])
+        if bool(active.any()):
+            out[active] = self._persons_attention(query[active], persons[active], masks[active])
+        return out
 
     def _persons_attention(self, query: torch.Tensor, persons: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """``sum_p mask_p * softmax(q k_p^T / sqrt(d)) v_p`` for ``query [B, H, N, d]``: ``[B, N, H * d]``.

@@ -1,0 +1,73 @@
+"""The results table of a report, from an evaluation's ``results.json``: one row per evaluated row, the headline
+measures with their bootstrap standard errors and the generation time.
+
+    python -m camouflage_train.metrics.report logs/eval_demo/runs/<run>/results.json [--bold light@cfg=3]
+
+prints the Markdown table the mini-world report (``docs/miniworld/``) shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+# (column title, result key, format); the recogniser's keys are filled in with the first recogniser's name.
+COLUMNS = (
+    ("re-ID rank-1", "reid/{rec}/rank1", "{:.3f}"),
+    ("verification", "reid/{rec}/verification", "{:.3f}"),
+    ("identity cosine", "reid/{rec}/cosine", "{:.3f}"),
+    ("detection", "reid/{rec}/detection_rate", "{:.3f}"),
+    ("box IoU", "attr/box_iou", "{:.3f}"),
+    ("gender agr.", "attr/gender_agreement", "{:.3f}"),
+    ("age MAE", "attr/age_mae", "{:.1f}"),
+    ("pose MAE", "attr/pose_mae", "{:.1f}"),
+    ("edge IoU", "struct/edge_iou", "{:.3f}"),
+    ("SSIM", "struct/ssim", "{:.3f}"),
+    ("FID", "fid", "{:.2f}"),
+    ("s / image", "time/seconds_per_image", "{:.3f}"),
+)
+
+
+def _cell(row: Mapping[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    error = row.get(f"{key}_se")
+    text = fmt.format(value)
+    if isinstance(error, (int, float)) and math.isfinite(error) and error > 0:
+        text += " ± " + fmt.format(error)
+    return text
+
+
+def results_table(results: Sequence[Mapping[str, Any]], bold: Sequence[str] = ()) -> str:
+    """The Markdown table of ``results`` (``results.json``'s rows); rows named in ``bold`` are set in bold.
+
+    Args:
+        results: the evaluation's rows.
+        bold: row names to emphasise (the rows the targets are read on).
+    """
+    keys = [k for k in results[0] if k.startswith("reid/") and k.endswith("/rank1")] if results else []
+    recogniser = keys[0].split("/")[1] if keys else ""
+    header = ["row", *(title for title, _, _ in COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in results:
+        name = f"**{row['model']}**" if row["model"] in bold else str(row["model"])
+        cells = [_cell(row, key.format(rec=recogniser), fmt) for _, key, fmt in COLUMNS]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="an evaluation's results.json")
+    parser.add_argument("--bold", nargs="*", default=(), help="rows to set in bold")
+    args = parser.parse_args(argv)
+    print(results_table(json.loads(args.results.read_text()), args.bold))
+
+
+if __name__ == "__main__":
+    main()
