@@ -3,7 +3,9 @@ measures with their bootstrap standard errors and the generation time.
 
     python -m camouflage_train.metrics.report logs/eval_demo/runs/<run>/results.json [--bold light@cfg=3]
 
-prints the Markdown table the mini-world report (``docs/miniworld/``) shows.
+prints the Markdown table the mini-world report (``docs/miniworld/``) shows; with ``--grid`` it also cuts the
+report's picture out of an evaluation's sample grid (``samples/batch_000.png``: per image the original, then every
+row in the table's order), keeping the original and the ``--columns`` rows for the first ``--images`` images.
 """
 
 from __future__ import annotations
@@ -61,12 +63,56 @@ def results_table(results: Sequence[Mapping[str, Any]], bold: Sequence[str] = ()
     return "\n".join(lines)
 
 
+def select_grid_columns(
+    grid: Path, rows: Sequence[str], columns: Sequence[str], images: int, out: Path, tile: int = 64, padding: int = 2
+) -> None:
+    """Write ``out``: the original and the ``columns`` rows of an evaluation's sample grid, first ``images`` images.
+
+    Args:
+        grid: ``samples/batch_NNN.png`` of an evaluation (``make_grid`` of original + each row per image).
+        rows: the evaluation's rows in order (``results.json``).
+        columns: the rows to keep, in the order to show them.
+        images: how many images (grid lines) to keep.
+        out: the PNG to write.
+        tile: the image size in pixels; padding: the grid's padding.
+    """
+    from PIL import Image
+
+    missing = [c for c in columns if c not in rows]
+    if missing:
+        raise ValueError(f"--columns {missing} are not rows of the evaluation: {list(rows)}")
+    source = Image.open(grid).convert("RGB")
+    step = tile + padding
+    keep = [0] + [1 + list(rows).index(c) for c in columns]
+    picture = Image.new("RGB", (len(keep) * step + padding, images * step + padding))
+    for line in range(images):
+        for position, column in enumerate(keep):
+            box = (
+                column * step + padding,
+                line * step + padding,
+                column * step + padding + tile,
+                line * step + padding + tile,
+            )
+            picture.paste(source.crop(box), (position * step + padding, line * step + padding))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(out)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, help="an evaluation's results.json")
     parser.add_argument("--bold", nargs="*", default=(), help="rows to set in bold")
+    parser.add_argument("--grid", type=Path, help="an evaluation's samples/batch_NNN.png to cut the picture from")
+    parser.add_argument("--columns", nargs="*", default=(), help="the rows to keep in the picture")
+    parser.add_argument("--images", type=int, default=8, help="images (lines) in the picture")
+    parser.add_argument("--out", type=Path, help="where to write the picture")
     args = parser.parse_args(argv)
-    print(results_table(json.loads(args.results.read_text()), args.bold))
+    results = json.loads(args.results.read_text())
+    print(results_table(results, args.bold))
+    if args.grid:
+        if args.out is None:
+            parser.error("--grid needs --out")
+        select_grid_columns(args.grid, [r["model"] for r in results], args.columns, args.images, args.out)
 
 
 if __name__ == "__main__":
