@@ -66,6 +66,7 @@ def test_evaluation_reads_only_the_validation_split(celebahq, tmp_path):
         "data.num_workers=0",
         "metrics.fid.kid_subset_size=2",
         "rows=[identity]",
+        "logger=csv",  # W&B keeps process-wide settings: a W&B run here would move a later test's run folder
         *TINY_EVALUATION,
     ]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
