@@ -1,5 +1,5 @@
 """A new anonymization method is one class with the common call plus one config file: anonymize.py and
-evaluate.py run it with no change to the framework (the README's "Adding an anonymizer" example)."""
+evaluate.py run it with no change to the framework (docs/anonymization.md's "Adding an anonymizer" example)."""
 
 import json
 import textwrap

@@ -204,12 +204,12 @@ def test_export_cli_replaces_only_an_earlier_export_and_follows_the_umask(traine
 
 
 def test_readme_code_is_the_model_card_code_for_sd15(schema):
-    """The README's stock-diffusers example is what an SD 1.5 export's model card says (that code runs, above)."""
+    """docs/export.md's stock-diffusers example is what an SD 1.5 export's model card says (that code runs, above)."""
     from camouflage_train.export import model_card_snippet
     from tests.conftest import REPO
 
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Exporting an adapter for stock diffusers", 1)[1]
+    guide = (REPO / "docs" / "export.md").read_text()
+    section = guide.split("## Exporting an adapter for stock diffusers", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     face = AttributeSchema.from_config(yaml.safe_load((REPO / "configs/attributes/face.yaml").read_text()))
     config = {

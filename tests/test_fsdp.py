@@ -2,7 +2,7 @@
 
 Lightning's FSDP strategy refuses the CPU, but torch's FSDP runs on it with ``device_id=cpu`` and gloo: the
 two-process test wraps the tiny Light module with the config's own wrap policy and takes training steps. A real
-GPU run (Lightning's strategy, NCCL) is the command in the README's "Scaling out" section.
+GPU run (Lightning's strategy, NCCL) is the command in docs/scaling.md.
 """
 
 from __future__ import annotations

@@ -200,6 +200,7 @@ def test_light_keeps_the_scene_outside_the_person_regions_with_a_few_step_solver
     regions = person_region_masks(persons.boxes, persons.mask, (64, 64), module.adapter_config.region_expand)
     inside = regions.amax(dim=1).numpy() > 0
     assert inside.any() and (~inside).any()
+    # Exact on any CPU: outside the regions the output's pixels are copied from the input image, not computed.
     assert np.array_equal(out[~inside], real[~inside])
     assert np.abs(out - real)[inside].mean() > 10.0  # the persons are drawn anew
     plain = CamouflageLight(

@@ -3,8 +3,8 @@
 With ``ip_adapter_masks``, diffusers' ``IPAdapterAttnProcessor2_0`` loops over the persons of an image: per
 person and per cross-attention layer it runs one SDPA call over that person's few tokens, resamples that person's
 mask and repeats it to the full ``[batch, queries, channels]`` size. Training a scene adapter with up to
-``max_persons`` persons pays that loop in every layer, forward and backward (issue 16's profile: small kernels and
-glue, not FLOPs).
+``max_persons`` persons pays that loop in every layer, forward and backward (the GPU profile of the training
+step: small kernels and glue, not FLOPs).
 
 :class:`BatchedPersonsAttnProcessor` computes the same sum in one pass: every person's keys and values at once, a
 softmax over each person's own tokens (``[..., persons, tokens]``), the masks resampled once per layer for all
