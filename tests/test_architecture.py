@@ -71,6 +71,30 @@ def test_the_package_has_no_import_cycle():
     assert not cycles, f"modules on an import cycle: {cycles}"
 
 
+def package_graph() -> dict[str, set[str]]:
+    """The import graph between the package's sub-packages (``data``, ``models``, ...; a top-level module is its
+    own node): an edge for every module of one importing a module of another."""
+    def package(name: str) -> str:
+        return name.split(".")[1] if name.count(".") else name
+
+    graph: dict[str, set[str]] = {}
+    for name, targets in import_graph().items():
+        source = package(name)
+        graph.setdefault(source, set())
+        graph[source] |= {package(t) for t in targets if t != "lightning" and package(t) != source}
+    return graph
+
+
+def test_sub_packages_import_each_other_in_one_direction_only():
+    graph = package_graph()
+    assert {"data", "models", "pipelines", "miniworld", "utils"} <= set(graph)
+    cycles = sorted(name for name in graph if name in _reachable(graph, name))
+    assert not cycles, f"sub-packages on an import cycle: {cycles} ({ {n: sorted(graph[n]) for n in cycles} })"
+    # The layering the README's layout section describes, bottom to top.
+    for lower, higher in (("utils", "data"), ("data", "models"), ("models", "pipelines"), ("pipelines", "metrics")):
+        assert higher not in _reachable(graph, lower), f"{lower} reaches {higher}"
+
+
 def test_the_inference_side_never_reaches_lightning_or_training():
     graph = import_graph()
     side = [n for n in graph if n.removeprefix("camouflage_train.").split(".")[0] in INFERENCE_SIDE]

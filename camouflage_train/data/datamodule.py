@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,30 @@ class PersonDataModule(L.LightningDataModule):
     Validation uses ``val_source`` when given, else a seeded ``val_fraction`` split of ``train_source``;
     it never crops randomly or flips, so its loss is comparable across runs. ``train_source=None`` with a
     ``val_source`` builds only the validation split (evaluation reads nothing else).
+
+    Args:
+        train_source: the training images and their sidecars (``None``: validation/evaluation only).
+        schema: the attribute schema (or its config).
+        resolution: the square training resolution in pixels.
+        val_source: the validation images; ``None`` splits ``val_fraction`` off ``train_source``.
+        val_fraction: the seeded share of ``train_source`` used for validation when ``val_source`` is ``None``.
+        random_crop: crop training images at random (validation always crops centrally).
+        flip_prob: probability of a horizontal flip of a training image (boxes and yaw flip with it).
+        min_visible: a person whose box keeps less than this share inside the crop is dropped.
+        captions: :class:`~camouflage_train.data.dataset.CaptionBuilder` settings.
+        batch_size: training images per process and step.
+        val_batch_size: validation images per batch (default ``batch_size``).
+        num_workers: DataLoader worker processes.
+        persistent_workers: keep the workers between epochs (with ``num_workers > 0``).
+        pin_memory: page-locked host batches (faster copies to a GPU).
+        split_seed: the seed of the ``val_fraction`` split.
+        cache: ``{enabled, root, dtype, batch_size, backbone}`` to train from precomputed latents and text
+            embeddings (see :mod:`camouflage_train.data.cache`); ``backbone`` is the model's backbone config.
+        seed: the training order and every sample's randomness derive from it (see
+            :mod:`camouflage_train.data.sampling`).
+        encoder_loader: builds the frozen VAE and text encoder that fill the cache, called with ``backbone``'s
+            keys and ``with_unet=False`` (the training entry point passes
+            :func:`~camouflage_train.models.backbone.load_frozen_backbone`); needed only when the cache is built.
     """
 
     def __init__(
@@ -48,11 +72,8 @@ class PersonDataModule(L.LightningDataModule):
         split_seed: int = 0,
         cache: Mapping[str, Any] | None = None,
         seed: int = 0,
+        encoder_loader: Callable[..., Any] | None = None,
     ) -> None:
-        """``cache``: ``{enabled, root, dtype, batch_size, backbone}`` to train from precomputed latents and
-        text embeddings (see :mod:`camouflage_train.data.cache`); ``backbone`` is the model's backbone config.
-        ``seed``: the training order and every sample's randomness derive from it (see
-        :mod:`camouflage_train.data.sampling`)."""
         super().__init__()
         if train_source is None and val_source is None:
             raise ValueError("PersonDataModule needs a train_source, a val_source, or both")
@@ -70,7 +91,7 @@ class PersonDataModule(L.LightningDataModule):
         )
         self.captions = CaptionBuilder(**dict(captions or {}))
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.seed = seed
+        self.seed, self.encoder_loader = seed, encoder_loader
         self.loader_kwargs = {
             "collate_fn": collate_skipping,
             "num_workers": num_workers,
@@ -114,9 +135,12 @@ class PersonDataModule(L.LightningDataModule):
         if folder.exists():
             log.warning("rebuilding latent cache %s: %s", folder, problem)
             shutil.rmtree(folder)
-        from camouflage_train.models.backbone import load_frozen_backbone
-
-        backbone = load_frozen_backbone(**{**self.cache["backbone"], "with_unet": False})
+        if self.encoder_loader is None:
+            raise ValueError(
+                "data.cache.enabled=true: building the latent cache needs the model's encoders; pass "
+                "encoder_loader=camouflage_train.models.backbone.load_frozen_backbone to PersonDataModule"
+            )
+        backbone = self.encoder_loader(**{**self.cache["backbone"], "with_unet": False})
         device = "cuda" if torch.cuda.is_available() else "cpu"
         build_cache(
             self._dataset(self.train_source, train=True),

@@ -7,21 +7,11 @@ Built by one seeded command (``python -m camouflage_train.miniworld.build``); th
 
 from __future__ import annotations
 
-from pathlib import Path
+from camouflage_train.models.presets import MINI_BUILD_COMMAND as BUILD_COMMAND
+from camouflage_train.models.presets import MINI_WEIGHTS as WEIGHTS
+from camouflage_train.models.presets import mini_weights_folder as weights_folder
 
-WEIGHTS = Path(__file__).resolve().parent / "weights"
-BUILD_COMMAND = "python -m camouflage_train.miniworld.build"
-
-
-def weights_folder(part: str) -> Path:
-    """The committed folder of one built part (``base``, ``faces``, ``features``); a clear error when absent."""
-    folder = WEIGHTS / part
-    if not (folder / "build.json").is_file():
-        raise FileNotFoundError(
-            f"the miniature world's '{part}' is missing from {folder}: restore it from git or rebuild it with "
-            f"`{BUILD_COMMAND} --part {part}`"
-        )
-    return folder
+__all__ = ["BUILD_COMMAND", "WEIGHTS", "mini_face_pack", "mini_scene_features", "weights_folder"]
 
 
 def mini_face_pack(file: str | None = None) -> str:

@@ -97,12 +97,25 @@ PRESETS: dict[str, Path] = {"tiny": CONFIG_ROOT / "tiny", "sd15-shape": CONFIG_R
 # name -> folder of *trained* weights committed with the package. `mini`: the miniature world's base
 # (camouflage_train/miniworld), ~10 M parameters at 64x64, trained on synthetic scenes; `mini-canny` and
 # `mini-recon`: Base's Canny-edge and reconstruction ControlNets trained on it.
-_MINI_WEIGHTS = Path(__file__).resolve().parents[1] / "miniworld" / "weights"
-TRAINED_PRESETS: dict[str, Path] = {
-    "mini": _MINI_WEIGHTS / "base",
-    "mini-canny": _MINI_WEIGHTS / "controlnet_canny",
-    "mini-recon": _MINI_WEIGHTS / "controlnet_recon",
-}
+MINI_WEIGHTS = Path(__file__).resolve().parents[1] / "miniworld" / "weights"
+MINI_BUILD_COMMAND = "python -m camouflage_train.miniworld.build"
+TRAINED_PRESETS: dict[str, str] = {"mini": "base", "mini-canny": "controlnet_canny", "mini-recon": "controlnet_recon"}
+
+
+def mini_weights_folder(part: str) -> Path:
+    """The committed folder of one built part of the miniature world (``base``, ``faces``, ``features``, ...);
+    a clear error when it is absent.
+
+    Args:
+        part: the sub-folder of ``camouflage_train/miniworld/weights``.
+    """
+    folder = MINI_WEIGHTS / part
+    if not (folder / "build.json").is_file():
+        raise FileNotFoundError(
+            f"the miniature world's '{part}' is missing from {folder}: restore it from git or rebuild it with "
+            f"`{MINI_BUILD_COMMAND} --part {part}`"
+        )
+    return folder
 
 
 def default_cache_dir() -> Path:
@@ -128,9 +141,7 @@ def materialize_preset(name: str, cache_dir: str | Path | None = None) -> Path:
     """Return the folder of preset ``name`` (``tiny``, ``sd15-shape``, ``mini``, ``<one of them>-controlnet-<seed>``),
     building random-weight ones on first use."""
     if name in TRAINED_PRESETS:
-        from camouflage_train.miniworld import weights_folder
-
-        return weights_folder(TRAINED_PRESETS[name].name)
+        return mini_weights_folder(TRAINED_PRESETS[name])
     base, _, seed = name.rpartition("-controlnet-")
     if (base in PRESETS or base in TRAINED_PRESETS) and seed.isdigit():
         return _materialize(
