@@ -16,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from camouflage_train.data.sources import check_sidecars
 from camouflage_train.errors import DataError, UserError
-from camouflage_train.models.backbone import load_frozen_backbone
 from camouflage_train.utils.checkpoints import checkpoint_folder, resolve_checkpoint
 from camouflage_train.utils.config_checks import validate_config
 from camouflage_train.utils.instantiators import instantiate_group
@@ -50,7 +49,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model = instantiate(cfg.model)  # first: a missing backbone fails before any data is read
-    datamodule = instantiate(cfg.data, encoder_loader=load_frozen_backbone)
+    datamodule = instantiate(cfg.data)
     callbacks = instantiate_group(cfg.get("callbacks"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")))
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -49,7 +49,7 @@ class PersonDataModule(L.LightningDataModule):
         seed: the training order and every sample's randomness derive from it (see
             :mod:`camouflage_train.data.sampling`).
         encoder_loader: builds the frozen VAE and text encoder that fill the cache, called with ``backbone``'s
-            keys and ``with_unet=False`` (the training entry point passes
+            keys and ``with_unet=False`` (the data configs pass
             :func:`~camouflage_train.models.backbone.load_frozen_backbone`); needed only when the cache is built.
     """
 
