@@ -74,6 +74,7 @@ def test_the_package_has_no_import_cycle():
 def package_graph() -> dict[str, set[str]]:
     """The import graph between the package's sub-packages (``data``, ``models``, ...; a top-level module is its
     own node): an edge for every module of one importing a module of another."""
+
     def package(name: str) -> str:
         return name.split(".")[1] if name.count(".") else name
 

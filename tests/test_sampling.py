@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from camouflage_train.models.conditioning import PersonBatch
@@ -75,4 +76,26 @@ def test_each_image_gets_its_own_persons_in_a_batch(tiny_module):
     batch_gap = float(np.abs(together - alone).max())
     persons_gap = float(np.abs(together[0] - swapped[0]).max())
     assert batch_gap < 1e-4 and persons_gap > 100 * batch_gap, (batch_gap, persons_gap)
-    assert "prepare_ip_adapter_image_embeds" not in vars(pipe)  # the stock method is back after the call
+
+
+def test_generate_light_refuses_a_stock_pipeline_and_converts_it_without_copies(tiny_module):
+    """A stock pipeline would repeat the persons' rows for every prompt: generate_light names the conversion, which
+    keeps the very same modules."""
+    from diffusers import StableDiffusionPipeline
+
+    from camouflage_train.pipelines.light import LightStableDiffusionPipeline, as_light_pipeline
+
+    stock = StableDiffusionPipeline(
+        vae=tiny_module.vae, text_encoder=tiny_module.text_encoder, tokenizer=tiny_module.tokenizer,
+        unet=tiny_module.unet, scheduler=tiny_module.noise_scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    batch = _batch(tiny_module, size=2)
+    persons, prompts = PersonBatch.from_batch(batch), list(batch["caption"])
+    args = (tiny_module.encoder, tiny_module.adapter_config, persons, prompts, 64, 64)
+    with pytest.raises(TypeError, match="as_light_pipeline"):
+        generate_light(stock, *args, num_inference_steps=1)
+    light = as_light_pipeline(stock)
+    assert isinstance(light, LightStableDiffusionPipeline) and as_light_pipeline(light) is light
+    assert light.unet is stock.unet and light.vae is stock.vae and light.scheduler is stock.scheduler
+    assert len(generate_light(light, *args, num_inference_steps=1)) == 2

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from camouflage_train.compat.data_internals import dataset_fingerprint
 from camouflage_train.data.images import load_rgb
 from camouflage_train.data.schema import AttributeSchema, InvalidRecordError, as_schema
 from camouflage_train.data.synthetic import FACE_SIZE, WORLD_VERSION, check_face_size, draw_scene
@@ -363,7 +364,7 @@ class HFDatasetSource:
             "type": "hf",
             "name": self.name,
             "revision": self.revision,
-            "data": self.dataset._fingerprint,
+            "data": dataset_fingerprint(self.dataset),
             "sidecar_sha256": file_sha256(self.sidecar) if self.sidecar else None,
             "rows": len(self),
             "columns": [self.image_column, self.persons_column, self.caption_column],

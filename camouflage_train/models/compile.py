@@ -1,6 +1,6 @@
 """``torch.compile`` of the frozen UNet, whole or by region.
 
-Regional compilation compiles each repeated block (diffusers' ``_repeated_blocks`` of the UNet, i.e. the
+Regional compilation compiles each repeated block (the UNet's repeated blocks as diffusers marks them, i.e. the
 transformer blocks, plus the ResNet blocks whose group norm + SiLU + convolution glue is what compilation fuses)
 as its own module. Blocks of one kind share their code, so compilation time grows with the number of distinct
 block *shapes*, not with the depth of the UNet, and parameter names stay unchanged (``nn.Module.compile`` works
@@ -13,8 +13,10 @@ from typing import Literal
 
 from torch import nn
 
+from camouflage_train.compat.diffusers_internals import repeated_block_names
+
 CompileMode = Literal["none", "blocks", "full"]
-# Besides diffusers' own `_repeated_blocks`: the ResNet blocks (half of SD 1.5's UNet FLOPs, most of its glue).
+# Besides diffusers' own repeated blocks: the ResNet blocks (half of SD 1.5's UNet FLOPs, most of its glue).
 EXTRA_REGIONS = ("ResnetBlock2D",)
 
 
@@ -31,7 +33,7 @@ def parse_compile_mode(value: bool | str | None) -> CompileMode:
 
 def compile_regions(unet: nn.Module, **compile_kwargs) -> int:
     """Compile every repeated block of ``unet`` in place; return how many were compiled."""
-    names = {*getattr(unet, "_repeated_blocks", ()), *EXTRA_REGIONS}
+    names = {*repeated_block_names(unet), *EXTRA_REGIONS}
     blocks = [module for module in unet.modules() if type(module).__name__ in names]
     if not blocks:
         raise ValueError(f"{type(unet).__name__} has none of the blocks {sorted(names)} to compile")

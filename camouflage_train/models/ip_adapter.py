@@ -1,9 +1,9 @@
 """Decoupled cross-attention on a frozen UNet, built with diffusers' own IP-Adapter machinery.
 
-The adapter is installed by handing ``unet._load_ip_adapter_weights`` (what a pipeline's public
-``load_ip_adapter`` calls; diffusers is pinned to the tested minor version for it) an IP-Adapter state dict in
-the original ``{"image_proj", "ip_adapter"}`` layout, so the modules it creates are exactly those a stock
-pipeline creates from an exported file:
+The adapter is installed by diffusers' own UNet-level loader (what a pipeline's public ``load_ip_adapter`` calls
+after reading the file; :func:`~camouflage_train.compat.diffusers_internals.load_ip_adapter_weights`) from an
+IP-Adapter state dict in the original ``{"image_proj", "ip_adapter"}`` layout, so the modules it creates are
+exactly those a stock pipeline creates from an exported file:
 
 * ``unet.encoder_hid_proj``: a FaceID-style projection (``proj.0``/``proj.2``/``norm`` keys), the one
   diffusers layout whose token count is free: ``tokens_per_person`` tokens per person embedding;
@@ -26,6 +26,7 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterFaceIDImageProjection
 from torch import nn
 
+from camouflage_train.compat.diffusers_internals import load_ip_adapter_weights
 from camouflage_train.models.person_attention import batch_person_attention
 
 # diffusers' FaceID projection names -> the original IP-Adapter file names it converts from.
@@ -156,15 +157,7 @@ def install_ip_adapter(
     (:class:`~camouflage_train.models.person_attention.BatchedPersonsAttnProcessor`, same weights and result);
     ``False`` keeps diffusers' per-person loop.
     """
-    # diffusers has no public UNet-level loader (the pipelines' load_ip_adapter calls this one); pyproject pins
-    # diffusers to the minor version this is tested with, and test_adapter fails loudly if the function changes.
-    loader = getattr(unet, "_load_ip_adapter_weights", None)
-    if loader is None:
-        raise RuntimeError(
-            "this diffusers version has no UNet2DConditionModel._load_ip_adapter_weights; camouflage-train is "
-            "tested with diffusers 0.42 (pip install 'diffusers>=0.42,<0.43')"
-        )
-    loader([state_dict], low_cpu_mem_usage=False)
+    load_ip_adapter_weights(unet, state_dict)
     modules = adapter_modules(unet)
     for module in modules:
         module.to(torch.float32)

@@ -34,6 +34,9 @@ class BatchedPersonsAttnProcessor(IPAdapterAttnProcessor2_0):
         processor.to_k_ip, processor.to_v_ip = stock.to_k_ip, stock.to_v_ip
         return processor
 
+    # Copied from diffusers.models.attention_processor.IPAdapterAttnProcessor2_0.__call__
+    # (diffusers 0.42.1, source sha256 3626f6de5fcd6280): the text attention and the output projection as there;
+    # the per-person loop replaced by one batched computation over all persons (`_persons_attention`).
     def __call__(
         self,
         attn: Attention,

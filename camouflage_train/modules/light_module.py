@@ -167,7 +167,10 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = set(self.trainable_parameter_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        try:
+            datamodule = self.trainer.datamodule
+        except RuntimeError:  # saved without a trainer attached
+            datamodule = None
         hparams = {k: v for k, v in self.hparams.items()}
         checkpoint["camouflage"] = {
             "format": CHECKPOINT_FORMAT,

@@ -33,6 +33,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from camouflage_train.compat.diffusers_internals import execution_device
 from camouflage_train.models.backbone import (
     FrozenBackbone,
     backbone_source,
@@ -122,10 +123,24 @@ def build_controls(
 
 
 def stock_controlnet_pipeline(
-    backbone: FrozenBackbone, controlnets: Sequence[nn.Module], img2img: bool = False
+    backbone: FrozenBackbone,
+    controlnets: Sequence[nn.Module],
+    img2img: bool = False,
+    pipeline_class: type[StableDiffusionControlNetPipeline] | None = None,
 ) -> StableDiffusionControlNetPipeline:
-    """The stock diffusers (img2img) ControlNet pipeline around already-loaded modules."""
+    """The stock diffusers (img2img) ControlNet pipeline around already-loaded modules (no copies).
+
+    Args:
+        backbone: the frozen SD components.
+        controlnets: the ControlNets, in the order their images will be passed.
+        img2img: start from the input image (``StableDiffusionControlNetImg2ImgPipeline``).
+        pipeline_class: a subclass of the chosen pipeline class to build instead.
+    """
     cls = StableDiffusionControlNetImg2ImgPipeline if img2img else StableDiffusionControlNetPipeline
+    if pipeline_class is not None:
+        if not issubclass(pipeline_class, cls):
+            raise TypeError(f"pipeline_class {pipeline_class.__name__} is not a {cls.__name__}")
+        cls = pipeline_class
     pipe = cls(
         vae=backbone.vae,
         text_encoder=backbone.text_encoder,
@@ -242,7 +257,7 @@ class CamouflageBase:
                 latent = (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
                 masks = person_region_masks(persons.boxes, persons.mask, latent, self.region_expand)
                 # The negative half of the CFG batch is the first B entries, which these masks describe.
-                regions = masks.amax(dim=1, keepdim=True).to(self.pipe._execution_device)
+                regions = masks.amax(dim=1, keepdim=True).to(execution_device(self.pipe))
             self.reconstruction.region_mask = regions
         prompts = [prompt or self.prompt for prompt in prompts]
         return self.pipe(
@@ -252,7 +267,7 @@ class CamouflageBase:
             width=width,
             num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale,
-            generator=generator_list(seeds, self.pipe._execution_device),
+            generator=generator_list(seeds, execution_device(self.pipe)),
             output_type="pil",
             **self.pipeline_kwargs(images),
         ).images

@@ -9,15 +9,15 @@ attribute dropout.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from camouflage_train.compat.diffusers_internals import execution_device
 from camouflage_train.errors import UserError
 from camouflage_train.models.attribute_encoder import AttributeEncoder, encoder_state_dict
 from camouflage_train.models.backbone import FrozenBackbone, load_frozen_backbone
@@ -53,6 +53,73 @@ def make_scheduler(scheduler_config: Mapping[str, Any], name: str = "DDIMSchedul
     return cls.from_config(dict(scheduler_config), **options)
 
 
+class OneRowOfPersonsPerPrompt:
+    """A diffusers Stable Diffusion pipeline whose ``ip_adapter_image_embeds`` hold one row of persons per prompt.
+
+    Stock pipelines repeat the embeddings ``batch_size * num_images_per_prompt`` times: they expect one image's
+    embedding shared by every prompt. Light's embeddings already hold one row of persons per prompt; repeated,
+    they would reach the attention as a ``[batch * batch]`` stack that the stock processor silently reshapes into
+    each image attending to every image's persons. Mixed in before a pipeline class, this override of the
+    pipelines' public ``prepare_ip_adapter_image_embeds`` keeps the rows as given (one image per prompt:
+    :func:`generate_light` refuses ``num_images_per_prompt``). Everything else is the stock pipeline.
+    """
+
+    def prepare_ip_adapter_image_embeds(
+        self,
+        ip_adapter_image: Any,
+        ip_adapter_image_embeds: Any,
+        device: Any,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+    ) -> Any:
+        """The stock preparation with no repetition of the rows.
+
+        Args:
+            ip_adapter_image: must be ``None`` (Light passes embeddings).
+            ip_adapter_image_embeds: ``[embeds]`` with one row per prompt (negative half first under guidance).
+            device: where the embeddings go.
+            num_images_per_prompt: ignored: each row is already one prompt's.
+            do_classifier_free_guidance: whether the rows hold a negative and a positive half.
+        """
+        return super().prepare_ip_adapter_image_embeds(  # type: ignore[misc]
+            ip_adapter_image, ip_adapter_image_embeds, device, 1, do_classifier_free_guidance
+        )
+
+
+class LightStableDiffusionPipeline(OneRowOfPersonsPerPrompt, StableDiffusionPipeline):
+    """diffusers' ``StableDiffusionPipeline`` taking one row of persons per prompt."""
+
+
+class LightControlNetPipeline(OneRowOfPersonsPerPrompt, StableDiffusionControlNetPipeline):
+    """diffusers' ``StableDiffusionControlNetPipeline`` taking one row of persons per prompt."""
+
+
+_LIGHT_PIPELINES = {
+    StableDiffusionPipeline: LightStableDiffusionPipeline,
+    StableDiffusionControlNetPipeline: LightControlNetPipeline,
+}
+
+
+def as_light_pipeline(pipe: Any) -> OneRowOfPersonsPerPrompt:
+    """The same modules (not copies) in the Light variant of ``pipe``'s class.
+
+    Args:
+        pipe: a stock ``StableDiffusionPipeline`` or ``StableDiffusionControlNetPipeline`` (e.g. from
+            ``from_pretrained``), or an already converted one (returned as it is).
+    """
+    if isinstance(pipe, OneRowOfPersonsPerPrompt):
+        return pipe
+    light_class = _LIGHT_PIPELINES.get(type(pipe))
+    if light_class is None:
+        raise TypeError(
+            f"{type(pipe).__name__} has no Light variant; use a StableDiffusionPipeline or "
+            "StableDiffusionControlNetPipeline"
+        )
+    converted = light_class(**pipe.components, requires_safety_checker=False)
+    converted.set_progress_bar_config(disable=True)
+    return converted
+
+
 def build_pipeline(
     vae: torch.nn.Module,
     text_encoder: torch.nn.Module,
@@ -60,10 +127,18 @@ def build_pipeline(
     unet: torch.nn.Module,
     scheduler_config: dict,
     scheduler: Any = None,
-) -> StableDiffusionPipeline:
-    """A stock SD pipeline around already-loaded modules (no copies, no safety checker); ``scheduler``: a sampler
-    instance (default DDIM on ``scheduler_config``)."""
-    pipe = StableDiffusionPipeline(
+) -> LightStableDiffusionPipeline:
+    """A Light SD pipeline around already-loaded modules (no copies, no safety checker).
+
+    Args:
+        vae: the frozen VAE.
+        text_encoder: the frozen text encoder.
+        tokenizer: its tokenizer.
+        unet: the UNet with the adapter installed.
+        scheduler_config: the backbone's noise scheduler config (DDIM is built on it by default).
+        scheduler: a sampler instance to use instead (:func:`make_scheduler`).
+    """
+    pipe = LightStableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -75,30 +150,6 @@ def build_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-@contextlib.contextmanager
-def persons_per_prompt(pipe: StableDiffusionPipeline) -> Iterator[None]:
-    """For the duration of one call, ``pipe`` takes ``ip_adapter_image_embeds`` as one row per prompt.
-
-    diffusers' SD pipelines repeat the embeddings ``batch_size * num_images_per_prompt`` times: they expect one
-    image's embedding shared by every prompt. Light's embeddings already hold one row of persons per prompt, and
-    repeated they would reach the attention as a ``[batch * batch]`` stack that the stock processor silently
-    reshapes into each image attending to every image's persons. So the repetition is switched off (one image per
-    prompt; ``generate_light`` refuses ``num_images_per_prompt``) and restored afterwards.
-    """
-    if "prepare_ip_adapter_image_embeds" in vars(pipe):
-        raise RuntimeError("the pipeline's prepare_ip_adapter_image_embeds is already replaced")
-    stock = pipe.prepare_ip_adapter_image_embeds
-
-    def one_row_per_prompt(image: Any, image_embeds: Any, device: Any, _repeats: int, guidance: bool) -> Any:
-        return stock(image, image_embeds, device, 1, guidance)
-
-    pipe.prepare_ip_adapter_image_embeds = one_row_per_prompt
-    try:
-        yield
-    finally:
-        del pipe.prepare_ip_adapter_image_embeds
 
 
 class KeepBackground:
@@ -143,7 +194,7 @@ def background_keeper(
 ) -> KeepBackground:
     """:class:`KeepBackground` for ``images``: their VAE latents, the union of the persons' regions (boxes grown
     ``region_expand`` times) and per-image noise from ``seeds``."""
-    device, dtype = pipe._execution_device, pipe.vae.dtype
+    device, dtype = execution_device(pipe), pipe.vae.dtype
     pixels = torch.stack([TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True) for image in images])
     pixels = (pixels * 2 - 1).to(device, dtype)
     latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
@@ -202,23 +253,27 @@ def generate_light(
         config.region_expand if config.region_masks else None,
         guidance=guidance_scale > 1.0,
     )
+    if not isinstance(pipe, OneRowOfPersonsPerPrompt):
+        raise TypeError(
+            f"generate_light needs a pipeline that takes one row of persons per prompt, got {type(pipe).__name__}: "
+            "convert it with camouflage_train.pipelines.light.as_light_pipeline(pipe)"
+        )
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
-    device = pipe._execution_device
-    with persons_per_prompt(pipe):
-        return pipe(
-            prompt=prompts,
-            negative_prompt=[negative_prompt] * len(prompts) if negative_prompt is not None else None,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=[torch.Generator(device=device).manual_seed(int(s)) for s in seeds],
-            # In the projection's dtype: fp32 for a trained adapter on a bf16 UNet (no autocast needed).
-            ip_adapter_image_embeds=[embeds.to(next(pipe.unet.encoder_hid_proj.parameters()).dtype)],
-            cross_attention_kwargs={"ip_adapter_masks": [masks]},
-            output_type=output_type,
-            **pipe_kwargs,
-        ).images
+    device = execution_device(pipe)
+    return pipe(
+        prompt=prompts,
+        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt is not None else None,
+        height=height,
+        width=width,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=[torch.Generator(device=device).manual_seed(int(s)) for s in seeds],
+        # In the projection's dtype: fp32 for a trained adapter on a bf16 UNet (no autocast needed).
+        ip_adapter_image_embeds=[embeds.to(next(pipe.unet.encoder_hid_proj.parameters()).dtype)],
+        cross_attention_kwargs={"ip_adapter_masks": [masks]},
+        output_type=output_type,
+        **pipe_kwargs,
+    ).images
 
 
 class CamouflageLight:
@@ -252,7 +307,9 @@ class CamouflageLight:
             negative_prompt,
         )
         if self.controls:
-            self.pipe = stock_controlnet_pipeline(backbone, [c.controlnet for c in self.controls])
+            self.pipe = stock_controlnet_pipeline(
+                backbone, [c.controlnet for c in self.controls], pipeline_class=LightControlNetPipeline
+            )
         else:
             self.pipe = build_pipeline(
                 backbone.vae, backbone.text_encoder, backbone.tokenizer, backbone.unet, backbone.noise_scheduler.config
@@ -297,7 +354,7 @@ class CamouflageLight:
         self, images: Sequence[Image.Image], persons: PersonBatch, seeds: Sequence[int], prompts: Sequence[str]
     ) -> list[Image.Image]:
         width, height = images[0].size
-        persons = persons.to(self.pipe._execution_device)
+        persons = persons.to(execution_device(self.pipe))
         kwargs = control_kwargs(self.controls, images) if self.controls else {}
         if self.keep_background:
             keeper = background_keeper(self.pipe, images, persons, seeds, self.adapter_config.region_expand)

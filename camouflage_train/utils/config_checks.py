@@ -27,6 +27,7 @@ import yaml
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from camouflage_train.compat.data_internals import raw_value
 from camouflage_train.errors import UserError
 
 _SPECIAL_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
@@ -163,7 +164,7 @@ def _problems(cfg: DictConfig, settings: type | None) -> Iterator[tuple[str, str
             if not path.startswith("hydra") and OmegaConf.is_missing(node, key):
                 yield f"{path}.{key}" if path else str(key), "required, but not set (???): pass it as key=value"
         for key in node:
-            if isinstance(key, str) and _SECRET.search(key) and node._get_node(key)._value() is not None:
+            if isinstance(key, str) and _SECRET.search(key) and raw_value(node, key) is not None:
                 yield (
                     f"{path}.{key}" if path else key,
                     "looks like a secret: configs are saved with every run, so tokens and API keys are read "
