@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 
 from camouflage_train.errors import UserError
 from camouflage_train.models.attribute_encoder import AttributeEncoder, encoder_state_dict
-from camouflage_train.models.ip_adapter import AdapterConfig, checkpoint_state_dict
+from camouflage_train.models.ip_adapter import DEFAULT_REGION_EXPAND, AdapterConfig, checkpoint_state_dict
+from camouflage_train.pipelines.sampling import SAMPLING
 from camouflage_train.utils.atomic import atomic_folder
 from camouflage_train.utils.checkpoints import read_checkpoint
 from camouflage_train.utils.paths import file_sha256
@@ -94,14 +95,14 @@ encoder = load_attribute_encoder(folder)
 # One list of person records per image; folder= applies the export's region masks.
 records = [[{json.dumps(_example_record(config["schema"]))}]]
 embeds, kwargs = person_inputs(
-    encoder, records, {size}, {size}, guidance=True, vae_scale_factor=pipe.vae_scale_factor, folder=folder
+    encoder, records, {size}, {size}, unconditional_half=True, vae_scale_factor=pipe.vae_scale_factor, folder=folder
 )
 image = pipe(
-    ["a photo of people"],
+    [{json.dumps(SAMPLING.prompt)}],
     height={size},
     width={size},
-    num_inference_steps=25,
-    guidance_scale=7.5,
+    num_inference_steps={SAMPLING.num_inference_steps},
+    guidance_scale={SAMPLING.guidance_scale},
     generator=torch.Generator().manual_seed(0),
     ip_adapter_image_embeds=embeds,
     cross_attention_kwargs=kwargs,
@@ -220,7 +221,7 @@ def export_adapter(
         "tokens_per_person": adapter["tokens_per_person"],
         "embed_dim": adapter["embed_dim"],
         "region_masks": adapter.get("region_masks", True),
-        "region_expand": adapter.get("region_expand", 1.5),
+        "region_expand": adapter.get("region_expand", DEFAULT_REGION_EXPAND),
         "config_hash": meta.get("config_hash"),
         "global_step": checkpoint.get("global_step"),
         "weight_name": f"{WEIGHT_NAME}.safetensors",

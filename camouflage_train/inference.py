@@ -3,10 +3,10 @@
     pipe.load_ip_adapter(folder, subfolder="", weight_name="ip-adapter_camouflage.safetensors",
                          image_encoder_folder=None)
     encoder = load_attribute_encoder(folder)
-    embeds, kwargs = person_inputs(encoder, [records_of_image_1, ...], height, width, guidance=True)
+    embeds, kwargs = person_inputs(encoder, [records_of_image_1, ...], height, width, unconditional_half=True)
     images = pipe(prompts, ip_adapter_image_embeds=embeds, cross_attention_kwargs=kwargs).images
 
-With classifier-free guidance (``guidance=True``, i.e. ``guidance_scale > 1``) the negative half has no persons
+With classifier-free guidance (``unconditional_half=True``, for ``guidance_scale > 1``) the negative half has no persons
 (zero masks): the unconditional branch is the base model, as in training. Stock pipelines repeat
 ``ip_adapter_image_embeds`` for every prompt, so for several images per call every image's persons are passed as
 shared slots that each image's masks switch on or off (exact; the adapter attention grows with the batch).
@@ -41,7 +41,7 @@ def person_inputs(
     records: Sequence[Sequence[Mapping[str, Any]]],
     height: int,
     width: int,
-    guidance: bool = True,
+    unconditional_half: bool = True,
     vae_scale_factor: int = 8,
     region_expand: float | None = None,
     folder: str | Path | None = None,
@@ -60,6 +60,6 @@ def person_inputs(
     embeds, masks = conditioning_inputs(encoder, persons, latent, region_expand)
     if len(records) > 1:
         embeds, masks = shared_person_slots(embeds, masks)
-    if guidance:
+    if unconditional_half:
         embeds, masks = with_unconditional_half(embeds, masks)
     return [embeds], {"ip_adapter_masks": [masks]}

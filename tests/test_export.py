@@ -33,7 +33,7 @@ def _stock_images(pipe, folder, records, weight_name, seeds, **kwargs):
         records,
         64,
         64,
-        guidance=True,
+        unconditional_half=True,
         vae_scale_factor=pipe.vae_scale_factor,
         folder=folder,
     )

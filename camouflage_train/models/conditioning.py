@@ -56,14 +56,21 @@ def conditioning_inputs(
     persons: PersonBatch,
     latent_size: tuple[int, int],
     region_expand: float | None,
-    guidance: bool = False,
+    unconditional_half: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Person embeddings ``[B, P, E]`` and region masks ``[B, P, h, w]`` at latent resolution (``region_expand``:
-    each person acts inside its box grown that much; ``None``: on the whole image). With ``guidance`` the
-    unconditional half comes first, with no persons: ``[2B, ...]``, the order diffusers' pipelines expect."""
+    """Person embeddings ``[B, P, E]`` and region masks ``[B, P, h, w]`` at latent resolution.
+
+    Args:
+        encoder: the attribute encoder.
+        persons: the images' persons (padded slots masked off).
+        latent_size: ``(h, w)`` of the latents.
+        region_expand: each person acts inside its box grown that much; ``None``: on the whole image.
+        unconditional_half: for classifier-free guidance: an unconditional half with no persons comes first,
+            ``[2B, ...]``, the order diffusers' pipelines expect.
+    """
     embeds = encoder(persons.boxes, persons.continuous, persons.categorical)
     masks = person_region_masks(persons.boxes, persons.mask, latent_size, region_expand)
-    return with_unconditional_half(embeds, masks) if guidance else (embeds, masks)
+    return with_unconditional_half(embeds, masks) if unconditional_half else (embeds, masks)
 
 
 def with_unconditional_half(embeds: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,10 @@ _PROJ_TO_ORIGINAL = (("ff.net.0.proj.", "proj.0."), ("ff.net.2.", "proj.2."))
 _PROJ_PREFIX = "unet.encoder_hid_proj.image_projection_layers.0."
 
 
+# A person acts inside its box grown this much around its centre (the adapter's regions, Base's guidance regions).
+DEFAULT_REGION_EXPAND = 1.5
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """The "adapter size" (what sweeps vary) and how persons act on the image."""
@@ -47,7 +51,7 @@ class AdapterConfig:
     fourier_freqs: int = 8
     category_dim: int = 32
     region_masks: bool = True
-    region_expand: float = 1.5
+    region_expand: float = DEFAULT_REGION_EXPAND
     scale: float = 1.0
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from camouflage_train.models.conditioning import PersonBatch
+from camouflage_train.models.ip_adapter import DEFAULT_REGION_EXPAND
 
 
 class Anonymizer(Protocol):
@@ -49,7 +50,7 @@ class Identity:
 class Blur:
     """Gaussian-blur each person's box grown ``expand`` times, radius ``sigma`` x the box's longer side."""
 
-    def __init__(self, expand: float = 1.5, sigma: float = 0.15) -> None:
+    def __init__(self, expand: float = DEFAULT_REGION_EXPAND, sigma: float = 0.15) -> None:
         self.expand, self.sigma = expand, sigma
 
     def __call__(

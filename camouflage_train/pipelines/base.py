@@ -43,8 +43,9 @@ from camouflage_train.models.backbone import (
     parse_dtype,
 )
 from camouflage_train.models.conditioning import PersonBatch
-from camouflage_train.models.ip_adapter import person_region_masks
+from camouflage_train.models.ip_adapter import DEFAULT_REGION_EXPAND, person_region_masks
 from camouflage_train.pipelines.controls import Preprocessor
+from camouflage_train.pipelines.sampling import SAMPLING
 
 
 class ReconstructionBranch(nn.Module):
@@ -196,13 +197,13 @@ class CamouflageBase:
         backbone: FrozenBackbone,
         controls: Sequence[ControlSpec],
         anonymization: Mapping[str, Any] | None = None,
-        guidance_scale: float = 7.5,
-        num_inference_steps: int = 25,
+        guidance_scale: float = SAMPLING.guidance_scale,
+        num_inference_steps: int = SAMPLING.num_inference_steps,
         strength: float | None = None,
-        prompt: str = "a photo of people",
-        negative_prompt: str = "",
+        prompt: str = SAMPLING.prompt,
+        negative_prompt: str = SAMPLING.negative_prompt,
         cache_dir: str | None = None,
-        region_expand: float = 1.5,
+        region_expand: float = DEFAULT_REGION_EXPAND,
     ) -> None:
         self.backbone, self.controls = backbone, list(controls)
         self.region_expand = region_expand
@@ -302,12 +303,12 @@ def build_base(
     backbone: Mapping[str, Any],
     controlnets: Mapping[str, Mapping[str, Any]],
     anonymization: Mapping[str, Any],
-    guidance_scale: float = 7.5,
-    num_inference_steps: int = 25,
+    guidance_scale: float = SAMPLING.guidance_scale,
+    num_inference_steps: int = SAMPLING.num_inference_steps,
     strength: float | None = None,
-    prompt: str = "a photo of people",
-    negative_prompt: str = "",
-    region_expand: float = 1.5,
+    prompt: str = SAMPLING.prompt,
+    negative_prompt: str = SAMPLING.negative_prompt,
+    region_expand: float = DEFAULT_REGION_EXPAND,
 ) -> CamouflageBase:
     """``configs/anonymize/model/base*.yaml``: the frozen SD, the structure ControlNets and the reconstruction
     ControlNet.

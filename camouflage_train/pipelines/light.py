@@ -30,6 +30,7 @@ from camouflage_train.models.ip_adapter import (
     person_region_masks,
 )
 from camouflage_train.pipelines.base import build_controls, control_kwargs, stock_controlnet_pipeline
+from camouflage_train.pipelines.sampling import SAMPLING
 from camouflage_train.utils.checkpoints import read_checkpoint
 
 
@@ -228,8 +229,8 @@ def generate_light(
     prompts: list[str],
     height: int,
     width: int,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
+    num_inference_steps: int = SAMPLING.num_inference_steps,
+    guidance_scale: float = SAMPLING.guidance_scale,
     seed: int = 0,
     seeds: Sequence[int] | None = None,
     negative_prompt: str | None = None,
@@ -251,7 +252,7 @@ def generate_light(
         persons,
         (height // scale, width // scale),
         config.region_expand if config.region_masks else None,
-        guidance=guidance_scale > 1.0,
+        unconditional_half=guidance_scale > 1.0,
     )
     if not isinstance(pipe, OneRowOfPersonsPerPrompt):
         raise TypeError(
@@ -289,9 +290,9 @@ class CamouflageLight:
         encoder: AttributeEncoder,
         adapter_config: AdapterConfig,
         controls: Sequence[Any] = (),
-        guidance_scale: float = 7.5,
-        num_inference_steps: int = 25,
-        negative_prompt: str = "",
+        guidance_scale: float = SAMPLING.guidance_scale,
+        num_inference_steps: int = SAMPLING.num_inference_steps,
+        negative_prompt: str = SAMPLING.negative_prompt,
         adapter_scale: float | None = None,
         scheduler: Mapping[str, Any] | None = None,
         keep_background: bool = False,
@@ -383,9 +384,9 @@ def build_light(
     weight_dtype: str = "fp32",
     controlnets: Mapping[str, Mapping[str, Any]] | None = None,
     cache_dir: str | None = None,
-    guidance_scale: float = 7.5,
-    num_inference_steps: int = 25,
-    negative_prompt: str = "",
+    guidance_scale: float = SAMPLING.guidance_scale,
+    num_inference_steps: int = SAMPLING.num_inference_steps,
+    negative_prompt: str = SAMPLING.negative_prompt,
     adapter_scale: float | None = None,
     scheduler: Mapping[str, Any] | None = None,
     keep_background: bool = False,
