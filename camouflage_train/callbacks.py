@@ -4,11 +4,96 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+
+from camouflage_train.models.conditioning import PersonBatch
+from camouflage_train.pipelines.light import build_pipeline, generate_light
+from camouflage_train.pipelines.sampling import SAMPLING
+from camouflage_train.utils.images import save_sample_grid
 
 log = logging.getLogger(__name__)
+
+
+class SampleGrids(L.Callback):
+    """At every validation, generate from the first validation batch's persons and captions with the adapter
+    being trained; save ``samples/step_<step>.png`` (real | generated) in the run folder and log it to loggers
+    that take images (W&B).
+
+    Runs on the main process only, for modules with a Light adapter (it does nothing for others). Each image
+    uses ``seed + i``, so grids of one run compare across steps.
+
+    Args:
+        num_images: images per grid (0 switches the grids off).
+        num_inference_steps: sampler steps (default: :data:`~camouflage_train.pipelines.sampling.SAMPLING`'s).
+        guidance_scale: classifier-free guidance scale (default: ``SAMPLING``'s).
+        seed: the first image's seed.
+    """
+
+    def __init__(
+        self,
+        num_images: int = 4,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.num_images, self.seed = num_images, seed
+        self.num_inference_steps = num_inference_steps or SAMPLING.num_inference_steps
+        self.guidance_scale = SAMPLING.guidance_scale if guidance_scale is None else guidance_scale
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if not hasattr(pl_module, "adapter_config") or batch.get("size", 1) == 0:
+            return
+        count = min(self.num_images, batch["pixel_values"].shape[0])
+        if count <= 0:
+            return
+        with torch.no_grad():
+            grid_images = self.generate(pl_module, batch, count)
+        path = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:07d}.png"
+        grid = save_sample_grid(batch["pixel_values"][:count], grid_images, path)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                caption = ["real | generated"]
+                logger.log_image(key="val/samples", images=[grid], step=trainer.global_step, caption=caption)
+
+    def generate(self, module: L.LightningModule, batch: dict[str, Any], count: int) -> list[Any]:
+        """``count`` images from ``batch``'s first persons and captions with ``module``'s frozen parts and adapter.
+
+        Args:
+            module: a :class:`~camouflage_train.modules.light_module.LightAdapterModule`.
+            batch: a validation batch.
+            count: how many of its images.
+        """
+        persons = PersonBatch.from_batch(batch)[:count]
+        height, width = batch["pixel_values"].shape[-2:]
+        pipe = build_pipeline(
+            module.vae, module.text_encoder, module.tokenizer, module.unet, module.noise_scheduler.config
+        )
+        return generate_light(
+            pipe,
+            module.encoder,
+            module.adapter_config,
+            persons,
+            list(batch["caption"][:count]),
+            height,
+            width,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            seed=self.seed,
+        )
 
 
 class DataHealthMonitor(L.Callback):

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from camouflage_train.errors import UserError
+from camouflage_train.models.adapter_checkpoint import NotALightCheckpoint, read_metadata
 from camouflage_train.models.attribute_encoder import AttributeEncoder, encoder_state_dict
 from camouflage_train.models.ip_adapter import DEFAULT_REGION_EXPAND, AdapterConfig, checkpoint_state_dict
 from camouflage_train.pipelines.sampling import SAMPLING
@@ -194,12 +195,10 @@ def export_adapter(
     output = Path(output)
     _check_replaceable(output, overwrite)
     checkpoint = read_checkpoint(checkpoint_path)
-    meta = checkpoint.get("camouflage")
-    if not meta or "ip_adapter_keys" not in meta:
-        raise ExportError(
-            f"checkpoint: {checkpoint_path} is a Lightning checkpoint but not a camouflage-train Light one "
-            "(format 1 with key map)"
-        )
+    try:
+        meta = read_metadata(checkpoint, checkpoint_path)
+    except NotALightCheckpoint as error:
+        raise ExportError(str(error)) from None
     if base_model is not None and base_model != meta["backbone"]:
         raise ExportError(
             f"{checkpoint_path} was trained on the frozen base '{meta['backbone']}', not '{base_model}': "

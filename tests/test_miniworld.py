@@ -125,7 +125,7 @@ def test_a_short_light_run_on_the_mini_base_learns_places_and_attributes(tmp_pat
     run_dir = tmp_path / "train"
     done = run_script(
         "train.py", "experiment=demo", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-        f"callbacks.model_checkpoint.every_n_train_steps={steps}", "model.validation.num_images=0", "logger=csv",
+        f"callbacks.model_checkpoint.every_n_train_steps={steps}", "callbacks.sample_grids.num_images=0", "logger=csv",
         f"hydra.run.dir={run_dir}",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,6 +1,7 @@
 import copy
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from hydra.errors import InstantiationException
@@ -317,9 +318,9 @@ def test_conditioning_and_attribute_gains_at_the_same_noise(tiny_module):
             processor.scale = [0.0]
     no_effect = tiny_module.validation_losses(batch, 0)
     assert float(no_effect["conditioning_gain"]) == 0.0 and float(no_effect["attribute_gain"]) == 0.0
-    tiny_module.hparams.validation = {"conditioning_gain": False}
+    tiny_module.hparams.conditioning_gains = False
     assert set(tiny_module.validation_losses(batch, 0)) == {"loss"}
-    tiny_module.hparams.validation = {}
+    tiny_module.hparams.conditioning_gains = True
     one = {k: v[:1] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
     one["person_mask"] = torch.zeros_like(one["person_mask"])
     one["person_mask"][:, 0] = True
@@ -358,3 +359,94 @@ def test_a_compiled_unet_gives_the_eager_loss_and_gradients(make_cfg, tiny_model
         if i == 0:
             graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs  # the second batch reused every graph
+
+
+def test_the_gains_move_persons_and_attributes_as_named():
+    """Alone, without a model: the next image's persons; the next real person's attributes, boxes kept."""
+    from camouflage_train.modules.conditioning_gains import (
+        attributes_of_the_next_person,
+        conditioning_gains,
+        persons_of_the_next_image,
+    )
+
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]], [[0.1, 0.1, 0.2, 0.2], [0, 0, 0, 0]]])
+    batch = {
+        "boxes": boxes,
+        "continuous": torch.tensor([[[1.0], [2.0]], [[3.0], [0.0]]]),
+        "categorical": torch.tensor([[[0], [1]], [[1], [0]]]),
+        "person_mask": torch.tensor([[True, True], [True, False]]),
+        "caption": ["a", "b"],
+    }
+    swapped = persons_of_the_next_image(batch)
+    assert torch.equal(swapped["boxes"][0], boxes[1]) and torch.equal(
+        swapped["person_mask"][1], batch["person_mask"][0]
+    )
+    assert swapped["caption"] == ["a", "b"]  # only the persons move
+    passed = attributes_of_the_next_person(batch)
+    assert torch.equal(passed["boxes"], boxes)
+    assert passed["continuous"][batch["person_mask"]].flatten().tolist() == [3.0, 1.0, 2.0]
+    assert passed["continuous"][1, 1].item() == 0.0  # padding untouched
+    alone = {k: v[:1] if k != "caption" else v[:1] for k, v in batch.items()}
+    alone["person_mask"] = torch.tensor([[True, False]])
+    assert persons_of_the_next_image(alone) is None and attributes_of_the_next_person(alone) is None
+    gains = conditioning_gains(lambda b: b["continuous"].sum() + b["boxes"][0, 0, 0], batch, torch.tensor(6.1))
+    assert set(gains) == {"conditioning_gain", "attribute_gain"}
+
+
+def test_the_checkpoint_format_alone(tmp_path):
+    """What the training module writes and export / the pipelines read, without a module."""
+    from camouflage_train.models.adapter_checkpoint import (
+        NotALightCheckpoint,
+        adapter_metadata,
+        check_trainable_keys,
+        read_metadata,
+        trainable_only,
+    )
+    from camouflage_train.models.ip_adapter import AdapterConfig
+
+    meta = adapter_metadata(
+        backbone_name="preset:tiny", backbone_source=tmp_path, schema={"max_persons": 2},
+        adapter=AdapterConfig(embed_dim=8), ip_adapter_keys=[("down.attn2.processor", 1)], resolution=64,
+        hyperparameters={"lr": 1e-3},
+    )  # fmt: skip
+    assert (
+        meta["format"] == 1
+        and meta["adapter"]["embed_dim"] == 8
+        and meta["ip_adapter_keys"] == {"down.attn2.processor": 1}
+    )
+    assert meta["config_hash"] == adapter_metadata(**{**_meta_args(tmp_path)})["config_hash"]
+    assert read_metadata({"camouflage": meta}, "x.ckpt") is meta
+    with pytest.raises(NotALightCheckpoint, match="x.ckpt is a Lightning checkpoint but not"):
+        read_metadata({"camouflage": {"kind": "controlnet"}}, "x.ckpt")
+    state = {"encoder.w": torch.ones(1), "unet.conv.weight": torch.ones(1)}
+    assert list(trainable_only(state, ["encoder.w"])) == ["encoder.w"]
+    check_trainable_keys(["encoder.w"], ["encoder.w"])
+    with pytest.raises(ValueError, match=r"missing \['encoder.v'\], unexpected \['encoder.w'\]"):
+        check_trainable_keys(["encoder.v"], ["encoder.w"])
+
+
+def _meta_args(tmp_path):
+    from camouflage_train.models.ip_adapter import AdapterConfig
+
+    return dict(
+        backbone_name="preset:tiny", backbone_source=tmp_path, schema={"max_persons": 2},
+        adapter=AdapterConfig(embed_dim=8), ip_adapter_keys=[("down.attn2.processor", 1)], resolution=64,
+        hyperparameters={"lr": 1e-3},
+    )  # fmt: skip
+
+
+def test_sample_grids_generate_from_the_batch_persons_with_the_module_being_trained(tiny_module):
+    from camouflage_train.callbacks import SampleGrids
+    from camouflage_train.pipelines.sampling import SAMPLING
+
+    default = SampleGrids()
+    assert (default.num_inference_steps, default.guidance_scale) == (
+        SAMPLING.num_inference_steps,
+        SAMPLING.guidance_scale,
+    )
+    grids = SampleGrids(num_images=2, num_inference_steps=2, guidance_scale=3.0, seed=4)
+    batch = _batch(tiny_module, size=3)
+    images = grids.generate(tiny_module, batch, 2)
+    again = grids.generate(tiny_module, batch, 2)
+    assert len(images) == 2 and images[0].size == (64, 64)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again, strict=True))

@@ -50,7 +50,7 @@ def test_offline_multirun_over_adapter_sizes_writes_a_summary(tmp_path, tiny_mod
             "trainer.limit_val_batches=1",
             "data.val_source.num_samples=2",
             "data.batch_size=2",
-            "model.validation.num_images=1",
+            "callbacks.sample_grids.num_images=1",
             "logger=csv",
             f"hydra.sweep.dir={sweep_dir}",
         ],

@@ -88,7 +88,7 @@ def image_proj_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 def checkpoint_state_dict(checkpoint: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
     """A training checkpoint's adapter in the original ``{"image_proj", "ip_adapter"}`` layout (fp32): what
     export writes and what :func:`install_ip_adapter` (and so a stock pipeline) loads."""
-    state, keys = checkpoint["state_dict"], checkpoint["camouflage"]["ip_adapter_keys"]
+    state, keys = checkpoint["state_dict"], checkpoint["camouflage"]["ip_adapter_keys"]  # see adapter_checkpoint
     image_proj = {k.removeprefix(_PROJ_PREFIX): v for k, v in state.items() if k.startswith(_PROJ_PREFIX)}
     ip_adapter = {}
     for name, key_id in keys.items():

@@ -6,17 +6,17 @@ all kept in fp32. Frozen: VAE, text encoder, UNet, in ``backbone.weight_dtype``,
 Checkpoints hold only the trainable weights (plus optimizer/scheduler/loop state), so they are a few MB
 and reload onto a freshly built backbone.
 
-Hooks used: ``setup`` (precision checks), ``training_step``, ``validation_step`` (seeded loss + sample
-grid), ``configure_optimizers``, ``on_train_start`` (log parameter counts), ``on_save_checkpoint`` /
-``on_load_checkpoint`` (trainable-only state), ``train`` (frozen parts stay in eval mode).
+This module is the objective and the optimiser: ``setup`` (precision checks), ``training_step`` (with the
+non-finite-loss stop), ``validation_step`` (seeded losses and the
+:mod:`~camouflage_train.modules.conditioning_gains`), ``configure_optimizers``, ``on_train_start`` (parameter
+counts), ``on_save_checkpoint`` / ``on_load_checkpoint`` (the format of
+:mod:`~camouflage_train.models.adapter_checkpoint`), ``train`` (frozen parts stay in eval mode). Sample grids are
+the :class:`~camouflage_train.callbacks.SampleGrids` callback's job.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +27,8 @@ import torch
 from torch.optim import Optimizer
 
 from camouflage_train.data.schema import AttributeSchema
+from camouflage_train.models.adapter_checkpoint import KEY as CHECKPOINT_KEY
+from camouflage_train.models.adapter_checkpoint import adapter_metadata, check_trainable_keys, trainable_only
 from camouflage_train.models.attribute_encoder import AttributeEncoder
 from camouflage_train.models.backbone import load_frozen_backbone, parse_dtype
 from camouflage_train.models.checkpointing import enable_checkpointing
@@ -38,16 +40,12 @@ from camouflage_train.models.ip_adapter import (
     initial_state_dict,
     install_ip_adapter,
 )
+from camouflage_train.modules.conditioning_gains import conditioning_gains
 from camouflage_train.modules.frozen_diffusion import FrozenDiffusionMixin
 from camouflage_train.modules.schedules import with_schedule
-from camouflage_train.pipelines.light import build_pipeline, generate_light
 from camouflage_train.utils.checkpoints import checkpoint_folder
-from camouflage_train.utils.images import save_sample_grid
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 1
-_PERSON_KEYS = ("boxes", "continuous", "categorical", "person_mask")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -98,9 +96,8 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
             changes, though Lightning still counts the step) and counted in ``train/nonfinite_skipped``; this
             many in a row save ``nonfinite-stop.ckpt`` (the last good weights) and stop the run with
             :class:`NonFiniteLossError`.
-        validation: ``{num_images, num_inference_steps, guidance_scale, seed}`` for the sample grid, and
-            ``conditioning_gain`` (default true) to log ``val/conditioning_gain`` and ``val/attribute_gain`` (see
-            :meth:`validation_losses`).
+        conditioning_gains: log ``val/conditioning_gain`` and ``val/attribute_gain`` (see
+            :mod:`~camouflage_train.modules.conditioning_gains`; each costs one more validation loss).
     """
 
     def __init__(
@@ -121,7 +118,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         compile_unet: bool | str = False,
         batched_person_attention: bool = True,
         nonfinite_patience: int = 5,
-        validation: Mapping[str, Any] | None = None,
+        conditioning_gains: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
@@ -165,33 +162,25 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = set(self.trainable_parameter_names())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        """Only the trainable weights, and the description export and the pipelines read
+        (:mod:`~camouflage_train.models.adapter_checkpoint`)."""
+        checkpoint["state_dict"] = trainable_only(checkpoint["state_dict"], self.trainable_parameter_names())
         try:
-            datamodule = self.trainer.datamodule
+            resolution = getattr(self.trainer.datamodule, "resolution", None)
         except RuntimeError:  # saved without a trainer attached
-            datamodule = None
-        hparams = {k: v for k, v in self.hparams.items()}
-        checkpoint["camouflage"] = {
-            "format": CHECKPOINT_FORMAT,
-            "backbone": self.backbone_name,
-            "backbone_source": str(self.backbone_source),
-            "schema": self.schema.to_config(),
-            "adapter": dataclasses.asdict(self.adapter_config),
-            # What export needs without rebuilding the UNet: processor name -> IP-Adapter key id.
-            "ip_adapter_keys": dict(cross_attention_keys(self.unet)),
-            "resolution": getattr(datamodule, "resolution", None),
-            "config_hash": hashlib.sha256(json.dumps(hparams, sort_keys=True, default=str).encode()).hexdigest()[:16],
-        }
+            resolution = None
+        checkpoint[CHECKPOINT_KEY] = adapter_metadata(
+            backbone_name=self.backbone_name,
+            backbone_source=self.backbone_source,
+            schema=self.schema.to_config(),
+            adapter=self.adapter_config,
+            ip_adapter_keys=cross_attention_keys(self.unet),
+            resolution=resolution,
+            hyperparameters=self.hparams,
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        expected, found = set(self.trainable_parameter_names()), set(checkpoint["state_dict"])
-        if expected != found:
-            raise ValueError(
-                "checkpoint does not match this adapter: "
-                f"missing {sorted(expected - found)[:5]}, unexpected {sorted(found - expected)[:5]} "
-                "(was it trained with a different model.adapter or attributes config?)"
-            )
+        check_trainable_keys(self.trainable_parameter_names(), checkpoint["state_dict"])
 
     # -------------------------------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
@@ -398,67 +387,20 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         losses = self.validation_losses(batch, batch_idx)
         for name, value in losses.items():
             self.log(f"val/{name}", value, prog_bar=name == "loss", on_epoch=True, batch_size=size, sync_dist=True)
-        if batch_idx == 0 and not self.trainer.sanity_checking:
-            self.log_samples(batch)
 
     def validation_losses(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        """``loss`` and what the adapter uses, at the same noise and timesteps (what to watch during a long run):
-
-        * ``conditioning_gain``: the loss with every image's persons replaced by the next image's, minus the loss
-          with its own. Positive means the adapter uses the persons (places and attributes).
-        * ``attribute_gain``: the loss with every person's attributes (not its box) passed on to the next person of
-          the batch, minus the loss with its own. Positive means it uses the attributes, not only the places.
-
-        The gains are left out for a batch with one image (one person), or when switched off
-        (``model.validation.conditioning_gain=false``)."""
-        seed = 10_000 + batch_idx  # seeded per batch, so all move only when the adapter does
+        """``loss`` and, unless ``conditioning_gains`` is off, the gains of
+        :mod:`~camouflage_train.modules.conditioning_gains`, all at the same noise and timesteps (seeded per batch,
+        so all move only when the adapter does)."""
+        seed = 10_000 + batch_idx
 
         def loss_of(sample: dict[str, Any]) -> torch.Tensor:
             return self.diffusion_loss(sample, generator=torch.Generator(device=self.device).manual_seed(seed))
 
         losses = {"loss": loss_of(batch)}
-        if not (self.hparams.validation or {}).get("conditioning_gain", True):
-            return losses
-        if batch["person_mask"].shape[0] >= 2:
-            swapped = {**batch, **{k: batch[k].roll(1, dims=0) for k in _PERSON_KEYS}}
-            losses["conditioning_gain"] = loss_of(swapped) - losses["loss"]
-        real = batch["person_mask"].bool()
-        if int(real.sum()) >= 2:
-            passed_on = dict(batch)
-            for key in ("continuous", "categorical"):
-                values = batch[key].clone()
-                values[real] = batch[key][real].roll(1, dims=0)
-                passed_on[key] = values
-            losses["attribute_gain"] = loss_of(passed_on) - losses["loss"]
+        if self.hparams.conditioning_gains:
+            losses.update(conditioning_gains(loss_of, batch, losses["loss"]))
         return losses
-
-    def log_samples(self, batch: dict[str, Any]) -> None:
-        """Generate from the batch's persons and captions; save a grid (real | generated) and log it."""
-        settings = {"num_images": 4, "num_inference_steps": 25, "guidance_scale": 7.5, "seed": 0}
-        settings.update({k: v for k, v in (self.hparams.validation or {}).items() if k != "conditioning_gain"})
-        count = min(int(settings["num_images"]), batch["pixel_values"].shape[0])
-        if count <= 0 or not self.trainer.is_global_zero:
-            return
-        persons = PersonBatch.from_batch(batch)[:count]
-        height, width = batch["pixel_values"].shape[-2:]
-        pipe = build_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, self.noise_scheduler.config)
-        images = generate_light(
-            pipe,
-            self.encoder,
-            self.adapter_config,
-            persons,
-            list(batch["caption"][:count]),
-            height,
-            width,
-            num_inference_steps=int(settings["num_inference_steps"]),
-            guidance_scale=float(settings["guidance_scale"]),
-            seed=int(settings["seed"]),
-        )
-        out_dir = Path(self.trainer.default_root_dir) / "samples"
-        grid = save_sample_grid(batch["pixel_values"][:count], images, out_dir / f"step_{self.global_step:07d}.png")
-        for logger in self.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="val/samples", images=[grid], step=self.global_step, caption=["real | generated"])
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -19,6 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from camouflage_train.compat.diffusers_internals import execution_device
 from camouflage_train.errors import UserError
+from camouflage_train.models.adapter_checkpoint import NotALightCheckpoint, read_metadata
 from camouflage_train.models.attribute_encoder import AttributeEncoder, encoder_state_dict
 from camouflage_train.models.backbone import FrozenBackbone, load_frozen_backbone
 from camouflage_train.models.conditioning import PersonBatch, conditioning_inputs
@@ -328,9 +329,10 @@ class CamouflageLight:
         """Rebuild the frozen backbone named in a training checkpoint and install its adapter the way an export
         is loaded (the original IP-Adapter layout through diffusers' loader); no training code involved."""
         checkpoint = read_checkpoint(path, key="checkpoint")
-        meta = checkpoint.get("camouflage")
-        if not meta or "ip_adapter_keys" not in meta:
-            raise UserError(f"checkpoint: '{path}' is a Lightning checkpoint but not a camouflage-train Light one")
+        try:
+            meta = read_metadata(checkpoint, path)
+        except NotALightCheckpoint as error:
+            raise UserError(str(error)) from None
         backbone_cfg = dict(checkpoint["hyper_parameters"]["backbone"])
         backbone_cfg.update({k: v for k, v in (("weight_dtype", weight_dtype), ("cache_dir", cache_dir)) if v})
         backbone = load_frozen_backbone(**backbone_cfg)
