@@ -386,7 +386,7 @@ def test_the_gains_move_persons_and_attributes_as_named():
     assert torch.equal(passed["boxes"], boxes)
     assert passed["continuous"][batch["person_mask"]].flatten().tolist() == [3.0, 1.0, 2.0]
     assert passed["continuous"][1, 1].item() == 0.0  # padding untouched
-    alone = {k: v[:1] if k != "caption" else v[:1] for k, v in batch.items()}
+    alone = {k: v[:1] for k, v in batch.items()}
     alone["person_mask"] = torch.tensor([[True, False]])
     assert persons_of_the_next_image(alone) is None and attributes_of_the_next_person(alone) is None
     gains = conditioning_gains(lambda b: b["continuous"].sum() + b["boxes"][0, 0, 0], batch, torch.tensor(6.1))
@@ -402,19 +402,15 @@ def test_the_checkpoint_format_alone(tmp_path):
         read_metadata,
         trainable_only,
     )
-    from camouflage_train.models.ip_adapter import AdapterConfig
 
-    meta = adapter_metadata(
-        backbone_name="preset:tiny", backbone_source=tmp_path, schema={"max_persons": 2},
-        adapter=AdapterConfig(embed_dim=8), ip_adapter_keys=[("down.attn2.processor", 1)], resolution=64,
-        hyperparameters={"lr": 1e-3},
-    )  # fmt: skip
+    meta = adapter_metadata(**_meta_args(tmp_path))
     assert (
         meta["format"] == 1
         and meta["adapter"]["embed_dim"] == 8
         and meta["ip_adapter_keys"] == {"down.attn2.processor": 1}
     )
-    assert meta["config_hash"] == adapter_metadata(**{**_meta_args(tmp_path)})["config_hash"]
+    other = adapter_metadata(**{**_meta_args(tmp_path), "hyperparameters": {"lr": 2e-3}})
+    assert meta["config_hash"] != other["config_hash"] and len(meta["config_hash"]) == 16
     assert read_metadata({"camouflage": meta}, "x.ckpt") is meta
     with pytest.raises(NotALightCheckpoint, match="x.ckpt is a Lightning checkpoint but not"):
         read_metadata({"camouflage": {"kind": "controlnet"}}, "x.ckpt")
