@@ -101,10 +101,16 @@ class ResumableLoader(DataLoader):
         self._yielded = 0
         self._restored: dict[str, Any] | None = None
 
+    @property
+    def resumable(self) -> bool:
+        """False when Lightning has rebuilt this loader with a sampler of its own (``overfit_batches`` uses a
+        ``SequentialSampler``): then there is no position to save or restore."""
+        return isinstance(self.sampler, ResumableSampler)
+
     def __iter__(self) -> Iterator[Any]:
         restored, self._restored = self._restored, None
         self._yielded = 0
-        if restored is not None and restored.get("epoch") == self.sampler.epoch:
+        if self.resumable and restored is not None and restored.get("epoch") == self.sampler.epoch:
             position = int(restored.get("batches", 0)) * self.batch_size
             if 0 < position <= self.sampler.num_samples:
                 log.info("resuming epoch %d after %d batches", self.sampler.epoch, restored["batches"])
@@ -115,9 +121,19 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
+        """The seed, the epoch and the batches yielded so far in it (empty for a loader that is not resumable)."""
+        if not self.resumable:
+            return {}
         return {"seed": self.sampler.seed, "epoch": self.sampler.epoch, "batches": self._yielded}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Start the restored epoch after the batches the checkpoint had trained.
+
+        Args:
+            state: what :meth:`state_dict` saved.
+        """
+        if not self.resumable or not state:
+            return
         if state.get("seed") != self.sampler.seed:
             log.warning(
                 "data.seed is %s but the checkpoint was trained with %s: the resumed run's order and noise differ",
