@@ -57,7 +57,13 @@ class OutputConflictError(UserError, ValueError):
 
 @dataclass
 class AnonymizeInput:
-    """``input`` of ``configs/anonymize/anonymize.yaml``."""
+    """``input`` of ``configs/anonymize/anonymize.yaml``.
+
+    Args:
+        folder: the images to anonymize.
+        min_image_size: images with a shorter side are skipped (and listed in the manifest).
+        max_skipped_fraction: stop when more than this share of the inputs is unusable.
+    """
 
     folder: str
     min_image_size: int = 32
@@ -66,13 +72,39 @@ class AnonymizeInput:
 
 @dataclass
 class CaptionSettings:
+    """How an image's prompt is built from its person records.
+
+    Args:
+        template: the prompt; ``{people}`` is the persons' descriptions joined.
+        person: one person's description, formatted with its attributes.
+    """
+
     template: str = "a photo of {people}"
     person: str = "a {age:.0f} year old {gender}"
 
 
 @dataclass
 class AnonymizeConfig:
-    """The top-level keys of ``configs/anonymize/anonymize.yaml`` (``anonymize.py``)."""
+    """The top-level keys of ``configs/anonymize/anonymize.yaml`` (``anonymize.py``).
+
+    Args:
+        input: the input folder and its checks.
+        output: the output folder (``images/``, ``manifest.jsonl``, ``run.json``).
+        model: the anonymizer (``configs/anonymize/model/``).
+        persons: a person-record sidecar; ``None`` annotates the images here.
+        resolution: images are resized to this for the model, and back.
+        batch_size: images per model call.
+        num_workers: loader worker processes.
+        seed: image seeds derive from it and the file name.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        cpu_offload: diffusers' model CPU offload (less GPU memory, slower).
+        captions: how prompts are built from the persons.
+        overwrite: replace results of other settings in ``output``.
+        task_name: the run folder's name under ``logs/``.
+        attributes: the attribute schema group.
+        faces: the face pack group (annotation when ``persons`` is not given).
+        paths: the paths group.
+    """
 
     input: AnonymizeInput
     output: str
@@ -108,7 +140,11 @@ _NOT_SETTINGS = {"cache_dir", "providers", "ctx_id"}
 
 def output_name(name: str) -> str:
     """The output file (under ``images/``) for input ``name``: the same name when its format is written as is,
-    else ``<name>.png`` (e.g. a ``.gif``: 256 colours, so the output would not be what the model made)."""
+    else ``<name>.png`` (e.g. a ``.gif``: 256 colours, so the output would not be what the model made).
+
+    Args:
+        name: the input's name relative to the input folder.
+    """
     return name if Path(name).suffix.lower() in _WRITE_AS else f"{name}.png"
 
 
@@ -129,7 +165,11 @@ def _without(node: Any, drop: set[str]) -> Any:
 
 def output_settings(cfg: DictConfig) -> dict[str, Any]:
     """Everything that decides the written images (not batch size, workers, device: see the README for what
-    they may change). The checkpoint enters by content hash, so a retrained file under the same name counts."""
+    they may change). The checkpoint enters by content hash, so a retrained file under the same name counts.
+
+    Args:
+        cfg: the composed anonymize config.
+    """
     plain = lambda node: _without(OmegaConf.to_container(node, resolve=True), _NOT_SETTINGS)  # noqa: E731
     model = plain(cfg.model)
     if model.get("checkpoint"):
@@ -156,7 +196,13 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def settings_difference(before: Mapping[str, Any], now: Mapping[str, Any], limit: int = 12) -> list[str]:
-    """``key: old -> new`` for every setting that differs (the first ``limit``, then a count)."""
+    """``key: old -> new`` for every setting that differs (the first ``limit``, then a count).
+
+    Args:
+        before: the settings an earlier run recorded.
+        now: this run's settings.
+        limit: the most differences listed.
+    """
     old, new = _flat(dict(before)), _flat(dict(now))
     missing = object()
 
@@ -190,7 +236,14 @@ def claim_output(
     output: Path, settings: Mapping[str, Any], overwrite: bool, annotated_here: bool
 ) -> tuple[list[dict[str, Any]], str]:
     """Make ``output`` this run's: refuse results of other settings unless ``overwrite`` (then remove what an
-    earlier run wrote there); write ``run.json``; return the manifest rows to keep and the settings' fingerprint."""
+    earlier run wrote there); write ``run.json``; return the manifest rows to keep and the settings' fingerprint.
+
+    Args:
+        output: the output folder.
+        settings: this run's :func:`output_settings`.
+        overwrite: replace an earlier run of other settings.
+        annotated_here: the persons are annotated by this run (recorded in ``run.json``).
+    """
     manifest, record = output / "manifest.jsonl", output / "run.json"
     rows = _read_manifest(manifest)
     fingerprint = _fingerprint(settings)
@@ -221,7 +274,11 @@ def claim_output(
 
 
 def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
-    """Anonymize ``cfg.input.folder`` into ``cfg.output`` with ``cfg.model``; return the run's summary."""
+    """Anonymize ``cfg.input.folder`` into ``cfg.output`` with ``cfg.model``; return the run's summary.
+
+    Args:
+        cfg: the composed ``configs/anonymize/anonymize.yaml``.
+    """
     validate_config(cfg, AnonymizeConfig)
     checkpoint = OmegaConf.select(cfg, "model.checkpoint", default=None)
     check_input_paths(

@@ -102,6 +102,9 @@ class DataHealthMonitor(L.Callback):
     Sources count rows left out up front (``source.skipped``); the collate function counts samples skipped
     while loading (``batch["skipped"]``). Both are logged as ``data/skipped`` and summarised by reason at
     the end of each epoch. ``max_consecutive_empty`` batches in a row with no usable sample raise an error.
+
+    Args:
+        max_consecutive_empty: training batches in a row with no usable sample before the run stops.
     """
 
     def __init__(self, max_consecutive_empty: int = 20) -> None:
@@ -148,7 +151,14 @@ class DataHealthMonitor(L.Callback):
 
 class ExportAdapter(L.Callback):
     """Opt-in: at the end of training, write the export folder (see :mod:`camouflage_train.export`) from the
-    final weights. Only rank 0 writes."""
+    final weights. Only rank 0 writes.
+
+    Args:
+        output: the export folder.
+        enabled: whether to export at all.
+        base_model: refuse to export unless the adapter was trained on this base (``None``: any).
+        overwrite: replace an earlier export in ``output``.
+    """
 
     def __init__(
         self, output: str, enabled: bool = False, base_model: str | None = None, overwrite: bool = False

@@ -32,7 +32,12 @@ _task_started = False
 
 
 def run_task(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
-    """Run ``task(cfg)``; a user error becomes a short message on stderr and exit status 2."""
+    """Run ``task(cfg)``; a user error becomes a short message on stderr and exit status 2.
+
+    Args:
+        task: the entry point's function.
+        cfg: its composed config.
+    """
     global _task_started
     _task_started = True
     try:
@@ -63,7 +68,13 @@ def _multirun() -> bool:
 
 def main_with_key_help(main: Callable[[], Any], config_dir: str | Path, config_name: str) -> None:
     """Call a ``@hydra.main`` function; if the config did not compose, list the valid keys for each override
-    that names a key the config does not have."""
+    that names a key the config does not have.
+
+    Args:
+        main: the ``@hydra.main`` function.
+        config_dir: its config folder.
+        config_name: its config file.
+    """
     try:
         main()
     except SystemExit as exit:
@@ -74,7 +85,13 @@ def main_with_key_help(main: Callable[[], Any], config_dir: str | Path, config_n
 
 
 def unknown_override_keys(config_dir: str | Path, config_name: str, arguments: list[str]) -> list[str]:
-    """One line per ``key=value`` override (no ``+``/``~``) whose key the composed config does not have."""
+    """One line per ``key=value`` override (no ``+``/``~``) whose key the composed config does not have.
+
+    Args:
+        config_dir: the config folder.
+        config_name: the config file.
+        arguments: the command line's overrides.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser

@@ -23,7 +23,11 @@ class DataError(UserError, ValueError):
 
 def user_error_in(error: BaseException) -> UserError | None:
     """The :class:`UserError` behind ``error``, following ``raise ... from`` chains (Hydra's ``instantiate``
-    wraps constructor errors in its own exception)."""
+    wraps constructor errors in its own exception).
+
+    Args:
+        error: the exception raised.
+    """
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:

@@ -23,7 +23,25 @@ from camouflage_train.utils.paths import check_input_paths
 
 @dataclass
 class EvaluateConfig:
-    """The top-level keys of ``configs/evaluate.yaml`` (``evaluate.py``)."""
+    """The top-level keys of ``configs/evaluate.yaml`` (``evaluate.py``).
+
+    Args:
+        rows: the anonymizers to evaluate, by name, in table order.
+        anonymizers: name -> anonymizer config (``configs/anonymize/model/``).
+        row_sweep: one or several ``{row, key, name, values}`` sweeps (see :func:`expand_sweep`).
+        seed: image seeds derive from it and the image names.
+        light_checkpoint: the Light checkpoint the ``light`` rows load.
+        grid_batches: batches whose sample grids are saved.
+        metrics: the metric settings (CLIP, FID, bootstrap).
+        trainer: the Lightning trainer config.
+        task_name: the run folder's name under ``logs/``.
+        attributes: the attribute schema group.
+        data: the data group (its validation split is evaluated).
+        faces: the face pack (detection, gender, age).
+        recognisers: the re-identification recognisers.
+        logger: the loggers group.
+        paths: the paths group.
+    """
 
     rows: list
     anonymizers: Any
@@ -47,7 +65,11 @@ def expand_sweep(cfg: DictConfig) -> None:
     that anonymizer with the value set: same images, seeds and metrics for every value.
 
     ``row_sweep`` is one sweep ``{row, key, name, values}`` or a list of them (one per row, e.g. Base's guidance
-    and Light's classifier-free guidance, drawn as two curves)."""
+    and Light's classifier-free guidance, drawn as two curves).
+
+    Args:
+        cfg: the composed evaluate config (changed in place).
+    """
     specs = cfg.get("row_sweep")
     if not specs:
         return
@@ -88,6 +110,12 @@ _ABSENT = object()
 
 
 def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
+    """``evaluate.py``: check the config and inputs, build the anonymizers and metrics, run every row on the validation
+    split, write ``results.{md,csv,json}``, the grids and the plot; return the results rows.
+
+    Args:
+        cfg: the composed ``configs/evaluate.yaml``.
+    """
     validate_config(cfg, EvaluateConfig)
     expand_sweep(cfg)
     with_checkpoint = [row for row in cfg.rows if "checkpoint" in cfg.anonymizers.get(row, {})]

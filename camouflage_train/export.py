@@ -48,7 +48,17 @@ class ExportError(UserError, ValueError):
 
 @dataclass
 class ExportConfig:
-    """The keys of ``configs/export.yaml`` (``export.py``)."""
+    """The keys of ``configs/export.yaml`` (``export.py``).
+
+    Args:
+        checkpoint: the Light training checkpoint.
+        output: the export folder.
+        base_model: refuse unless the adapter was trained on this base (``None``: any).
+        overwrite: replace an earlier export in ``output``.
+        dataset: the training data's name, for the model card.
+        task_name: the run folder's name under ``logs/``.
+        paths: the paths group.
+    """
 
     checkpoint: str
     output: str
@@ -75,7 +85,12 @@ def _example_record(schema: dict[str, Any]) -> dict[str, Any]:
 
 def model_card_snippet(config: dict[str, Any], folder: str | Path) -> str:
     """Python that generates one image with this export and stock diffusers, runnable as written (tested
-    against the project's Light pipeline)."""
+    against the project's Light pipeline).
+
+    Args:
+        config: the export's ``config.json``.
+        folder: where the export will be.
+    """
     base = str(config["base_model"])
     size = config.get("resolution") or 512
     imports, load_base = "", f"base = {json.dumps(base)}"
@@ -191,7 +206,15 @@ def export_adapter(
     overwrite: bool = False,
     dataset: str | None = None,
 ) -> Path:
-    """Write the export folder for ``checkpoint_path`` into ``output``; return ``output``."""
+    """Write the export folder for ``checkpoint_path`` into ``output``; return ``output``.
+
+    Args:
+        checkpoint_path: the Light training checkpoint.
+        output: the export folder.
+        base_model: refuse unless the adapter was trained on this base (``None``: any).
+        overwrite: replace an earlier export (only a folder this exporter wrote).
+        dataset: the training data's name, for the model card.
+    """
     output = Path(output)
     _check_replaceable(output, overwrite)
     checkpoint = read_checkpoint(checkpoint_path)
@@ -238,7 +261,11 @@ def export_adapter(
 
 
 def run_export(cfg: Any) -> Path:
-    """``export.py``: check the config and the checkpoint path, export, list the written files."""
+    """``export.py``: check the config and the checkpoint path, export, list the written files.
+
+    Args:
+        cfg: the composed ``configs/export.yaml``.
+    """
     from camouflage_train.utils.config_checks import validate_config
 
     validate_config(cfg, ExportConfig)

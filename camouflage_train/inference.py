@@ -32,6 +32,11 @@ from camouflage_train.models.conditioning import (
 
 
 def load_attribute_encoder(folder: str | Path) -> AttributeEncoder:
+    """The attribute encoder of an export folder, in eval mode.
+
+    Args:
+        folder: the export folder.
+    """
     return AttributeEncoder.from_pretrained(Path(folder) / "attribute_encoder").eval()
 
 
@@ -51,6 +56,17 @@ def person_inputs(
     ``region_expand`` (or the export's ``config.json`` when ``folder`` is given) restricts each person to its
     box grown that much; ``None`` without a folder means whole-image masks. ``vae_scale_factor``: the
     pipeline's (``pipe.vae_scale_factor``). Generate one image per record list (``num_images_per_prompt=1``).
+
+    Args:
+        encoder: the export's attribute encoder (:func:`load_attribute_encoder`).
+        records: one list of person records per image.
+        height: the image height in pixels.
+        width: the image width in pixels.
+        unconditional_half: for classifier-free guidance (``guidance_scale > 1``): prepend the negative half, with no
+            persons.
+        vae_scale_factor: the pipeline's ``pipe.vae_scale_factor``.
+        region_expand: each person acts inside its box grown this much (``None``: the whole image).
+        folder: an export folder whose ``config.json`` sets the regions (overrides ``region_expand``).
     """
     if folder is not None:
         config = json.loads((Path(folder) / "config.json").read_text())

@@ -25,7 +25,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    """The top-level keys of ``configs/train.yaml`` (``train.py``); the groups are checked by their targets."""
+    """The top-level keys of ``configs/train.yaml`` (``train.py``); the groups are checked by their targets.
+
+    Args:
+        task_name: the run folder's name under ``logs/``.
+        seed: the global seed (``None``: not seeded).
+        ckpt_path: ``auto``, ``last``, a checkpoint file or ``None`` (see ``configs/train.yaml``).
+        optimized_metric: what ``train.py`` returns to sweepers.
+        attributes: the attribute schema group.
+        data: the data group.
+        model: the model group.
+        callbacks: the callbacks group.
+        logger: the loggers group.
+        trainer: the Lightning trainer.
+        paths: the paths group.
+    """
 
     task_name: str = "train"
     seed: int | None = None
@@ -41,7 +55,11 @@ class TrainConfig:
 
 
 def run_training(cfg: DictConfig) -> dict[str, float]:
-    """Fit the model described by ``cfg``; return the final callback metrics (also written to ``metrics.json``)."""
+    """Fit the model described by ``cfg``; return the final callback metrics (also written to ``metrics.json``).
+
+    Args:
+        cfg: the composed ``configs/train.yaml``.
+    """
     validate_config(cfg, TrainConfig)  # before anything is built or written
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)

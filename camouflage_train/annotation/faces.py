@@ -125,7 +125,11 @@ class FaceAnnotator:
         self.providers = list(providers) if providers else None
 
     def detect(self, image: Image.Image) -> tuple[np.ndarray, list[Any]]:
-        """The BGR array insightface works on and its ``Face`` objects (pixel boxes, keypoints, gender, age)."""
+        """The BGR array insightface works on and its ``Face`` objects (pixel boxes, keypoints, gender, age).
+
+        Args:
+            image: an RGB image.
+        """
         bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
         return bgr, self.app.get(bgr)
 

@@ -41,7 +41,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 
 
 def list_images(folder: Path) -> tuple[list[str], Counter[str]]:
-    """Image file names under ``folder`` (relative, sorted) and what was not listed, by reason."""
+    """Image file names under ``folder`` (relative, sorted) and what was not listed, by reason.
+
+    Args:
+        folder: the folder to walk (recursively).
+    """
     names: list[str] = []
     skipped: Counter[str] = Counter()
     seen: set[str] = set()
@@ -65,7 +69,16 @@ def list_images(folder: Path) -> tuple[list[str], Counter[str]]:
 
 
 class ImageListing(Dataset):
-    """The images to annotate: a folder (recursive) or a ``datasets`` split; items are ``(key, image | reason)``."""
+    """The images to annotate: a folder (recursive) or a ``datasets`` split; items are ``(key, image | reason)``.
+
+    Args:
+        folder: a folder of images (or ``None``).
+        dataset: a ``datasets`` repository id or local folder (or ``None``).
+        split: its split.
+        image_column: its image column.
+        revision: the dataset revision to read.
+        min_image_size: images with a shorter side are skipped, with the reason.
+    """
 
     def __init__(
         self,
@@ -124,6 +137,19 @@ class ImageListing(Dataset):
 
 @dataclass
 class AnnotationSummary:
+    """What one annotation run did (logged at the end and returned).
+
+    Args:
+        images: images listed.
+        already_done: images already in the output (a resumed run) and left alone.
+        faces: faces written.
+        images_without_face: images written with no person.
+        faces_dropped_over_max_persons: faces beyond ``max_persons`` (the largest are kept).
+        skipped: images not annotated, by reason.
+        not_listed: files of the folder that are not images, by reason.
+        seconds: the run's wall time.
+    """
+
     images: int = 0
     already_done: int = 0
     faces: int = 0
@@ -134,6 +160,7 @@ class AnnotationSummary:
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
+        """The summary as JSON-ready values."""
         rate = self.images / self.seconds if self.seconds else 0.0
         return {
             **self.__dict__,
@@ -174,7 +201,17 @@ def annotate_dataset(
     num_workers: int = 0,
     progress: bool = True,
 ) -> AnnotationSummary:
-    """Annotate every image of ``listing`` not yet in ``output``; return (and log) the run's summary."""
+    """Annotate every image of ``listing`` not yet in ``output``; return (and log) the run's summary.
+
+    Args:
+        listing: the images.
+        annotator: an image -> its person records.
+        output: the JSON-lines sidecar to write (appended to: a killed run resumes).
+        max_persons: the most persons kept per image (the largest faces).
+        batch_size: images per loader batch.
+        num_workers: loader worker processes (decoding).
+        progress: show a progress bar.
+    """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     done = _done_keys(output, listing.key_field)
@@ -219,7 +256,16 @@ def annotate_dataset(
 
 @dataclass
 class AnnotateInput:
-    """``input`` of ``configs/annotate.yaml``."""
+    """``input`` of ``configs/annotate.yaml``.
+
+    Args:
+        folder: a folder of images.
+        dataset: or a ``datasets`` repository id / local folder.
+        split: the dataset split.
+        image_column: the dataset's image column.
+        revision: the dataset revision.
+        min_image_size: images with a shorter side are skipped.
+    """
 
     folder: str | None = None
     dataset: str | None = None
@@ -231,7 +277,18 @@ class AnnotateInput:
 
 @dataclass
 class AnnotateConfig:
-    """The keys of ``configs/annotate.yaml`` (``annotate.py``)."""
+    """The keys of ``configs/annotate.yaml`` (``annotate.py``).
+
+    Args:
+        input: what to annotate.
+        output: the sidecar file to write.
+        batch_size: images per batch.
+        num_workers: loader worker processes.
+        task_name: the run folder's name under ``logs/``.
+        attributes: the attribute schema group.
+        faces: the face pack group (detector, attributes).
+        paths: the paths group.
+    """
 
     input: AnnotateInput
     output: str
@@ -244,7 +301,11 @@ class AnnotateConfig:
 
 
 def run_annotation(cfg: DictConfig) -> AnnotationSummary:
-    """``annotate.py``: check the config and inputs, list the images, build the annotator, annotate."""
+    """``annotate.py``: check the config and inputs, list the images, build the annotator, annotate.
+
+    Args:
+        cfg: the composed ``configs/annotate.yaml``.
+    """
     validate_config(cfg, AnnotateConfig)
     listing = ImageListing(**cfg.input)
     return annotate_dataset(

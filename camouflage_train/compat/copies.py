@@ -31,7 +31,16 @@ PACKAGE = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class CopiedFrom:
-    """One marker: where it is and what it records."""
+    """One marker: where it is and what it records.
+
+    Args:
+        file: the file with the marker.
+        line: the marker's first line.
+        target: the upstream object's dotted name.
+        library: the distribution it belongs to.
+        version: the version read when copying.
+        digest: the first 16 hex digits of the SHA-256 of its source then.
+    """
 
     file: Path
     line: int

@@ -54,7 +54,11 @@ def _step(row: dict[str, str]) -> float:
 
 class ResumableCSVLogger(CSVLogger):
     """``CSVLogger`` that continues the run folder's ``metrics.csv`` (see :class:`ContinuingExperimentWriter`) and
-    writes rows when they are logged (Lightning's default buffers 100 steps, which a killed run loses)."""
+    writes rows when they are logged (Lightning's default buffers 100 steps, which a killed run loses).
+
+    Args:
+        flush_logs_every_n_steps: write rows to disk every this many steps (1: at once).
+    """
 
     def __init__(self, *args: Any, flush_logs_every_n_steps: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, flush_logs_every_n_steps=flush_logs_every_n_steps, **kwargs)

@@ -39,7 +39,14 @@ _NP_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
 
 def cache_key(dataset: PersonImageDataset, backbone: Mapping[str, Any], flip: bool, dtype: str) -> str:
-    """A short hash of every setting the cached tensors depend on."""
+    """A short hash of every setting the cached tensors depend on.
+
+    Args:
+        dataset: the training dataset (its source, schema, crop and captions enter the key).
+        backbone: the backbone config (model id, revision, variant, dtype).
+        flip: whether both flip variants are cached.
+        dtype: the storage precision (``fp16`` or ``fp32``).
+    """
     spec = {
         "format": CACHE_FORMAT,
         "backbone": {
@@ -67,7 +74,17 @@ def build_cache(
     batch_size: int = 16,
     device: torch.device | str = "cpu",
 ) -> Path:
-    """Encode every sample of ``dataset`` (both flips when ``flip``) with ``backbone``'s VAE and text encoder."""
+    """Encode every sample of ``dataset`` (both flips when ``flip``) with ``backbone``'s VAE and text encoder.
+
+    Args:
+        dataset: the samples to encode (fixed crops).
+        backbone: a frozen backbone with ``vae``, ``text_encoder`` and ``tokenizer``.
+        folder: the cache folder to write (atomically).
+        flip: also encode every sample mirrored.
+        dtype: the storage precision (``fp16`` or ``fp32``).
+        batch_size: images per encoding batch.
+        device: where to encode.
+    """
     if dataset.random_crop:
         raise ValueError("a latent cache needs a fixed crop: set data.random_crop=false or disable data.cache")
     np_dtype = _NP_DTYPES[dtype]
@@ -151,7 +168,11 @@ def build_cache(
 
 def cache_problem(folder: Path) -> str | None:
     """Why ``folder`` is not a complete, intact cache (``None`` when it is): a missing ``meta.json`` (the build
-    never finished), another format, or an array whose size differs from the one recorded (truncated)."""
+    never finished), another format, or an array whose size differs from the one recorded (truncated).
+
+    Args:
+        folder: the cache folder.
+    """
     meta_path = folder / "meta.json"
     if not meta_path.is_file():
         return "no meta.json (incomplete build)"
@@ -166,7 +187,12 @@ def cache_problem(folder: Path) -> str | None:
 
 
 class CachedLatentDataset(Dataset):
-    """Training samples read from a cache: latents, text embeddings, person arrays; a random flip variant."""
+    """Training samples read from a cache: latents, text embeddings, person arrays; a random flip variant.
+
+    Args:
+        folder: a complete cache (see :func:`build_cache`).
+        flip_prob: probability of serving the mirrored variant (when it was cached).
+    """
 
     def __init__(self, folder: str | Path, flip_prob: float = 0.0) -> None:
         self.folder = Path(folder)
@@ -196,7 +222,12 @@ class CachedLatentDataset(Dataset):
         return {**item, "sample_seed": key[1]} if isinstance(key, tuple) else item
 
     def item(self, index: int, variant: int) -> dict[str, Any]:
-        """Row ``index`` as stored for flip variant ``variant`` (0: as is, 1: mirrored)."""
+        """Row ``index`` as stored for flip variant ``variant`` (0: as is, 1: mirrored).
+
+        Args:
+            index: the cached row.
+            variant: 0 (as is) or 1 (mirrored).
+        """
         arrays = self._open()
         item = {
             "latent_mean": torch.from_numpy(np.array(arrays["latent_mean"][index, variant], np.float32)),

@@ -29,14 +29,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Skipped:
-    """Returned instead of a sample that cannot be used; the collate function counts it by reason."""
+    """Returned instead of a sample that cannot be used; the collate function counts it by reason.
+
+    Args:
+        reason: a short label (``decode error``, ``too small``, ...).
+        key: the sample's key, for the log.
+    """
 
     reason: str
     key: str
 
 
 def collate_skipping(items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
-    """Collate the usable samples; ``batch["skipped"]`` maps reason -> count, ``batch["size"]`` is what is left."""
+    """Collate the usable samples; ``batch["skipped"]`` maps reason -> count, ``batch["size"]`` is what is left.
+
+    Args:
+        items: the loader's samples, some of them :class:`Skipped`.
+    """
     good = [item for item in items if not isinstance(item, Skipped)]
     seeds = [item.pop("sample_seed") for item in good if "sample_seed" in item]
     batch: dict[str, Any] = default_collate(good) if good else {}
@@ -54,6 +63,11 @@ class CaptionBuilder:
     """Use the sample's own caption when it has one, else fill ``template`` from the person records.
 
     ``{people}`` in ``template`` becomes the persons, each formatted with ``person`` (any schema field).
+
+    Args:
+        template: the prompt; ``{people}`` is the persons' descriptions joined, ``{count}`` their number.
+        person: one person's description, formatted with its record's fields.
+        prefer_dataset_caption: use the sample's own caption when it has one.
     """
 
     template: str = "a photo of {people}"
@@ -68,7 +82,17 @@ class CaptionBuilder:
 
 
 class PersonImageDataset(Dataset):
-    """Square crops at ``resolution`` with padded person arrays and a caption."""
+    """Square crops at ``resolution`` with padded person arrays and a caption.
+
+    Args:
+        source: the samples (:mod:`~camouflage_train.data.sources`).
+        schema: the attribute schema.
+        resolution: the square crop size in pixels.
+        random_crop: crop at random (else centrally).
+        flip_prob: probability of a horizontal flip (boxes and ``mirror`` attributes follow).
+        min_visible: persons keeping less than this share of their box inside the crop are dropped.
+        captions: how captions are made when a sample has none.
+    """
 
     def __init__(
         self,
@@ -106,7 +130,13 @@ class PersonImageDataset(Dataset):
     def variants(
         self, index: int, flips: tuple[bool, ...] = (False, True), generator: torch.Generator | None = None
     ) -> list[dict[str, Any]] | Skipped:
-        """The sample once per entry of ``flips`` (the image is read once), or :class:`Skipped`."""
+        """The sample once per entry of ``flips`` (the image is read once), or :class:`Skipped`.
+
+        Args:
+            index: the sample.
+            flips: one variant per entry: mirrored or not.
+            generator: the crop's random numbers (``None``: the global RNG).
+        """
         try:
             image, persons, dropped, sample = self._load(index, generator)
             return [self._finish(image, persons, dropped, sample, flip) for flip in flips]

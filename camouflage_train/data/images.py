@@ -40,7 +40,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(source: Any, min_size: int = 1) -> Image.Image:
-    """Open a path or take a PIL image; return an upright, fully decoded RGB image."""
+    """Open a path or take a PIL image; return an upright, fully decoded RGB image.
+
+    Args:
+        source: a path, bytes-like file object or PIL image.
+        min_size: refuse images whose shorter side is smaller (:class:`BadSampleError`).
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -27,20 +27,35 @@ SampleKey = tuple[int, int]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for everything random about sample ``index`` in ``epoch``."""
+    """A 63-bit seed for everything random about sample ``index`` in ``epoch``.
+
+    Args:
+        seed: the run's data seed.
+        epoch: the epoch.
+        index: the sample's index in the dataset.
+    """
     digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def image_seed(seed: int, name: str) -> int:
     """The generation seed of an image (anonymization, evaluation) from its file name: independent of batch
-    size, order and reruns."""
+    size, order and reruns.
+
+    Args:
+        seed: the run's seed.
+        name: the image's stable name (its path relative to the input folder).
+    """
     return (seed + zlib.crc32(name.encode("utf-8"))) % 2**31
 
 
 def split_key(key: int | SampleKey) -> tuple[int, torch.Generator | None]:
     """``(index, generator)`` for a sampler key; a plain index (evaluation, caching) gets ``None`` (no randomness
-    source of its own: the caller's global RNG is used)."""
+    source of its own: the caller's global RNG is used).
+
+    Args:
+        key: an index, or ``(index, sample seed)`` from :class:`ResumableSampler`.
+    """
     if isinstance(key, tuple):
         index, seed = key
         return int(index), torch.Generator().manual_seed(int(seed))
@@ -48,7 +63,12 @@ def split_key(key: int | SampleKey) -> tuple[int, torch.Generator | None]:
 
 
 class KeyedSubset(Dataset):
-    """A subset that also accepts ``(position, seed)`` keys, passing the seed through to the dataset."""
+    """A subset that also accepts ``(position, seed)`` keys, passing the seed through to the dataset.
+
+    Args:
+        dataset: the full dataset.
+        indices: the subset's positions in it.
+    """
 
     def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
         self.dataset, self.indices = dataset, list(indices)
@@ -64,7 +84,16 @@ class KeyedSubset(Dataset):
 
 class ResumableSampler(DistributedSampler):
     """A ``DistributedSampler`` (so Lightning's DDP keeps it as is) that yields ``(index, sample_seed)`` keys and
-    can start the current epoch at a position (resuming from a mid-epoch checkpoint)."""
+    can start the current epoch at a position (resuming from a mid-epoch checkpoint).
+
+    Args:
+        size: the dataset's length.
+        seed: the order and every sample seed derive from it.
+        num_replicas: processes sharing the data.
+        rank: this process.
+        shuffle: a new seeded order every epoch.
+        drop_last: drop the tail that does not split evenly over the processes.
+    """
 
     def __init__(
         self, size: int, seed: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, drop_last: bool = False
@@ -75,7 +104,11 @@ class ResumableSampler(DistributedSampler):
         self.start = 0
 
     def start_at(self, position: int) -> None:
-        """Skip the first ``position`` samples of this rank's order in the next iteration (once)."""
+        """Skip the first ``position`` samples of this rank's order in the next iteration (once).
+
+        Args:
+            position: samples of this rank's order to skip.
+        """
         if not 0 <= position <= self.num_samples:
             raise ValueError(f"resume position {position} is outside this epoch's {self.num_samples} samples")
         self.start = position

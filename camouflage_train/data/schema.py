@@ -32,7 +32,14 @@ class InvalidRecordError(ValueError):
 
 @dataclass(frozen=True)
 class ContinuousAttribute:
-    """A real-valued attribute with a closed range; ``mirror`` flips its sign under a horizontal flip."""
+    """A real-valued attribute with a closed range; ``mirror`` flips its sign under a horizontal flip.
+
+    Args:
+        name: the record field.
+        low: the lowest valid value.
+        high: the highest valid value.
+        mirror: negate the value under a horizontal flip (yaw, roll).
+    """
 
     name: str
     low: float
@@ -50,13 +57,22 @@ class ContinuousAttribute:
             )
 
     def normalize(self, value: float) -> float:
-        """Map the declared range onto [0, 1]."""
+        """Map the declared range onto [0, 1].
+
+        Args:
+            value: a value inside ``[low, high]``.
+        """
         return (value - self.low) / (self.high - self.low)
 
 
 @dataclass(frozen=True)
 class CategoricalAttribute:
-    """An attribute taking one of ``classes``; records may give the class name or its index."""
+    """An attribute taking one of ``classes``; records may give the class name or its index.
+
+    Args:
+        name: the record field.
+        classes: the class names, in the encoder's index order.
+    """
 
     name: str
     classes: tuple[str, ...]
@@ -66,6 +82,12 @@ class CategoricalAttribute:
             raise ValueError(f"attribute '{self.name}': needs at least two distinct classes, got {self.classes}")
 
     def index(self, value: Any, where: str) -> int:
+        """The class index of ``value`` (a class name or an index), or :class:`InvalidRecordError`.
+
+        Args:
+            value: what the record holds.
+            where: the record's place, for the error.
+        """
         if isinstance(value, str):
             if value not in self.classes:
                 raise InvalidRecordError(
@@ -83,7 +105,14 @@ class CategoricalAttribute:
 
 @dataclass(frozen=True)
 class PersonArrays:
-    """Fixed-size arrays for up to ``max_persons`` persons; rows past ``mask`` are zero padding."""
+    """Fixed-size arrays for up to ``max_persons`` persons; rows past ``mask`` are zero padding.
+
+    Args:
+        boxes: ``[P, 4]`` float32, normalised ``x0, y0, x1, y1``.
+        continuous: ``[P, C]`` float32, each attribute mapped to ``[0, 1]``.
+        categorical: ``[P, K]`` int64 class indices.
+        mask: ``[P]`` bool, true for real persons.
+    """
 
     boxes: np.ndarray  # [P, 4] float32, normalized xyxy
     continuous: np.ndarray  # [P, C] float32, each attribute normalized to [0, 1]
@@ -93,7 +122,13 @@ class PersonArrays:
 
 @dataclass(frozen=True)
 class AttributeSchema:
-    """Which attributes describe a person, their ranges, and how many persons an image may hold."""
+    """Which attributes describe a person, their ranges, and how many persons an image may hold.
+
+    Args:
+        max_persons: the most persons per image (the rest are dropped, largest kept).
+        continuous: the real-valued attributes, in the encoder's input order.
+        categorical: the categorical attributes, in the encoder's input order.
+    """
 
     max_persons: int
     continuous: tuple[ContinuousAttribute, ...] = ()
@@ -111,7 +146,11 @@ class AttributeSchema:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> AttributeSchema:
         """Build from ``{max_persons, continuous: {name: {low, high, mirror}}, categorical: {name: [classes]}}``
-        (the Hydra form) or the list form of :meth:`to_config`. Attribute order is the encoder's input order."""
+        (the Hydra form) or the list form of :meth:`to_config`. Attribute order is the encoder's input order.
+
+        Args:
+            config: the schema config (either form).
+        """
         unknown = set(config) - {"max_persons", "continuous", "categorical"}
         if unknown:
             raise ValueError(f"attribute schema: unknown keys {sorted(unknown)}")
@@ -139,14 +178,21 @@ class AttributeSchema:
 
     @property
     def num_continuous(self) -> int:
+        """How many continuous attributes a person has."""
         return len(self.continuous)
 
     @property
     def num_categorical(self) -> int:
+        """How many categorical attributes a person has."""
         return len(self.categorical)
 
     def validate(self, person: Mapping[str, Any], where: str) -> None:
-        """Raise :class:`InvalidRecordError` naming ``where`` and the field if ``person`` is not valid."""
+        """Raise :class:`InvalidRecordError` naming ``where`` and the field if ``person`` is not valid.
+
+        Args:
+            person: one person record.
+            where: its place (``file:line``), for the error.
+        """
         if not isinstance(person, Mapping):
             raise InvalidRecordError(
                 f"{where}: a person record must be a mapping, got {type(person).__name__}", "not a record"
@@ -177,7 +223,12 @@ class AttributeSchema:
             cat.index(person[cat.name], where)
 
     def to_arrays(self, persons: Sequence[Mapping[str, Any]], where: str) -> PersonArrays:
-        """Validate and pack persons into padded arrays; callers must already have cut to ``max_persons``."""
+        """Validate and pack persons into padded arrays; callers must already have cut to ``max_persons``.
+
+        Args:
+            persons: an image's person records.
+            where: their place, for errors.
+        """
         if len(persons) > self.max_persons:
             raise InvalidRecordError(f"{where}: {len(persons)} persons exceed max_persons={self.max_persons}")
         p = self.max_persons
@@ -194,7 +245,11 @@ class AttributeSchema:
         return PersonArrays(boxes=boxes, continuous=continuous, categorical=categorical, mask=mask)
 
     def mirror(self, person: Mapping[str, Any]) -> dict[str, Any]:
-        """The record as seen in the horizontally flipped image: box mirrored, ``mirror`` attributes negated."""
+        """The record as seen in the horizontally flipped image: box mirrored, ``mirror`` attributes negated.
+
+        Args:
+            person: one person record.
+        """
         out = dict(person)
         x0, y0, x1, y1 = (float(v) for v in person[BOX_KEY])
         out[BOX_KEY] = [1.0 - x1, y0, 1.0 - x0, y1]
@@ -205,12 +260,21 @@ class AttributeSchema:
 
 
 def as_schema(schema: AttributeSchema | Mapping[str, Any]) -> AttributeSchema:
-    """Accept a built schema or its config mapping (as Hydra passes it)."""
+    """Accept a built schema or its config mapping (as Hydra passes it).
+
+    Args:
+        schema: a schema or its config.
+    """
     return schema if isinstance(schema, AttributeSchema) else AttributeSchema.from_config(schema)
 
 
 def keep_largest(persons: Sequence[Mapping[str, Any]], limit: int) -> list[Mapping[str, Any]]:
-    """Keep the ``limit`` persons with the largest boxes, in their original order."""
+    """Keep the ``limit`` persons with the largest boxes, in their original order.
+
+    Args:
+        persons: an image's person records.
+        limit: how many to keep.
+    """
     if len(persons) <= limit:
         return list(persons)
 

@@ -34,7 +34,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class RawSample:
     """One image before any transform; ``key`` names it in errors and logs, ``name`` is its stable id
-    (file path relative to the root, or row index) for outputs."""
+    (file path relative to the root, or row index) for outputs.
+
+    Args:
+        image: the decoded RGB image.
+        persons: its person records.
+        caption: its caption, if the data has one.
+        key: its name in errors and logs.
+        name: its stable id for outputs.
+    """
 
     image: Image.Image
     persons: list[dict[str, Any]]
@@ -51,14 +59,23 @@ class SampleSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def fingerprint(self) -> dict[str, Any]: ...
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the data (file hashes, seeds, settings), for cache keys."""
+        ...
 
     def __getitem__(self, index: int) -> RawSample: ...
 
 
 @dataclass(frozen=True)
 class RejectedRow:
-    """A sidecar line that cannot be used: where it is (``file:line``), a short reason label, and the detail."""
+    """A sidecar line that cannot be used: where it is (``file:line``), a short reason label, and the detail.
+
+    Args:
+        where: ``file:line`` of the row.
+        reason: a short label.
+        detail: what is wrong.
+        name: the row's image name, when it has one.
+    """
 
     where: str
     reason: str
@@ -80,6 +97,14 @@ def screen_rows(
     Raises :class:`~camouflage_train.errors.DataError` when no row is usable, or when the share of faulty rows
     (all skipped rows but those the annotation recorded as unreadable images) exceeds ``max_skipped_fraction``:
     a mostly broken sidecar is a mistake to fix, not to train on.
+
+    Args:
+        rows: the sidecar's rows.
+        schema: the attribute schema to validate records against (``None``: no check).
+        name: the source's name in messages.
+        exists: whether a row's image exists (``None``: not checked).
+        rejected: rows the reader already refused.
+        max_skipped_fraction: the largest share of rows that may be skipped.
     """
     parsed = as_schema(schema) if schema is not None else None
     kept: list[dict[str, Any]] = []
@@ -124,7 +149,11 @@ def screen_rows(
 
 def read_sidecar(path: str | Path) -> tuple[list[dict[str, Any]], list[RejectedRow]]:
     """Read person-record rows from ``.jsonl`` or ``.parquet``: the rows with a ``persons`` list (each gets
-    ``_where`` = ``file:line``), and the lines that are not such rows (malformed JSON, not an object, no list)."""
+    ``_where`` = ``file:line``), and the lines that are not such rows (malformed JSON, not an object, no list).
+
+    Args:
+        path: the sidecar file.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"person-record sidecar not found: {path}")
@@ -192,7 +221,16 @@ def _file_of(row: dict[str, Any]) -> str | None:
 
 class SyntheticSource:
     """``num_samples`` scenes drawn from ``seed + index``; deterministic, no files. ``face_size``: the range of
-    face box widths as fractions of the image width (the miniature world's models were trained on the default)."""
+    face box widths as fractions of the image width (the miniature world's models were trained on the default).
+
+    Args:
+        schema: the attribute schema the scenes' persons follow.
+        num_samples: how many scenes.
+        resolution: their size in pixels.
+        seed: scene ``i`` is drawn from ``seed + i``.
+        min_persons: the fewest persons per scene.
+        face_size: the range of face box widths, as fractions of the image width.
+    """
 
     def __init__(
         self,
@@ -212,6 +250,7 @@ class SyntheticSource:
         return self.num_samples
 
     def fingerprint(self) -> dict[str, Any]:
+        """The seed, count and drawing settings: everything the scenes depend on."""
         return {
             "type": "synthetic",
             "num_samples": self.num_samples,
@@ -242,6 +281,14 @@ class FolderSource:
     Rows that cannot train are left out up front and counted in ``skipped`` by reason (malformed lines, no
     ``file``, names leaving ``root``, missing images, with ``schema`` invalid records); more than
     ``max_skipped_fraction`` of all rows is an error. Unreadable images are found (and skipped) when loaded.
+
+    Args:
+        root: the image folder.
+        sidecar: the person-record file (``.jsonl`` or ``.parquet``).
+        caption_field: the rows' caption field.
+        schema: the attribute schema to validate records against.
+        min_image_size: images with a shorter side are skipped when read.
+        max_skipped_fraction: the largest share of rows that may be skipped up front.
     """
 
     def __init__(
@@ -281,9 +328,15 @@ class FolderSource:
         self.sidecar = Path(sidecar)
 
     def name_of(self, index: int) -> str:
+        """The image file of row ``index``, relative to ``root``.
+
+        Args:
+            index: the row.
+        """
         return self.rows[index]["file"]
 
     def fingerprint(self) -> dict[str, Any]:
+        """The sidecar's content hash, the rows kept and the settings."""
         return {
             "type": "folder",
             "root": str(self.root.resolve()),
@@ -308,7 +361,20 @@ class FolderSource:
 
 
 class HFDatasetSource:
-    """A ``datasets`` dataset; persons from ``persons_column`` or from a sidecar of ``{"index", "persons"}`` rows."""
+    """A ``datasets`` dataset; persons from ``persons_column`` or from a sidecar of ``{"index", "persons"}`` rows.
+
+    Args:
+        path: the ``datasets`` repository id or local folder.
+        split: the split to read.
+        image_column: the image column.
+        persons_column: a column of person-record lists (or use ``sidecar``).
+        caption_column: a caption column, if any.
+        sidecar: a file of ``{index, persons}`` rows (from ``annotate.py``).
+        revision: the dataset revision.
+        schema: the attribute schema to validate records against.
+        min_image_size: images with a shorter side are skipped when read.
+        max_skipped_fraction: the largest share of rows that may be skipped up front.
+    """
 
     def __init__(
         self,
@@ -360,6 +426,7 @@ class HFDatasetSource:
         self.revision = revision
 
     def fingerprint(self) -> dict[str, Any]:
+        """The dataset's own fingerprint, the sidecar's hash and the settings."""
         return {
             "type": "hf",
             "name": self.name,

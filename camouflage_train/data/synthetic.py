@@ -38,7 +38,11 @@ FACE_SIZE = (0.3, 0.5)
 
 
 def check_face_size(face_size: Sequence[float]) -> tuple[float, float]:
-    """``(low, high)`` as floats, or a ValueError naming ``face_size``."""
+    """``(low, high)`` as floats, or a ValueError naming ``face_size``.
+
+    Args:
+        face_size: ``(low, high)`` fractions of the image width.
+    """
     values = [float(v) for v in face_size]
     if len(values) != 2 or not 0.0 < values[0] <= values[1] < 1.0:
         raise ValueError(f"face_size: [low, high] with 0 < low <= high < 1 (fractions of the width), got {values}")
@@ -52,7 +56,14 @@ def sample_person(
     face_size: tuple[float, float] = FACE_SIZE,
 ) -> dict[str, Any]:
     """Draw a random face box (width uniform in ``face_size`` of the image width) that overlaps earlier ones
-    little, plus attribute values inside the schema."""
+    little, plus attribute values inside the schema.
+
+    Args:
+        rng: the scene's random numbers.
+        schema: the attribute schema (ranges, classes).
+        occupied: the boxes drawn so far.
+        face_size: the range of face widths, as fractions of the image width.
+    """
     for _ in range(20):
         w = float(rng.uniform(*face_size))
         h = w * float(rng.uniform(1.1, 1.3))
@@ -76,6 +87,15 @@ class Appearance:
     Colours, plus the face's shape as factors on the nominal feature sizes: eye spacing, eye radius, mouth
     width and nose size (1.0: the nominal face). The five keypoints stay nominal (pose only), so aligning a
     crop on them keeps these differences for a recogniser to see, as aligning a real face keeps its proportions.
+
+    Args:
+        hair: RGB.
+        clothes: RGB.
+        skin: RGB.
+        eye_gap: factor on the nominal eye spacing.
+        eye_size: factor on the nominal eye radius.
+        mouth_width: factor on the nominal mouth width.
+        nose_size: factor on the nominal nose size.
     """
 
     hair: tuple[int, int, int]
@@ -92,6 +112,12 @@ SHAPE_RANGES = {"eye_gap": (0.7, 1.3), "eye_size": (0.7, 1.5), "mouth_width": (0
 
 
 def sample_appearance(rng: np.random.Generator, age: float) -> Appearance:
+    """A random identity: colours (grey hair past 45) and face-shape factors.
+
+    Args:
+        rng: the scene's random numbers.
+        age: the person's age.
+    """
     grey = int(np.clip(40 + age * 2.0, 40, 235))
     hair = (grey, grey, grey) if age > 45 else (int(rng.integers(40, 120)), int(rng.integers(20, 60)), 10)
     clothes = tuple(int(v) for v in rng.integers(30, 225, size=3))
@@ -141,7 +167,12 @@ def _face_geometry(person: dict[str, Any], size: tuple[int, int]) -> dict[str, A
 
 
 def face_keypoints(person: dict[str, Any], size: tuple[int, int]) -> np.ndarray:
-    """insightface's five keypoints of a drawn face in pixels ``[5, 2]``: eyes, nose tip, mouth corners."""
+    """insightface's five keypoints of a drawn face in pixels ``[5, 2]``: eyes, nose tip, mouth corners.
+
+    Args:
+        person: a drawn person's record.
+        size: the image size ``(width, height)``.
+    """
     g = _face_geometry(person, size)
     return np.array([g["eyes"][0], g["eyes"][1], g["nose"][0], g["mouth"][0], g["mouth"][1]], dtype=np.float32)
 
@@ -149,6 +180,14 @@ def face_keypoints(person: dict[str, Any], size: tuple[int, int]) -> np.ndarray:
 def draw_person(
     draw: ImageDraw.ImageDraw, person: dict[str, Any], size: tuple[int, int], appearance: Appearance
 ) -> None:
+    """Draw one person (face, hair, clothes) from its record and appearance.
+
+    Args:
+        draw: the scene's drawing context.
+        person: the person's record (box, attributes).
+        size: the image size ``(width, height)``.
+        appearance: its identity.
+    """
     g = _face_geometry(person, size)
     x0, y0, x1, y1 = g["box"]
     fw, fh = g["size"]
@@ -170,7 +209,12 @@ def draw_person(
 
 
 def draw_background(rng: np.random.Generator, resolution: int) -> Image.Image:
-    """A vertical gradient between two random colours."""
+    """A vertical gradient between two random colours.
+
+    Args:
+        rng: the scene's random numbers.
+        resolution: the image size in pixels.
+    """
     top, bottom = rng.integers(0, 256, size=3), rng.integers(0, 256, size=3)
     ramp = np.linspace(0.0, 1.0, resolution, dtype=np.float32)[:, None, None]
     background = (top * (1 - ramp) + bottom * ramp).astype(np.uint8)
@@ -185,7 +229,16 @@ def draw_scene(
     max_persons: int | None = None,
     face_size: tuple[float, float] = FACE_SIZE,
 ) -> tuple[Image.Image, list[dict[str, Any]]]:
-    """Return an RGB scene and the person records drawn into it; the same seed gives the same scene."""
+    """Return an RGB scene and the person records drawn into it; the same seed gives the same scene.
+
+    Args:
+        seed: the scene's seed.
+        schema: the attribute schema.
+        resolution: the image size in pixels.
+        min_persons: the fewest persons.
+        max_persons: the most persons (default the schema's).
+        face_size: the range of face widths, as fractions of the image width.
+    """
     face_size = check_face_size(face_size)
     rng = np.random.default_rng(seed)
     upper = schema.max_persons if max_persons is None else max_persons

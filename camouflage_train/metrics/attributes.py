@@ -9,6 +9,9 @@ from torchmetrics import Metric
 
 
 class AttributePreservation(Metric):
+    """Age error, gender agreement and head-pose error between matched original and anonymized faces (keyword arguments:
+    torchmetrics ``Metric`` options)."""
+
     full_state_update = False
 
     def __init__(self, **kwargs) -> None:

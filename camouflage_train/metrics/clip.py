@@ -79,12 +79,22 @@ class ClipScorer(nn.Module):
 
     @torch.no_grad()
     def image_features(self, images: list[Image.Image]) -> torch.Tensor:
+        """Unit-norm CLIP image embeddings ``[N, D]``.
+
+        Args:
+            images: RGB images.
+        """
         device = next(self.model.parameters()).device
         batch = torch.stack([self.preprocess(image) for image in images]).to(device)
         return F.normalize(self.model.encode_image(batch).float(), dim=-1)
 
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
+        """Unit-norm CLIP text embeddings ``[N, D]``.
+
+        Args:
+            texts: the captions.
+        """
         device = next(self.model.parameters()).device
         return F.normalize(self.model.encode_text(self.tokenizer(texts).to(device)).float(), dim=-1)
 

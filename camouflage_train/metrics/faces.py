@@ -16,6 +16,16 @@ from camouflage_train.annotation.head_pose import head_pose
 
 @dataclass
 class FaceSet:
+    """What the analyzer found in one image.
+
+    Args:
+        boxes: ``[F, 4]`` pixel boxes.
+        ages: ``[F]`` estimated ages.
+        genders: ``[F]`` estimated genders (class indices).
+        poses: ``[F, 3]`` yaw, pitch, roll in degrees.
+        embeddings: recogniser name -> ``[F, D]`` identity embeddings.
+    """
+
     boxes: np.ndarray  # [F, 4] pixels
     ages: np.ndarray  # [F]
     genders: np.ndarray  # [F]
@@ -55,7 +65,12 @@ def _load_recogniser(model: str, model_root: str, ctx_id: int, providers: list[s
 
 
 class FaceAnalyzer:
-    """Detector + gender/age (an insightface pack) and several recognisers, run on one image at a time."""
+    """Detector + gender/age (an insightface pack) and several recognisers, run on one image at a time.
+
+    Args:
+        detector: the ``faces=`` annotator (its model root, device and providers serve the recognisers too).
+        recognisers: name -> ``{model: pack name, folder or .onnx file, threshold}``.
+    """
 
     def __init__(self, detector: FaceAnnotator, recognisers: Mapping[str, Mapping[str, Any]]) -> None:
         """``detector``: the ``faces=`` annotator (its model root, device and providers serve the recognisers too);

@@ -31,7 +31,20 @@ from camouflage_train.utils.sweep_summary import job_folders, run_results, varie
 
 @dataclass(frozen=True)
 class Candidate:
-    """One swept row measured against its sweep's reference row (same run, same images and seeds)."""
+    """One swept row measured against its sweep's reference row (same run, same images and seeds).
+
+    Args:
+        run: what sets this run apart from the others (its overrides); empty for a single run.
+        row: the swept row, e.g. ``base@guidance=1.2``.
+        reference: its sweep's first row, e.g. ``base@guidance=0``.
+        value: the swept value.
+        privacy_fall: the reference's privacy measure minus this row's.
+        structure_fall: the reference's structure measure minus this row's.
+        detection: this row's face detection rate.
+        reference_structure: the reference row's structure measure.
+        reference_detection: the reference row's detection rate.
+        infeasible: why the row breaks the rule; empty when it is feasible.
+    """
 
     run: str  # what sets this run apart from the others (its overrides), "" for a single run
     row: str  # e.g. base@guidance=1.2
@@ -48,7 +61,18 @@ class Candidate:
 @dataclass(frozen=True)
 class Rule:
     """The selection rule. Defaults: the mini world's targets (structure may fall by 0.1 of edge IoU; faces found in
-    ≥ 80 % of cases; the unguided reference keeps SSIM ≥ 0.6) and a tie of 0.01 of rank-1."""
+    ≥ 80 % of cases; the unguided reference keeps SSIM ≥ 0.6) and a tie of 0.01 of rank-1.
+
+    Args:
+        privacy: the privacy key: a results key or fnmatch pattern (``*`` is the first recogniser found).
+        structure: the structure key.
+        max_structure_fall: the most the structure measure may fall below the reference.
+        detection: the detection-rate key.
+        min_detection: the lowest detection rate allowed.
+        reference_key: a measure the reference row must reach (the sweep is usable at all).
+        min_reference: the lowest value of ``reference_key`` allowed.
+        tie: privacy falls within this of the best count as ties (the smallest value wins).
+    """
 
     privacy: str = "reid/*/rank1"  # a results key or fnmatch pattern (* is the recogniser: the first one found)
     structure: str = "struct/edge_iou"
@@ -82,7 +106,12 @@ def _swept_value(model: Any) -> float:
 
 
 def candidates(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], rule: Rule) -> list[Candidate]:
-    """Every swept row of every run, measured against the first row of its sweep."""
+    """Every swept row of every run, measured against the first row of its sweep.
+
+    Args:
+        runs: ``(run name, results rows)`` pairs.
+        rule: the selection rule.
+    """
     found = []
     for run, rows in runs:
         sweeps: dict[str, list[Mapping[str, Any]]] = {}
@@ -124,7 +153,12 @@ def candidates(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], rule: Ru
 
 
 def choose(found: Sequence[Candidate], tie: float) -> Candidate | None:
-    """The feasible candidate with the largest privacy fall; within ``tie`` of it, the smallest swept value."""
+    """The feasible candidate with the largest privacy fall; within ``tie`` of it, the smallest swept value.
+
+    Args:
+        found: the candidates.
+        tie: privacy falls within this of the best are ties.
+    """
     feasible = [c for c in found if not c.infeasible and math.isfinite(c.privacy_fall)]
     if not feasible:
         return None
@@ -135,7 +169,11 @@ def choose(found: Sequence[Candidate], tie: float) -> Candidate | None:
 
 def load_runs(folders: Sequence[Path]) -> list[tuple[str, list[dict[str, Any]]]]:
     """``(what sets the run apart, its results rows)`` for each evaluation run: a multirun folder stands for its
-    runs, any other folder is one run."""
+    runs, any other folder is one run.
+
+    Args:
+        folders: evaluation run folders or multirun folders.
+    """
     runs: list[Path] = []
     for folder in folders:
         runs += job_folders(folder) if (folder / "multirun.yaml").is_file() else [folder]
@@ -149,6 +187,12 @@ def load_runs(folders: Sequence[Path]) -> list[tuple[str, list[dict[str, Any]]]]
 
 
 def table(found: Sequence[Candidate], chosen: Candidate | None) -> str:
+    """A Markdown table of the candidates, the chosen one marked.
+
+    Args:
+        found: the candidates.
+        chosen: the chosen one, if any.
+    """
     lines = [
         "| run | row | privacy fall | structure fall | detection | feasible |",
         "|---|---|---:|---:|---:|---|",
@@ -164,6 +208,11 @@ def table(found: Sequence[Candidate], chosen: Candidate | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> Candidate | None:
+    """``python -m camouflage_train.metrics.operating_point``: choose by the rule, print (and write) the table.
+
+    Args:
+        argv: the command line (default ``sys.argv``).
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", type=Path, nargs="+", help="a multirun folder, or evaluation run folders")
     defaults = Rule()

@@ -26,7 +26,11 @@ SWEEP_SEPARATOR = "@"
 
 
 def split_row_name(model: Any) -> tuple[str, str, str]:
-    """``base@guidance=0.4`` -> (``base``, ``guidance``, ``0.4``); a row outside a sweep -> (name, "", "")."""
+    """``base@guidance=0.4`` -> (``base``, ``guidance``, ``0.4``); a row outside a sweep -> (name, "", "").
+
+    Args:
+        model: a results row's name.
+    """
     method, _, setting = str(model).partition(SWEEP_SEPARATOR)
     name, _, value = setting.partition("=")
     return method, name, value
@@ -41,7 +45,13 @@ def plot_privacy_utility(results: Sequence[Mapping[str, Any]], path: str | Path,
     """Write the figure to ``path`` (PNG) and return it as a PIL image; ``recogniser``: whose rank-1 and cosine are
     the privacy axes (default: the first one in the results). Rows without a finite value on an axis are left off
     it. A sweep's rows share one colour, are joined in sweep order and labelled by their value; measures with a
-    standard error in the results (``<key>_se``) get error bars."""
+    standard error in the results (``<key>_se``) get error bars.
+
+    Args:
+        results: the results rows (``results.json``).
+        path: the PNG to write.
+        recogniser: whose rank-1 and cosine are the privacy axes (default: the first in the results).
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -19,7 +19,12 @@ from torchmetrics.utilities import dim_zero_cat
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix of xyxy boxes ``[N, 4]`` x ``[M, 4]``."""
+    """IoU matrix of xyxy boxes ``[N, 4]`` x ``[M, 4]``.
+
+    Args:
+        a: ``[N, 4]`` boxes.
+        b: ``[M, 4]`` boxes.
+    """
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)))
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
@@ -31,7 +36,12 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def requested_box_iou(requested: np.ndarray, detected: np.ndarray) -> np.ndarray:
     """For each requested box ``[R, 4]``, its IoU with the detected face ``[D, 4]`` it is assigned to (Hungarian
-    on IoU); 0 for a request no face was assigned to (fewer faces than requests, or no overlap)."""
+    on IoU); 0 for a request no face was assigned to (fewer faces than requests, or no overlap).
+
+    Args:
+        requested: the boxes the persons were asked for ``[R, 4]``.
+        detected: the faces found ``[D, 4]``.
+    """
     out = np.zeros(len(requested))
     iou = box_iou(requested, detected)
     if iou.size:
@@ -41,7 +51,13 @@ def requested_box_iou(requested: np.ndarray, detected: np.ndarray) -> np.ndarray
 
 
 def match_faces(original: np.ndarray, anonymized: np.ndarray, min_iou: float = 0.3) -> list[tuple[int, int]]:
-    """Pairs (original index, anonymized index) maximising total IoU, each with IoU >= ``min_iou``."""
+    """Pairs (original index, anonymized index) maximising total IoU, each with IoU >= ``min_iou``.
+
+    Args:
+        original: the original image's face boxes ``[N, 4]``.
+        anonymized: the anonymized image's face boxes ``[M, 4]``.
+        min_iou: the smallest IoU of a pair.
+    """
     iou = box_iou(original, anonymized)
     if iou.size == 0:
         return []
@@ -50,7 +66,11 @@ def match_faces(original: np.ndarray, anonymized: np.ndarray, min_iou: float = 0
 
 
 class ReIdentification(Metric):
-    """Accumulate matched embedding pairs (and face counts); see the module docstring for the outputs."""
+    """Accumulate matched embedding pairs (and face counts); see the module docstring for the outputs.
+
+    Args:
+        threshold: the recogniser's cosine similarity above which a pair counts as re-identified.
+    """
 
     full_state_update = False
 

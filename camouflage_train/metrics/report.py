@@ -75,6 +75,7 @@ def select_grid_columns(
         images: how many images (grid lines) to keep.
         out: the PNG to write.
         tile: the image size in pixels; padding: the grid's padding.
+        padding: pixels between the tiles of the grid (``make_grid``'s ``padding``).
     """
     from PIL import Image
 
@@ -99,6 +100,11 @@ def select_grid_columns(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m camouflage_train.metrics.report``: print an evaluation's table, cut a picture from its grid.
+
+    Args:
+        argv: the command line (default ``sys.argv``).
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, help="an evaluation's results.json")
     parser.add_argument("--bold", nargs="*", default=(), help="rows to set in bold")

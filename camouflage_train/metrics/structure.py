@@ -15,7 +15,13 @@ from camouflage_train.utils.optional import optional_import
 
 
 def edge_iou(original: Image.Image, output: Image.Image, edges: CannyEdges | None = None) -> float:
-    """IoU of the (1-pixel dilated) edge maps; 1.0 when neither image has an edge."""
+    """IoU of the (1-pixel dilated) edge maps; 1.0 when neither image has an edge.
+
+    Args:
+        original: the original image.
+        output: the anonymized image.
+        edges: the edge detector (default Canny with the project's thresholds).
+    """
     cv2 = optional_import("cv2", "faces", "edge_iou")
     edges = edges or CannyEdges()
     kernel = np.ones((3, 3), np.uint8)

@@ -49,6 +49,12 @@ def bootstrap_values(
     image indices for every row holding the same images, so ``values[a][k] - values[b][k]`` is the paired
     bootstrap of the difference between rows ``a`` and ``b``. NaN for a resample without a matched face and for
     a row of one image.
+
+    Args:
+        records: the evaluation's per-image records (``faces.jsonl``).
+        recognisers: the recognisers whose re-identification keys to include.
+        resamples: bootstrap draws.
+        seed: their seed.
     """
     by_row: dict[str, list[Mapping[str, Any]]] = {}
     for record in records:
@@ -78,7 +84,14 @@ def bootstrap_standard_errors(
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Per row, ``{result key: standard error}`` (see :func:`bootstrap_values`); NaN where a row has fewer than
-    two images or fewer than two resamples with a matched face."""
+    two images or fewer than two resamples with a matched face.
+
+    Args:
+        records: the evaluation's per-image records (``faces.jsonl``).
+        recognisers: the recognisers whose re-identification keys to include.
+        resamples: bootstrap draws.
+        seed: their seed.
+    """
     errors: dict[str, dict[str, float]] = {}
     for row, values in bootstrap_values(records, recognisers, resamples, seed).items():
         finite = {key: draws[np.isfinite(draws)] for key, draws in values.items()}

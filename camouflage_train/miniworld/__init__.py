@@ -15,7 +15,11 @@ __all__ = ["BUILD_COMMAND", "WEIGHTS", "mini_face_pack", "mini_scene_features", 
 
 
 def mini_face_pack(file: str | None = None) -> str:
-    """The trained mini face pack's folder, or ``file`` in it: behind ``faces=mini`` and ``recognisers=mini``."""
+    """The trained mini face pack's folder, or ``file`` in it: behind ``faces=mini`` and ``recognisers=mini``.
+
+    Args:
+        file: a file of the pack (``None``: the folder).
+    """
     folder = weights_folder("faces")
     return str(folder / file if file else folder)
 

@@ -29,6 +29,28 @@ MINI_CONFIGS = CONFIG_ROOT / "mini"
 
 @dataclass
 class BaseBuildConfig:
+    """The mini base's training recipe (``python -m camouflage_train.miniworld.build --part base``).
+
+    Args:
+        seed: the training seed.
+        num_scenes: synthetic scenes drawn (each also mirrored).
+        first_scene_seed: their first seed, apart from the demo's training (0..) and validation (1,000,000..) scenes.
+        resolution: the scenes' size in pixels.
+        batch_size: scenes per step.
+        vae_steps: autoencoder training steps.
+        vae_lr: its learning rate.
+        kl_weight: the weight of its KL term.
+        unet_steps: denoiser (UNet + text encoder) training steps.
+        unet_lr: its learning rate.
+        warmup_steps: linear warm-up of both.
+        caption_dropout: share of empty captions (for classifier-free guidance).
+        min_snr_gamma: Min-SNR loss weighting of the denoiser.
+        ema_decay: the decay of the weights' exponential moving average that is saved.
+        threads: CPU threads (0: torch's default).
+        device: ``cpu`` or ``cuda`` (random draws stay on the CPU, so seeds mean the same).
+        init_from: continue from this built base folder's UNet (``None``: from scratch).
+    """
+
     seed: int = 0
     num_scenes: int = 8192
     first_scene_seed: int = 2_000_000  # apart from the demo's training (0..) and validation (1_000_000..) scenes
@@ -70,6 +92,14 @@ def _optimizer(params: list[nn.Parameter], lr: float, total: int, warmup: int) -
 
 
 def train_autoencoder(bank: SceneBank, cfg: BaseBuildConfig, generator: torch.Generator, log: Log) -> nn.Module:
+    """Train the mini VAE (MSE + L1 + a small KL) on the bank's scenes.
+
+    Args:
+        bank: the training scenes.
+        cfg: the recipe.
+        generator: the training's random numbers.
+        log: where progress lines go.
+    """
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_config(_read("vae")).to(cfg.device).train()
@@ -95,7 +125,13 @@ def train_autoencoder(bank: SceneBank, cfg: BaseBuildConfig, generator: torch.Ge
 
 @torch.no_grad()
 def encode_bank(vae: nn.Module, bank: SceneBank, batch_size: int = 128) -> torch.Tensor:
-    """Posterior means of every scene and of its mirror image: ``[2N, C, h, w]`` (unscaled, on the CPU)."""
+    """Posterior means of every scene and of its mirror image: ``[2N, C, h, w]`` (unscaled, on the CPU).
+
+    Args:
+        vae: the trained autoencoder.
+        bank: the scenes.
+        batch_size: scenes per encoding batch.
+    """
     out = []
     device = next(vae.parameters()).device
     for flip in (False, True):
@@ -115,7 +151,16 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 def train_denoiser(
     latents: torch.Tensor, captions: list[str], tokenizer, cfg: BaseBuildConfig, generator: torch.Generator, log: Log
 ) -> tuple[nn.Module, nn.Module, list[float]]:
-    """UNet + text encoder on scaled latents; returns their EMA copies and the loss curve (means of 50 steps)."""
+    """UNet + text encoder on scaled latents; returns their EMA copies and the loss curve (means of 50 steps).
+
+    Args:
+        latents: the scenes' scaled latents.
+        captions: their captions.
+        tokenizer: the CLIP tokenizer.
+        cfg: the recipe.
+        generator: the training's random numbers.
+        log: where progress lines go.
+    """
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -183,7 +228,13 @@ def _lineage(init_from: str) -> list[dict]:
 
 
 def build_mini_base(folder: Path, cfg: BaseBuildConfig, log: Log = print) -> dict:
-    """Train and write the mini base into ``folder`` (a diffusers pipeline folder); return build metrics."""
+    """Train and write the mini base into ``folder`` (a diffusers pipeline folder); return build metrics.
+
+    Args:
+        folder: the output folder.
+        cfg: the recipe.
+        log: where progress lines go.
+    """
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 

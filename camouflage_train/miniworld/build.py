@@ -33,6 +33,12 @@ def _scaled(cfg, scale: float):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m camouflage_train.miniworld.build``: build one part of the miniature world, or all; returns the exit
+    status.
+
+    Args:
+        argv: the command line (default ``sys.argv``).
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
     parser.add_argument("--out", type=Path, default=WEIGHTS)

@@ -29,6 +29,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 @dataclass
 class ControlNetBuildConfig:
+    """The recipe of the mini world's ControlNets (trained with ``train.py experiment=controlnet_mini``).
+
+    Args:
+        base: the frozen base it is trained on (the build passes the base built next to it).
+        seed: the training seed.
+        train_steps: training steps.
+        warmup_steps: linear warm-up steps.
+        batch_size: scenes per step.
+        lr: the learning rate.
+        num_scenes: synthetic training scenes.
+        threads: CPU threads (0: torch's default).
+        device: ``cpu`` or ``cuda``.
+    """
+
     base: str = "preset:mini"  # the frozen base it is trained on (the build passes the base it built next to it)
     seed: int = 0
     train_steps: int = 1200
@@ -41,7 +55,13 @@ class ControlNetBuildConfig:
 
 
 def controlnet_overrides(part: str, cfg: ControlNetBuildConfig, output_dir: Path) -> list[str]:
-    """The ``train.py`` overrides that train ``part``: what a user types to rebuild it by hand."""
+    """The ``train.py`` overrides that train ``part``: what a user types to rebuild it by hand.
+
+    Args:
+        part: ``controlnet_canny`` or ``controlnet_recon``.
+        cfg: the recipe.
+        output_dir: the training run's folder.
+    """
     accelerator = "gpu" if cfg.device.startswith("cuda") else "cpu"
     return [
         "experiment=controlnet_mini",
@@ -70,7 +90,14 @@ def _val_loss(module, batches: list[dict]) -> float:
 def build_mini_controlnet(
     folder: Path, cfg: ControlNetBuildConfig, log: Callable[[str], None] = print, *, part: str
 ) -> dict:
-    """Train ``part`` (a key of :data:`CONDITIONS`), write it into ``folder`` in fp16, return build metrics."""
+    """Train ``part`` (a key of :data:`CONDITIONS`), write it into ``folder`` in fp16, return build metrics.
+
+    Args:
+        folder: the output folder.
+        cfg: the recipe.
+        log: where progress lines go.
+        part: which ControlNet.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 

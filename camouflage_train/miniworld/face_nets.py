@@ -20,6 +20,9 @@ class GridDetector(nn.Module):
 
     Input: insightface's normalised RGB ``(pixel - 127.5) / 128``, any size divisible by 32. Outputs, as SCRFD
     (scores, boxes, keypoints for strides 8, 16, 32; rows = cells x 2 anchors): distances in stride units.
+
+    Args:
+        width: channels of the first convolution.
     """
 
     def __init__(self, width: int = 48) -> None:
@@ -31,7 +34,11 @@ class GridDetector(nn.Module):
         self.head = nn.Conv2d(width, 1 + 4 + 10, 1)
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, 15, H/8, W/8]``: score logit, 4 box distances, 10 keypoint offsets."""
+        """``[B, 15, H/8, W/8]``: score logit, 4 box distances, 10 keypoint offsets.
+
+        Args:
+            x: normalised images ``[B, 3, H, W]``.
+        """
         return self.head(self.trunk(x))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -47,7 +54,13 @@ class GridDetector(nn.Module):
 
 
 class CropNet(nn.Module):
-    """Aligned face crop -> ``out_dim`` values (gender logits + age/100, or an identity embedding)."""
+    """Aligned face crop -> ``out_dim`` values (gender logits + age/100, or an identity embedding).
+
+    Args:
+        out_dim: output values.
+        input_size: the crop's side in pixels (96 for gender/age, 112 for recognition).
+        width: channels of the first convolution.
+    """
 
     def __init__(self, out_dim: int, input_size: int, width: int = 64) -> None:
         super().__init__()

@@ -46,6 +46,26 @@ Log = Callable[[str], None]
 
 @dataclass
 class FaceBuildConfig:
+    """The mini face pack's training recipe (``python -m camouflage_train.miniworld.build --part faces``).
+
+    Args:
+        base: whose VAE the recogniser's second views pass through (the build passes the base built next to it).
+        seed: the training seed.
+        num_scenes: synthetic scenes for the detector and gender/age.
+        first_scene_seed: their first seed.
+        resolution: the scenes' size in pixels.
+        num_identities: identities for the recogniser, each drawn in two scenes.
+        batch_size: samples per step.
+        lr: the learning rate.
+        detector_steps: detector training steps.
+        genderage_steps: gender/age training steps.
+        recogniser_steps: recogniser training steps.
+        feature_steps: FID/KID scene-feature training steps.
+        temperature: the recogniser's contrastive loss temperature.
+        decoded_views: share of second identity views encoded and decoded by the base's VAE.
+        threads: CPU threads (0: torch's default).
+    """
+
     base: str = "preset:mini"  # whose VAE the recogniser sees through (the build passes the base built next to it)
     seed: int = 0
     num_scenes: int = 6000
@@ -66,7 +86,13 @@ class FaceBuildConfig:
 def degrade(image: Image.Image, rng: np.random.Generator, colour: bool = True) -> Image.Image:
     """Blur, noise and (``colour``) a colour shift of the kind a small generator leaves; a quarter stay clean.
 
-    The recogniser's views keep their colours: skin and hair colour *are* the identity in this world."""
+    The recogniser's views keep their colours: skin and hair colour *are* the identity in this world.
+
+    Args:
+        image: a face crop or scene.
+        rng: random numbers.
+        colour: also shift the colours.
+    """
     if rng.random() < 0.25:
         return image
     image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 1.5))))
@@ -78,7 +104,12 @@ def degrade(image: Image.Image, rng: np.random.Generator, colour: bool = True) -
 
 
 def visible_fraction(persons: list[dict[str, Any]], resolution: int) -> np.ndarray:
-    """How much of each face (its ellipse) the nearer persons leave visible, drawn in the scene's order."""
+    """How much of each face (its ellipse) the nearer persons leave visible, drawn in the scene's order.
+
+    Args:
+        persons: a scene's person records, in drawing order.
+        resolution: the scene's size in pixels.
+    """
     ids = Image.new("RGB", (resolution, resolution))
     draw = ImageDraw.Draw(ids)
     order = sorted(range(len(persons)), key=lambda i: persons[i]["box"][3])
@@ -98,12 +129,24 @@ def visible_fraction(persons: list[dict[str, Any]], resolution: int) -> np.ndarr
 
 
 def normalise(images: np.ndarray, mean: float, std: float) -> torch.Tensor:
-    """uint8 ``[N, H, W, 3]`` RGB -> float ``[N, 3, H, W]`` as insightface's ``blobFromImage`` feeds the model."""
+    """uint8 ``[N, H, W, 3]`` RGB -> float ``[N, 3, H, W]`` as insightface's ``blobFromImage`` feeds the model.
+
+    Args:
+        images: uint8 images ``[N, H, W, 3]``.
+        mean: subtracted from every pixel.
+        std: then divided by.
+    """
     return (torch.from_numpy(images).permute(0, 3, 1, 2).float() - mean) / std
 
 
 def detector_targets(persons: list[dict[str, Any]], visible: np.ndarray, resolution: int) -> np.ndarray:
-    """``[16, G, G]``: positive flag (1), ignore flag (-1 for hidden faces), box distances, keypoint offsets."""
+    """``[16, G, G]``: positive flag (1), ignore flag (-1 for hidden faces), box distances, keypoint offsets.
+
+    Args:
+        persons: a scene's person records.
+        visible: each face's visible fraction.
+        resolution: the scene's size in pixels.
+    """
     grid = resolution // DET_STRIDE
     target = np.zeros((16, grid, grid), dtype=np.float32)
     ys, xs = np.mgrid[:grid, :grid] * DET_STRIDE  # SCRFD's anchor points: cell corners
@@ -125,7 +168,12 @@ def detector_targets(persons: list[dict[str, Any]], visible: np.ndarray, resolut
 
 
 def attribute_crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """insightface's genderage crop: centred on the box, 1.5x its longer side, 96x96."""
+    """insightface's genderage crop: centred on the box, 1.5x its longer side, 96x96.
+
+    Args:
+        image: an RGB scene ``[H, W, 3]``.
+        box: a face box in pixels.
+    """
     from insightface.utils import face_align
 
     w, h = box[2] - box[0], box[3] - box[1]
@@ -135,6 +183,12 @@ def attribute_crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
 
 
 def recogniser_crop(image: np.ndarray, kps: np.ndarray) -> np.ndarray:
+    """insightface's recognition crop: the face aligned on its five keypoints, 112x112.
+
+    Args:
+        image: an RGB scene ``[H, W, 3]``.
+        kps: the face's five keypoints in pixels.
+    """
     from insightface.utils import face_align
 
     return face_align.norm_crop(image, landmark=kps.astype(np.float32), image_size=112)
@@ -187,7 +241,13 @@ def _scene_bank(cfg: FaceBuildConfig, rng: np.random.Generator) -> dict[str, Any
 
 def vae_round_trip(base: str, scenes: np.ndarray, batch_size: int = 128) -> np.ndarray:
     """``[N, H, W, 3]`` uint8 scenes through the evaluation's ``reconstruction`` row: the VAE of ``base`` (a preset
-    or folder), encode (latent mean) and decode."""
+    or folder), encode (latent mean) and decode.
+
+    Args:
+        base: a preset or pipeline folder.
+        scenes: uint8 scenes ``[N, H, W, 3]``.
+        batch_size: scenes per batch.
+    """
     from camouflage_train.pipelines.anonymizer import VaeReconstruction
 
     if not len(scenes):
@@ -203,7 +263,12 @@ def vae_round_trip(base: str, scenes: np.ndarray, batch_size: int = 128) -> np.n
 
 def identity_views(cfg: FaceBuildConfig, rng: np.random.Generator) -> np.ndarray:
     """``[I, 2, 112, 112, 3]``: each identity (appearance, age, gender) drawn into two unrelated scenes, aligned;
-    the second view passes through the base's VAE with probability ``cfg.decoded_views``."""
+    the second view passes through the base's VAE with probability ``cfg.decoded_views``.
+
+    Args:
+        cfg: the recipe.
+        rng: random numbers.
+    """
     schema = face_schema()
     views = np.zeros((cfg.num_identities, 2, 112, 112, 3), dtype=np.uint8)
     scenes = np.zeros((cfg.num_identities, 2, cfg.resolution, cfg.resolution, 3), dtype=np.uint8)
@@ -232,7 +297,13 @@ def identity_views(cfg: FaceBuildConfig, rng: np.random.Generator) -> np.ndarray
 
 
 def build_mini_face_pack(folder: Path, cfg: FaceBuildConfig, log: Log = print) -> dict:
-    """Train the three models and write them (ONNX) with ``build.json`` into ``folder``."""
+    """Train the three models and write them (ONNX) with ``build.json`` into ``folder``.
+
+    Args:
+        folder: the output folder.
+        cfg: the recipe.
+        log: where progress lines go.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -298,7 +369,13 @@ def build_mini_face_pack(folder: Path, cfg: FaceBuildConfig, log: Log = print) -
 
 
 def build_scene_features(folder: Path, cfg: FaceBuildConfig, log: Log = print) -> dict:
-    """:class:`SceneFeatures` trained to predict the person count, the face-centre cells and the background."""
+    """:class:`SceneFeatures` trained to predict the person count, the face-centre cells and the background.
+
+    Args:
+        folder: the output folder.
+        cfg: the recipe.
+        log: where progress lines go.
+    """
     from camouflage_train.miniworld.scenes import draw_bank
     from camouflage_train.stand_ins.scene_features import SceneFeatures
 

@@ -31,11 +31,21 @@ FACE_ATTRIBUTES: dict[str, Any] = {
 
 
 def face_schema() -> AttributeSchema:
+    """The attribute schema of the miniature world: the face attributes of ``configs/attributes/face.yaml``."""
     return AttributeSchema.from_config(FACE_ATTRIBUTES)
 
 
 @dataclass
 class SceneBank:
+    """Synthetic scenes drawn once and held in memory for the mini world's trainers.
+
+    Args:
+        images: ``[N, 3, H, W]`` uint8.
+        persons: each scene's person records.
+        captions: each scene's caption.
+        seeds: each scene's seed.
+    """
+
     images: torch.Tensor  # [N, 3, H, W] uint8
     persons: list[list[dict[str, Any]]]
     captions: list[str]
@@ -45,7 +55,12 @@ class SceneBank:
         return len(self.seeds)
 
     def pixels(self, index: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
-        """Images ``index`` in [-1, 1]; rows where ``flip`` is true mirrored."""
+        """Images ``index`` in [-1, 1]; rows where ``flip`` is true mirrored.
+
+        Args:
+            index: the scenes.
+            flip: which of them to mirror (``None``: none).
+        """
         x = self.images[index].float() / 127.5 - 1.0
         if flip is not None:
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -53,7 +68,14 @@ class SceneBank:
 
 
 def draw_bank(first_seed: int, count: int, resolution: int, schema: AttributeSchema | None = None) -> SceneBank:
-    """Scenes ``first_seed .. first_seed + count - 1`` exactly as :class:`SyntheticSource` draws them."""
+    """Scenes ``first_seed .. first_seed + count - 1`` exactly as :class:`SyntheticSource` draws them.
+
+    Args:
+        first_seed: the first scene's seed.
+        count: how many scenes.
+        resolution: their size in pixels.
+        schema: the attribute schema (default the mini world's).
+    """
     schema = schema or face_schema()
     images, persons, captions, seeds = [], [], [], []
     for seed in range(first_seed, first_seed + count):

@@ -24,7 +24,11 @@ from camouflage_train.models.ip_adapter import AdapterConfig
 
 
 class FourierFeatures(nn.Module):
-    """``x -> [x, sin(2^k pi x), cos(2^k pi x)]`` per scalar, for inputs normalized to [0, 1]."""
+    """``x -> [x, sin(2^k pi x), cos(2^k pi x)]`` per scalar, for inputs normalized to [0, 1].
+
+    Args:
+        num_freqs: frequencies ``2^0 .. 2^(num_freqs-1)``.
+    """
 
     def __init__(self, num_freqs: int) -> None:
         super().__init__()
@@ -32,6 +36,7 @@ class FourierFeatures(nn.Module):
 
     @property
     def multiplier(self) -> int:
+        """Output values per input scalar."""
         return 1 + 2 * self.num_freqs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +84,12 @@ class AttributeEncoder(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_adapter_config(cls, schema: dict[str, Any], config: AdapterConfig) -> AttributeEncoder:
-        """The encoder of an adapter of size ``config`` (training, the Light pipeline and export build it so)."""
+        """The encoder of an adapter of size ``config`` (training, the Light pipeline and export build it so).
+
+        Args:
+            schema: the attribute schema's config.
+            config: the adapter's size.
+        """
         return cls(
             schema=schema,
             embed_dim=config.embed_dim,
@@ -102,5 +112,9 @@ class AttributeEncoder(ModelMixin, ConfigMixin):
 
 
 def encoder_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The attribute encoder's weights in a training checkpoint (keys ``encoder.*``)."""
+    """The attribute encoder's weights in a training checkpoint (keys ``encoder.*``).
+
+    Args:
+        checkpoint: a loaded Light training checkpoint.
+    """
     return {k.removeprefix("encoder."): v for k, v in checkpoint["state_dict"].items() if k.startswith("encoder.")}

@@ -36,6 +36,11 @@ class BackboneUnavailableError(HubError):
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``fp32`` / ``fp16`` / ``bf16`` (or a ``torch.dtype``) as a ``torch.dtype``.
+
+    Args:
+        name: the name or dtype.
+    """
     if isinstance(name, torch.dtype):
         return name
     if name not in _DTYPES:
@@ -45,7 +50,17 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 @dataclass
 class FrozenBackbone:
-    """The frozen SD components; ``source`` is the local folder they were read from."""
+    """The frozen SD components; ``source`` is the local folder they were read from.
+
+    Args:
+        vae: the autoencoder.
+        text_encoder: the CLIP text encoder.
+        tokenizer: its tokenizer.
+        unet: the UNet (``None`` when loaded without it).
+        noise_scheduler: the training noise schedule.
+        name: the backbone as configured (hub id, folder or preset).
+        source: the local folder it was read from.
+    """
 
     vae: nn.Module
     text_encoder: nn.Module
@@ -56,6 +71,7 @@ class FrozenBackbone:
     source: Path
 
     def modules(self) -> dict[str, nn.Module]:
+        """The loaded networks by name (``vae``, ``text_encoder``, ``unet``)."""
         found = {"vae": self.vae, "text_encoder": self.text_encoder, "unet": self.unet}
         return {name: module for name, module in found.items() if module is not None}
 
@@ -132,7 +148,14 @@ def backbone_source(
 def resolve_model_folder(
     name_or_path: str, revision: str | None = None, variant: str | None = None, cache_dir: str | Path | None = None
 ) -> Path:
-    """Turn a preset name, local folder or hub id into a local diffusers folder (downloading what is needed)."""
+    """Turn a preset name, local folder or hub id into a local diffusers folder (downloading what is needed).
+
+    Args:
+        name_or_path: hub id, local diffusers folder or ``preset:<name>``.
+        revision: hub branch, tag or commit.
+        variant: weight variant (``fp16``).
+        cache_dir: where hub downloads go (default the hub's cache).
+    """
     source = backbone_source(name_or_path, revision, variant, cache_dir)
     return source.fetch() if isinstance(source, HubPlan) else source
 
@@ -144,7 +167,15 @@ def controlnet_source(
     cache_dir: str | Path | None = None,
     config_key: str = "controlnet",
 ) -> Path | HubPlan:
-    """Like :func:`backbone_source`, for a ControlNet (``preset:tiny-controlnet-<seed>``, folder or hub id)."""
+    """Like :func:`backbone_source`, for a ControlNet (``preset:tiny-controlnet-<seed>``, folder or hub id).
+
+    Args:
+        name_or_path: hub id, local diffusers folder or ``preset:<name>``.
+        revision: hub branch, tag or commit.
+        variant: weight variant (``fp16``).
+        cache_dir: where hub downloads go (default the hub's cache).
+        config_key: the config key that names it, for errors.
+    """
     if name_or_path.startswith(PRESET_PREFIX):
         return materialize_preset(name_or_path[len(PRESET_PREFIX) :], cache_dir)
     if Path(name_or_path).expanduser().is_dir():
@@ -201,6 +232,14 @@ def load_frozen_backbone(
     """Load the components from one folder, frozen (``requires_grad=False``, eval) in ``weight_dtype``.
 
     ``with_unet=False`` skips the UNet (latent caching needs only the VAE and the text encoder).
+
+    Args:
+        pretrained_model_name_or_path: hub id, local diffusers folder or ``preset:<name>``.
+        revision: hub branch, tag or commit.
+        variant: weight variant (``fp16``).
+        weight_dtype: the frozen weights' dtype (``fp32``, ``bf16``, ``fp16``).
+        cache_dir: where hub downloads go.
+        with_unet: load the UNet too.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer

@@ -15,13 +15,22 @@ CHECKPOINTING_CHOICES = (False, True, "high_res")
 
 
 def high_resolution_blocks(unet: UNet2DConditionModel) -> tuple[str, ...]:
-    """The UNet blocks at the latent's full resolution: the first down block and the last up block."""
+    """The UNet blocks at the latent's full resolution: the first down block and the last up block.
+
+    Args:
+        unet: the UNet.
+    """
     return ("down_blocks.0", f"up_blocks.{len(unet.up_blocks) - 1}")
 
 
 def enable_checkpointing(unet: UNet2DConditionModel, which: bool | str) -> None:
     """Checkpoint ``which`` blocks of ``unet`` (``False``: none, ``True``: all, ``"high_res"``: the full-resolution
-    ones)."""
+    ones).
+
+    Args:
+        unet: the UNet.
+        which: ``False``, ``True`` or ``"high_res"``.
+    """
     if which not in CHECKPOINTING_CHOICES:
         raise ValueError(f"model.gradient_checkpointing must be one of {CHECKPOINTING_CHOICES}, got {which!r}")
     if which is False:

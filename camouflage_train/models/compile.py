@@ -21,7 +21,11 @@ EXTRA_REGIONS = ("ResnetBlock2D",)
 
 
 def parse_compile_mode(value: bool | str | None) -> CompileMode:
-    """``false``/``none`` -> eager, ``true``/``full`` -> the whole UNet at once, ``blocks`` -> by region."""
+    """``false``/``none`` -> eager, ``true``/``full`` -> the whole UNet at once, ``blocks`` -> by region.
+
+    Args:
+        value: the config value.
+    """
     if value in (None, False, "none", "false"):
         return "none"
     if value in (True, "full", "true"):
@@ -32,7 +36,11 @@ def parse_compile_mode(value: bool | str | None) -> CompileMode:
 
 
 def compile_regions(unet: nn.Module, **compile_kwargs) -> int:
-    """Compile every repeated block of ``unet`` in place; return how many were compiled."""
+    """Compile every repeated block of ``unet`` in place; return how many were compiled.
+
+    Args:
+        unet: the UNet (keyword arguments go to ``torch.compile``).
+    """
     names = {*repeated_block_names(unet), *EXTRA_REGIONS}
     blocks = [module for module in unet.modules() if type(module).__name__ in names]
     if not blocks:
@@ -43,7 +51,12 @@ def compile_regions(unet: nn.Module, **compile_kwargs) -> int:
 
 
 def compile_unet(unet: nn.Module, mode: bool | str | None, **compile_kwargs) -> CompileMode:
-    """Apply :func:`parse_compile_mode`'s ``mode`` to ``unet`` in place."""
+    """Apply :func:`parse_compile_mode`'s ``mode`` to ``unet`` in place.
+
+    Args:
+        unet: the UNet (keyword arguments go to ``torch.compile``).
+        mode: ``false``, ``blocks`` or ``full``.
+    """
     parsed = parse_compile_mode(mode)
     if parsed == "full":
         unet.compile(**compile_kwargs)

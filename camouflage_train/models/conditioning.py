@@ -25,7 +25,14 @@ from camouflage_train.models.ip_adapter import person_region_masks
 
 @dataclass(frozen=True)
 class PersonBatch:
-    """Padded person arrays for a batch of images (see :class:`~camouflage_train.data.schema.PersonArrays`)."""
+    """Padded person arrays for a batch of images (see :class:`~camouflage_train.data.schema.PersonArrays`).
+
+    Args:
+        boxes: ``[B, P, 4]`` normalised ``x0, y0, x1, y1``.
+        continuous: ``[B, P, C]`` attributes in ``[0, 1]``.
+        categorical: ``[B, P, K]`` class indices.
+        mask: ``[B, P]`` bool, true for real persons.
+    """
 
     boxes: torch.Tensor  # [B, P, 4]
     continuous: torch.Tensor  # [B, P, C]
@@ -34,17 +41,31 @@ class PersonBatch:
 
     @classmethod
     def from_batch(cls, batch: Mapping[str, Any]) -> PersonBatch:
-        """From a data-module batch (``boxes``, ``continuous``, ``categorical``, ``person_mask``)."""
+        """From a data-module batch (``boxes``, ``continuous``, ``categorical``, ``person_mask``).
+
+        Args:
+            batch: a collated training batch.
+        """
         return cls(batch["boxes"], batch["continuous"], batch["categorical"], batch["person_mask"])
 
     @classmethod
     def from_records(cls, schema: AttributeSchema, records: Sequence[Sequence[Mapping[str, Any]]]) -> PersonBatch:
-        """From one list of person records per image (validated against ``schema``)."""
+        """From one list of person records per image (validated against ``schema``).
+
+        Args:
+            schema: the attribute schema.
+            records: one list of person records per image.
+        """
         arrays = [schema.to_arrays(list(persons), f"image {i}") for i, persons in enumerate(records)]
         stack = lambda name: torch.from_numpy(np.stack([getattr(a, name) for a in arrays]))  # noqa: E731
         return cls(stack("boxes"), stack("continuous"), stack("categorical"), stack("mask"))
 
     def to(self, device: torch.device | str) -> PersonBatch:
+        """The same persons on ``device``.
+
+        Args:
+            device: the target device.
+        """
         return PersonBatch(*(t.to(device) for t in (self.boxes, self.continuous, self.categorical, self.mask)))
 
     def __getitem__(self, index: slice) -> PersonBatch:
@@ -74,7 +95,12 @@ def conditioning_inputs(
 
 
 def with_unconditional_half(embeds: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classifier-free guidance's negative half first, with no persons (zero embeddings and masks)."""
+    """Classifier-free guidance's negative half first, with no persons (zero embeddings and masks).
+
+    Args:
+        embeds: person embeddings ``[B, P, E]``.
+        masks: region masks ``[B, P, h, w]``.
+    """
     return torch.cat([torch.zeros_like(embeds), embeds]), torch.cat([torch.zeros_like(masks), masks])
 
 
@@ -85,6 +111,10 @@ def shared_person_slots(embeds: torch.Tensor, masks: torch.Tensor) -> tuple[torc
     For stock pipelines, which repeat ``ip_adapter_image_embeds`` for every prompt (they expect one image's
     embedding shared by all prompts): each image then attends to every image's persons, and the masks zero all
     but its own, so the result is exact, at ``B`` times the adapter attention.
+
+    Args:
+        embeds: person embeddings ``[B, P, E]``.
+        masks: region masks ``[B, P, h, w]``.
     """
     batch, slots = embeds.shape[:2]
     spread = masks.new_zeros(batch, batch * slots, *masks.shape[2:])

@@ -41,7 +41,20 @@ DEFAULT_REGION_EXPAND = 1.5
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """The "adapter size" (what sweeps vary) and how persons act on the image."""
+    """The "adapter size" (what sweeps vary) and how persons act on the image.
+
+    Args:
+        embed_dim: the person embedding's width.
+        tokens_per_person: tokens each person adds to the cross-attention.
+        proj_mult: hidden width of the projection, in multiples of ``embed_dim``.
+        encoder_width: the attribute encoder's hidden width.
+        encoder_depth: its layers.
+        fourier_freqs: Fourier frequencies of the box and continuous inputs.
+        category_dim: the embedding width of each categorical attribute.
+        region_masks: each person acts only inside its region (else on the whole image).
+        region_expand: the region: the person's box grown this much around its centre.
+        scale: the adapter attention's weight.
+    """
 
     embed_dim: int = 512
     tokens_per_person: int = 4
@@ -62,7 +75,11 @@ class AdapterConfig:
 
 
 def cross_attention_keys(unet: nn.Module) -> list[tuple[str, int]]:
-    """``(processor name, IP-Adapter key id)`` for every cross-attention layer, in diffusers' numbering."""
+    """``(processor name, IP-Adapter key id)`` for every cross-attention layer, in diffusers' numbering.
+
+    Args:
+        unet: the UNet.
+    """
     keys, key_id = [], 1
     for name in unet.attn_processors:
         if not name.endswith("attn1.processor"):
@@ -76,7 +93,11 @@ def _attention_module(unet: nn.Module, processor_name: str) -> nn.Module:
 
 
 def image_proj_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a diffusers ``IPAdapterFaceIDImageProjection`` state dict to the original file layout."""
+    """Rename a diffusers ``IPAdapterFaceIDImageProjection`` state dict to the original file layout.
+
+    Args:
+        state_dict: the projection's diffusers state dict.
+    """
     out = {}
     for key, value in state_dict.items():
         for new, old in _PROJ_TO_ORIGINAL:
@@ -87,7 +108,11 @@ def image_proj_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 
 def checkpoint_state_dict(checkpoint: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
     """A training checkpoint's adapter in the original ``{"image_proj", "ip_adapter"}`` layout (fp32): what
-    export writes and what :func:`install_ip_adapter` (and so a stock pipeline) loads."""
+    export writes and what :func:`install_ip_adapter` (and so a stock pipeline) loads.
+
+    Args:
+        checkpoint: a loaded Light training checkpoint.
+    """
     state, keys = checkpoint["state_dict"], checkpoint["camouflage"]["ip_adapter_keys"]  # see adapter_checkpoint
     image_proj = {k.removeprefix(_PROJ_PREFIX): v for k, v in state.items() if k.startswith(_PROJ_PREFIX)}
     ip_adapter = {}
@@ -103,7 +128,12 @@ def checkpoint_state_dict(checkpoint: dict[str, Any]) -> dict[str, dict[str, tor
 
 
 def initial_state_dict(unet: nn.Module, config: AdapterConfig) -> dict[str, dict[str, torch.Tensor]]:
-    """A fresh IP-Adapter state dict: random projection, ``to_k_ip``/``to_v_ip`` copied from ``to_k``/``to_v``."""
+    """A fresh IP-Adapter state dict: random projection, ``to_k_ip``/``to_v_ip`` copied from ``to_k``/``to_v``.
+
+    Args:
+        unet: the UNet it is for.
+        config: the adapter's size.
+    """
     projection = IPAdapterFaceIDImageProjection(
         image_embed_dim=config.embed_dim,
         cross_attention_dim=unet.config.cross_attention_dim,
@@ -119,7 +149,11 @@ def initial_state_dict(unet: nn.Module, config: AdapterConfig) -> dict[str, dict
 
 
 def adapter_modules(unet: nn.Module) -> list[nn.Module]:
-    """The trainable parts inside the UNet: the projection and every IP-Adapter processor."""
+    """The trainable parts inside the UNet: the projection and every IP-Adapter processor.
+
+    Args:
+        unet: a UNet with the adapter installed.
+    """
     if unet.encoder_hid_proj is None:
         raise RuntimeError("no IP-Adapter is installed on this UNet")
     processors = [p for p in unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
@@ -133,6 +167,10 @@ class ComputeDtypeLinear(nn.Linear):
     every activation), while the trainable ``to_k_ip``/``to_v_ip`` keep fp32 weights and get fp32
     gradients through the cast. The dtype follows the frozen ``to_k`` weight of the same layer, so
     ``unet.to(dtype)`` keeps both in step. Parameter names are those of ``nn.Linear``.
+
+    Args:
+        linear: the layer whose (fp32) weight this one takes over.
+        frozen: the frozen layer whose dtype it computes in.
     """
 
     def __init__(self, linear: nn.Linear, frozen: nn.Linear) -> None:
@@ -160,6 +198,12 @@ def install_ip_adapter(
     ``batched_persons`` computes all persons' masked attention at once
     (:class:`~camouflage_train.models.person_attention.BatchedPersonsAttnProcessor`, same weights and result);
     ``False`` keeps diffusers' per-person loop.
+
+    Args:
+        unet: the frozen UNet (changed in place).
+        state_dict: the adapter in the original IP-Adapter layout.
+        scale: the adapter attention's weight.
+        batched_persons: compute all persons' masked attention at once.
     """
     load_ip_adapter_weights(unet, state_dict)
     modules = adapter_modules(unet)
@@ -182,7 +226,14 @@ def person_region_masks(
     boxes: torch.Tensor, person_mask: torch.Tensor, size: tuple[int, int], expand: float | None
 ) -> torch.Tensor:
     """``[B, P, H, W]`` float masks: each person's box grown ``expand`` times around its centre (``None``: the
-    whole image), times ``person_mask`` so padded persons are all zero."""
+    whole image), times ``person_mask`` so padded persons are all zero.
+
+    Args:
+        boxes: ``[B, P, 4]`` normalised boxes.
+        person_mask: ``[B, P]`` bool, true for real persons.
+        size: ``(H, W)`` of the masks.
+        expand: the growth of each box (``None``: whole-image masks).
+    """
     height, width = size
     batch, persons = person_mask.shape
     mask = person_mask.to(torch.float32)[..., None, None]

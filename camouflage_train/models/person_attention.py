@@ -27,7 +27,11 @@ class BatchedPersonsAttnProcessor(IPAdapterAttnProcessor2_0):
 
     @classmethod
     def from_stock(cls, stock: IPAdapterAttnProcessor2_0) -> BatchedPersonsAttnProcessor:
-        """The same weights (the very modules, not copies) and settings under the batched computation."""
+        """The same weights (the very modules, not copies) and settings under the batched computation.
+
+        Args:
+            stock: diffusers' processor of one layer.
+        """
         if len(stock.to_k_ip) != 1:
             raise ValueError(f"batched person attention supports one IP-Adapter, this layer has {len(stock.to_k_ip)}")
         processor = cls(stock.hidden_size, stock.cross_attention_dim, stock.num_tokens, stock.scale)
@@ -141,7 +145,11 @@ class BatchedPersonsAttnProcessor(IPAdapterAttnProcessor2_0):
 
 def batch_person_attention(unet: nn.Module) -> int:
     """Swap every stock IP-Adapter processor of ``unet`` for :class:`BatchedPersonsAttnProcessor`, in place;
-    returns how many were swapped. Weights and parameter names stay; only the computation changes."""
+    returns how many were swapped. Weights and parameter names stay; only the computation changes.
+
+    Args:
+        unet: a UNet with the adapter installed.
+    """
     processors, swapped = {}, 0
     for name, processor in unet.attn_processors.items():
         if type(processor) is IPAdapterAttnProcessor2_0:

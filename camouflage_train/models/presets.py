@@ -24,7 +24,11 @@ _FORMAT_VERSION = "2"
 
 
 def write_clip_tokenizer(folder: Path) -> None:
-    """Write SD 1.5's tokenizer files (``vocab.json``, ``merges.txt``) from open_clip's shipped BPE merges."""
+    """Write SD 1.5's tokenizer files (``vocab.json``, ``merges.txt``) from open_clip's shipped BPE merges.
+
+    Args:
+        folder: the tokenizer folder to write.
+    """
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
     with gzip.open(default_bpe()) as handle:
@@ -52,7 +56,12 @@ CONFIG_ROOT = Path(__file__).parent / "configs"
 
 
 def write_model_index(folder: Path, scheduler_class: str) -> None:
-    """``model_index.json`` of a ``StableDiffusionPipeline`` without safety checker or image encoder."""
+    """``model_index.json`` of a ``StableDiffusionPipeline`` without safety checker or image encoder.
+
+    Args:
+        folder: the pipeline folder.
+        scheduler_class: the noise scheduler's class name.
+    """
     import diffusers
 
     model_index = {
@@ -73,7 +82,13 @@ def write_model_index(folder: Path, scheduler_class: str) -> None:
 
 
 def build_from_configs(config_dir: Path, folder: Path, seed: int = 0) -> None:
-    """Instantiate random weights from the component configs in ``config_dir`` and save a diffusers folder."""
+    """Instantiate random weights from the component configs in ``config_dir`` and save a diffusers folder.
+
+    Args:
+        config_dir: the preset's component configs.
+        folder: the pipeline folder to write.
+        seed: the random weights' seed.
+    """
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -119,11 +134,19 @@ def mini_weights_folder(part: str) -> Path:
 
 
 def default_cache_dir() -> Path:
+    """Where built presets go: ``$CAMOUFLAGE_CACHE``, else ``~/.cache/camouflage_train``."""
     return Path(os.environ.get("CAMOUFLAGE_CACHE", Path.home() / ".cache" / "camouflage_train"))
 
 
 def build_preset_controlnet(folder: Path, base: str, seed: int, cache_dir: str | Path | None = None) -> None:
-    """A ControlNet for preset ``base``'s UNet whose output convolutions are random, not zero (so it acts)."""
+    """A ControlNet for preset ``base``'s UNet whose output convolutions are random, not zero (so it acts).
+
+    Args:
+        folder: the folder to write.
+        base: the preset whose UNet it is built from.
+        seed: the random output convolutions' seed.
+        cache_dir: where the base preset is built.
+    """
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(materialize_preset(base, cache_dir), subfolder="unet")
@@ -139,7 +162,12 @@ def build_preset_controlnet(folder: Path, base: str, seed: int, cache_dir: str |
 
 def materialize_preset(name: str, cache_dir: str | Path | None = None) -> Path:
     """Return the folder of preset ``name`` (``tiny``, ``sd15-shape``, ``mini``, ``<one of them>-controlnet-<seed>``),
-    building random-weight ones on first use."""
+    building random-weight ones on first use.
+
+    Args:
+        name: the preset.
+        cache_dir: where random-weight presets are built (default :func:`default_cache_dir`).
+    """
     if name in TRAINED_PRESETS:
         return mini_weights_folder(TRAINED_PRESETS[name])
     base, _, seed = name.rpartition("-controlnet-")

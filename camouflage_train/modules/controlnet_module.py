@@ -35,6 +35,12 @@ _EMBEDDING_CHANNELS = (16, 32, 96, 256)
 
 
 def conditioning_channels(vae_factor: int) -> tuple[int, ...]:
+    """The conditioning embedding's widths for a VAE that downsamples ``vae_factor`` times (one stride-2 step per entry
+    after the first).
+
+    Args:
+        vae_factor: the VAE's downsampling factor (a power of two).
+    """
     steps = int(np.log2(vae_factor))
     if 2**steps != vae_factor or steps >= len(_EMBEDDING_CHANNELS):
         raise ValueError(f"unsupported VAE downsampling factor {vae_factor}")
@@ -90,7 +96,11 @@ class ControlNetModule(FrozenDiffusionMixin, L.LightningModule):
             raise ValueError("checkpoint does not hold this ControlNet (another backbone or a Light checkpoint?)")
 
     def control_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The condition of each image in [0, 1], ``[B, 3, H, W]``: its control map, or itself."""
+        """The condition of each image in [0, 1], ``[B, 3, H, W]``: its control map, or itself.
+
+        Args:
+            pixel_values: the batch's images in ``[-1, 1]``.
+        """
         images01 = (pixel_values.float().clamp(-1, 1) + 1) / 2
         if self.condition is None:
             return images01
@@ -111,6 +121,13 @@ class ControlNetModule(FrozenDiffusionMixin, L.LightningModule):
         return latents, self.encode_text(captions)
 
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """The ControlNet's training objective on the frozen UNet: MSE between the prediction and the scheduler's target
+        at uniform random timesteps.
+
+        Args:
+            batch: a training batch.
+            generator: validation's seeded random numbers (no caption dropout then); ``None`` in training.
+        """
         n = batch["pixel_values"].shape[0]
         drop_text = torch.rand(n, generator=generator, device=self.device).cpu() < self.hparams.text_dropout
         if generator is not None:  # validation: no dropout, same draws every time

@@ -68,6 +68,7 @@ class JointEvaluationModule(L.LightningModule):
         kid_subset_size: KID subset size (at most the number of evaluated images).
         output_dir: where results and sample grids go (rank 0 writes).
         grid_batches: how many batches get a sample grid (original | each row).
+        seed: image seeds derive from it and the image names; the bootstrap's too.
     """
 
     def __init__(
@@ -267,7 +268,17 @@ def face_record(
 ) -> dict[str, Any]:
     """What the evaluation saw in one output image, face by face: the aggregate metrics say *how often* a row
     fails, these records say *where* (which image, which face size, which attribute), so failures can be
-    looked at and grouped without rerunning generation."""
+    looked at and grouped without rerunning generation.
+
+    Args:
+        row: the evaluated row.
+        name: the image's name.
+        requested: the persons' boxes asked for, in pixels.
+        requested_iou: each request's IoU with its assigned output face.
+        original: the faces found in the original.
+        output: the faces found in the output.
+        pairs: matched (original, output) face indices.
+    """
     rounded = lambda a: np.round(np.asarray(a, dtype=np.float64), 4).tolist()  # noqa: E731
     matched = dict(pairs)
     faces = []
@@ -309,7 +320,12 @@ def _unit(vector: np.ndarray) -> np.ndarray:
 
 def gather_records(records: list[dict[str, Any]], rows: list[str]) -> list[dict[str, Any]]:
     """Every process's records, in the table's row order, then by image (the same file whatever the number of
-    processes)."""
+    processes).
+
+    Args:
+        records: this process's records.
+        rows: the table's rows in order.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         parts: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(parts, records)
@@ -318,14 +334,24 @@ def gather_records(records: list[dict[str, Any]], rows: list[str]) -> list[dict[
 
 
 def write_face_records(records: list[dict[str, Any]], output_dir: Path) -> None:
-    """``faces.jsonl``: one line per row and image (see :func:`face_record`)."""
+    """``faces.jsonl``: one line per row and image (see :func:`face_record`).
+
+    Args:
+        records: every process's records.
+        output_dir: the run folder.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     with (output_dir / "faces.jsonl").open("w") as handle:
         handle.writelines(json.dumps(record) + "\n" for record in records)
 
 
 def write_results(results: list[dict[str, Any]], output_dir: Path) -> str:
-    """``results.{json,csv,md}`` in ``output_dir``; returns the Markdown table (also logged)."""
+    """``results.{json,csv,md}`` in ``output_dir``; returns the Markdown table (also logged).
+
+    Args:
+        results: one row of measures per anonymizer.
+        output_dir: the run folder.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     columns = list(results[0])

@@ -24,6 +24,11 @@ class FrozenDiffusionMixin:
     device: torch.device
 
     def train(self, mode: bool = True) -> Self:
+        """Switch the trainable parts to ``mode``; the frozen ones stay in eval mode (no dropout, fixed norms).
+
+        Args:
+            mode: training (``True``) or evaluation mode.
+        """
         super().train(mode)  # type: ignore[misc]
         for module in (self.vae, self.text_encoder, self.unet):
             module.eval()  # dropout/norm statistics of frozen weights must not change with Lightning's mode
@@ -31,6 +36,11 @@ class FrozenDiffusionMixin:
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """The frozen text encoder's hidden states for ``captions`` (padded to the tokenizer's length).
+
+        Args:
+            captions: the prompts.
+        """
         ids = self.tokenizer(
             captions,
             padding="max_length",
@@ -41,7 +51,13 @@ class FrozenDiffusionMixin:
         return self.text_encoder(ids.to(self.device))[0]
 
     def prediction_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """What the UNet regresses: the noise, the velocity or the clean latents (``prediction_type``)."""
+        """What the UNet regresses: the noise, the velocity or the clean latents (``prediction_type``).
+
+        Args:
+            latents: the clean latents.
+            noise: the noise added.
+            timesteps: each sample's timestep.
+        """
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
             return noise
@@ -63,6 +79,12 @@ class FrozenDiffusionMixin:
         The weight ``min(SNR, gamma) / SNR`` (epsilon; ``/(SNR + 1)`` for v-prediction) lowers the nearly-clean
         timesteps, whose fine-detail noise dominates the plain loss but carries little of what a conditioning
         (places, hair colour) decides. A weighted mean, so the loss stays on the plain MSE's scale.
+
+        Args:
+            prediction: the UNet's output.
+            target: :meth:`prediction_target`.
+            timesteps: each sample's timestep.
+            snr_gamma: Min-SNR-gamma (``None``: plain MSE).
         """
         if snr_gamma is None:
             return F.mse_loss(prediction.float(), target.float())

@@ -53,7 +53,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StepNoise(NamedTuple):
-    """The random numbers of one training step (see :meth:`LightAdapterModule._draw`)."""
+    """The random numbers of one training step (see :meth:`LightAdapterModule._draw`).
+
+    Args:
+        drop_text: ``[B]`` bool on the host: the caption is dropped.
+        drop_persons: ``[B]`` bool on the host: all persons are dropped.
+        timesteps: ``[B]`` long.
+        latent: ``[B, C, h, w]``: samples the VAE posterior.
+        noise: ``[B, C, h, w]``: the diffusion noise.
+        offset: ``[B, C, 1, 1]``: offset noise.
+    """
 
     drop_text: torch.Tensor  # [B] bool, host
     drop_persons: torch.Tensor  # [B] bool, host
@@ -159,6 +168,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
 
     # ----------------------------------------------------------------------------------------- state
     def trainable_parameter_names(self) -> list[str]:
+        """The names of the adapter's parameters (what a checkpoint holds)."""
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -282,6 +292,11 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
 
         Takes raw batches (``pixel_values``, ``caption``) or cached ones (``latent_mean``/``latent_std``,
         ``text_embeds``); both use the same random numbers (:meth:`_draw`), so they give the same loss.
+
+        Args:
+            batch: a raw or cached batch.
+            generator: seeded random numbers (validation); ``None``: per-sample seeds or the global RNG.
+            training: the training objective (dropouts, ``timestep_range``, ``snr_gamma``).
         """
         cached = "latent_mean" in batch
         if cached:
@@ -391,7 +406,12 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
     def validation_losses(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         """``loss`` and, unless ``conditioning_gains`` is off, the gains of
         :mod:`~camouflage_train.modules.conditioning_gains`, all at the same noise and timesteps (seeded per batch,
-        so all move only when the adapter does)."""
+        so all move only when the adapter does).
+
+        Args:
+            batch: a validation batch.
+            batch_idx: its index (the seed).
+        """
         seed = 10_000 + batch_idx
 
         def loss_of(sample: dict[str, Any]) -> torch.Tensor:

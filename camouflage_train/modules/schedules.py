@@ -13,7 +13,13 @@ def with_schedule(
 ) -> dict[str, Any]:
     """``spec``: ``{name, warmup_steps}`` for ``diffusers.optimization.get_scheduler`` (stepped every optimizer
     step), or ``None`` for a constant rate; ``total_steps`` is asked only when a schedule needs it (a module
-    used without a Trainer has none)."""
+    used without a Trainer has none).
+
+    Args:
+        optimizer: the optimizer.
+        spec: ``{name, warmup_steps}`` or ``None``.
+        total_steps: returns the run's optimizer steps.
+    """
     if not spec:
         return {"optimizer": optimizer}
     from diffusers.optimization import get_scheduler

@@ -28,11 +28,28 @@ from camouflage_train.models.ip_adapter import DEFAULT_REGION_EXPAND
 
 
 class Anonymizer(Protocol):
+    """What a row of the evaluation, and ``anonymize.py``, runs: images + their persons -> anonymized images."""
+
     def __call__(
         self, images: Sequence[Image.Image], persons: PersonBatch, seeds: Sequence[int], prompts: Sequence[str]
-    ) -> list[Image.Image]: ...
+    ) -> list[Image.Image]:
+        """Anonymize ``images``: image ``i`` with ``persons[i]``, ``seeds[i]`` and ``prompts[i]``.
 
-    def to(self, device: torch.device | str) -> Anonymizer: ...
+        Args:
+            images: RGB images of one size.
+            persons: one row of persons per image.
+            seeds: one seed per image.
+            prompts: one prompt per image (empty: the anonymizer's own).
+        """
+        ...
+
+    def to(self, device: torch.device | str) -> Anonymizer:
+        """Move to ``device``; returns itself.
+
+        Args:
+            device: the target device.
+        """
+        ...
 
 
 class Identity:
@@ -44,11 +61,21 @@ class Identity:
         return [image.copy() for image in images]
 
     def to(self, device: torch.device | str) -> Identity:
+        """Nothing to move; returns itself.
+
+        Args:
+            device: ignored.
+        """
         return self
 
 
 class Blur:
-    """Gaussian-blur each person's box grown ``expand`` times, radius ``sigma`` x the box's longer side."""
+    """Gaussian-blur each person's box grown ``expand`` times, radius ``sigma`` x the box's longer side.
+
+    Args:
+        expand: each box grown this much around its centre.
+        sigma: the blur radius, as a share of the box's longer side.
+    """
 
     def __init__(self, expand: float = DEFAULT_REGION_EXPAND, sigma: float = 0.15) -> None:
         self.expand, self.sigma = expand, sigma
@@ -81,12 +108,21 @@ class Blur:
         return image
 
     def to(self, device: torch.device | str) -> Blur:
+        """Nothing to move; returns itself.
+
+        Args:
+            device: ignored.
+        """
         return self
 
 
 class VaeReconstruction:
     """Each image encoded (latent mean) and decoded by the base's VAE: every Base or Light output is at best such a
-    reconstruction, so this row's re-identification is the most any generated row can show, and its FID the least."""
+    reconstruction, so this row's re-identification is the most any generated row can show, and its FID the least.
+
+    Args:
+        backbone: the frozen base whose VAE is used.
+    """
 
     def __init__(self, backbone: Mapping[str, Any]) -> None:
         """``backbone``: the base's ``load_frozen_backbone`` arguments (evaluate.yaml passes ``anonymizers.base``'s)."""
@@ -104,12 +140,21 @@ class VaeReconstruction:
 
     @torch.no_grad()
     def reconstruct(self, images: Sequence[Image.Image]) -> list[Image.Image]:
-        """The round trip itself (the mini face pack trains its recogniser on it too)."""
+        """The round trip itself (the mini face pack trains its recogniser on it too).
+
+        Args:
+            images: RGB images of one size.
+        """
         weight = next(self.vae.parameters())
         pixels = self.processor.preprocess(list(images)).to(weight.device, weight.dtype)
         decoded = self.vae.decode(self.vae.encode(pixels).latent_dist.mode()).sample
         return self.processor.postprocess(decoded.float(), output_type="pil")
 
     def to(self, device: torch.device | str) -> VaeReconstruction:
+        """Move the VAE to ``device``; returns itself.
+
+        Args:
+            device: the target device.
+        """
         self.vae.to(device)
         return self

@@ -50,7 +50,11 @@ from camouflage_train.pipelines.sampling import SAMPLING
 
 class ReconstructionBranch(nn.Module):
     """A ControlNet that conditions only the negative (first) half of a CFG batch, optionally only inside
-    ``region_mask`` (``[B, 1, h, w]`` at latent resolution); the positive half gets zero residuals."""
+    ``region_mask`` (``[B, 1, h, w]`` at latent resolution); the positive half gets zero residuals.
+
+    Args:
+        controlnet: the reconstruction ControlNet.
+    """
 
     def __init__(self, controlnet: nn.Module) -> None:
         super().__init__()
@@ -59,6 +63,7 @@ class ReconstructionBranch(nn.Module):
 
     @property
     def config(self) -> Any:
+        """The wrapped ControlNet's config (what the pipeline reads)."""
         return self.controlnet.config
 
     def forward(
@@ -94,7 +99,16 @@ class ReconstructionBranch(nn.Module):
 
 @dataclass
 class ControlSpec:
-    """One structure ControlNet: its weights, how its conditioning image is made, and when it acts."""
+    """One structure ControlNet: its weights, how its conditioning image is made, and when it acts.
+
+    Args:
+        name: its config name.
+        controlnet: the loaded ControlNet.
+        preprocessor: image -> conditioning image.
+        scale: its conditioning scale.
+        start: the step fraction where it starts acting.
+        end: the step fraction where it stops.
+    """
 
     name: str
     controlnet: nn.Module
@@ -107,7 +121,13 @@ class ControlSpec:
 def build_controls(
     specs: Mapping[str, Mapping[str, Any]], weight_dtype: str, cache_dir: str | None
 ) -> list[ControlSpec]:
-    """``{name: {model, preprocessor, scale, start, end}}`` (preprocessor already instantiated) -> specs."""
+    """``{name: {model, preprocessor, scale, start, end}}`` (preprocessor already instantiated) -> specs.
+
+    Args:
+        specs: the ``controlnets`` config.
+        weight_dtype: the ControlNets' dtype.
+        cache_dir: where hub downloads go.
+    """
     return [
         ControlSpec(
             name=name,
@@ -158,12 +178,22 @@ def stock_controlnet_pipeline(
 
 
 def stack_images(images: Sequence[Image.Image]) -> torch.Tensor:
+    """RGB images as one ``[B, 3, H, W]`` float batch in ``[0, 1]``.
+
+    Args:
+        images: images of one size.
+    """
     return torch.stack([TF.to_dtype(TF.to_image(image.convert("RGB")), torch.float32, scale=True) for image in images])
 
 
 def control_kwargs(controls: Sequence[ControlSpec], images: Sequence[Image.Image]) -> dict[str, list[Any]]:
     """Conditioning images (per ControlNet, a ``[B, 3, H, W]`` batch in [0, 1], the form both stock ControlNet
-    pipelines accept for batches), scales and step ranges."""
+    pipelines accept for batches), scales and step ranges.
+
+    Args:
+        controls: the structure ControlNets.
+        images: the real images.
+    """
     return {
         "image": [stack_images([c.preprocessor(image) for image in images]) for c in controls],
         "controlnet_conditioning_scale": [c.scale for c in controls],
@@ -173,7 +203,12 @@ def control_kwargs(controls: Sequence[ControlSpec], images: Sequence[Image.Image
 
 
 def generator_list(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
-    """One generator per image, so image i depends on its own seed and not on the batch."""
+    """One generator per image, so image i depends on its own seed and not on the batch.
+
+    Args:
+        seeds: one seed per image.
+        device: where the noise is drawn.
+    """
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
@@ -185,9 +220,12 @@ class CamouflageBase:
         controls: the structure ControlNets.
         anonymization: ``{enabled, model, scale, start, end, person_regions}``; ``model`` is the
             reconstruction ControlNet (hub id, folder or preset), fed with the real image.
-        guidance_scale, num_inference_steps: sampling settings.
+        guidance_scale: the classifier-free guidance scale.
+        num_inference_steps: sampler steps (img2img runs ``strength`` of them).
         strength: ``None`` to start from noise, else img2img from the real image's noised latents.
-        prompt, negative_prompt: ``prompt`` is used for images whose prompt is empty.
+        prompt: the prompt of images whose own prompt is empty.
+        negative_prompt: the negative branch's prompt.
+        cache_dir: where hub downloads go.
         region_expand: with ``anonymization.person_regions``, the guidance acts inside each person's box grown
             this much.
     """
@@ -229,11 +267,20 @@ class CamouflageBase:
         self.pipe = stock_controlnet_pipeline(backbone, nets, img2img=strength is not None)
 
     def to(self, device: torch.device | str) -> CamouflageBase:
+        """Move the pipeline to ``device``; returns itself.
+
+        Args:
+            device: the target device.
+        """
         self.pipe.to(device)
         return self
 
     def pipeline_kwargs(self, images: Sequence[Image.Image]) -> dict[str, Any]:
-        """The stock pipeline's ControlNet arguments for ``images``; the reconstruction branch comes last."""
+        """The stock pipeline's ControlNet arguments for ``images``; the reconstruction branch comes last.
+
+        Args:
+            images: the real images.
+        """
         kwargs = control_kwargs(self.controls, images)
         if self.reconstruction is not None:
             kwargs["image"].append(stack_images(images))
@@ -316,6 +363,17 @@ def build_base(
     Every hub repository is checked (its file list read, the files to load chosen) before the first download, so a
     missing or gated repository or one without a readable weights file stops the run before gigabytes of others
     are fetched.
+
+    Args:
+        backbone: :func:`load_frozen_backbone`'s arguments.
+        controlnets: ``{name: {model, preprocessor, scale, start, end}}``.
+        anonymization: the anonymization guidance: ``{enabled, model, scale, start, end, person_regions}``.
+        guidance_scale: the classifier-free guidance scale.
+        num_inference_steps: sampler steps.
+        strength: ``None``: from noise; else img2img strength.
+        prompt: the prompt of images without one.
+        negative_prompt: the negative branch's prompt.
+        region_expand: the person regions' growth (``anonymization.person_regions``).
     """
     check_sources(backbone, controlnets, anonymization)
     frozen = load_frozen_backbone(**backbone)

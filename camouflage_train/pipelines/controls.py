@@ -21,11 +21,18 @@ from camouflage_train.utils.optional import optional_import
 
 
 class Preprocessor(Protocol):
+    """Image -> the conditioning image of one ControlNet (edges, depth, pose, ...)."""
+
     def __call__(self, image: Image.Image) -> Image.Image: ...
 
 
 class CannyEdges:
-    """Canny edges as a 3-channel white-on-black image (the canny ControlNet's input)."""
+    """Canny edges as a 3-channel white-on-black image (the canny ControlNet's input).
+
+    Args:
+        low: Canny's lower hysteresis threshold.
+        high: its upper threshold.
+    """
 
     def __init__(self, low: int = 100, high: int = 200) -> None:
         self.low, self.high = low, high
@@ -54,7 +61,11 @@ def _import_controlnet_aux() -> Any:
 
 
 def resolve_device(device: str | None) -> str:
-    """``auto`` (or ``None``): ``cuda`` when a GPU is visible, else ``cpu``; any other value as given."""
+    """``auto`` (or ``None``): ``cuda`` when a GPU is visible, else ``cpu``; any other value as given.
+
+    Args:
+        device: ``auto``, ``None`` or a device name.
+    """
     import torch
 
     if device in (None, "auto"):

@@ -195,7 +195,15 @@ def background_keeper(
     region_expand: float,
 ) -> KeepBackground:
     """:class:`KeepBackground` for ``images``: their VAE latents, the union of the persons' regions (boxes grown
-    ``region_expand`` times) and per-image noise from ``seeds``."""
+    ``region_expand`` times) and per-image noise from ``seeds``.
+
+    Args:
+        pipe: the Light pipeline.
+        images: the real images.
+        persons: their persons.
+        seeds: one seed per image.
+        region_expand: the person regions' growth.
+    """
     device, dtype = execution_device(pipe), pipe.vae.dtype
     pixels = torch.stack([TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True) for image in images])
     pixels = (pixels * 2 - 1).to(device, dtype)
@@ -211,7 +219,14 @@ def paste_outside(
     originals: Sequence[Image.Image], generated: Sequence[Image.Image], persons: PersonBatch, region_expand: float
 ) -> list[Image.Image]:
     """Each generated image inside its persons' regions (boxes grown ``region_expand`` times), the original
-    outside them."""
+    outside them.
+
+    Args:
+        originals: the real images.
+        generated: the pipeline's images.
+        persons: their persons.
+        region_expand: the person regions' growth.
+    """
     width, height = originals[0].size
     regions = person_region_masks(persons.boxes.cpu(), persons.mask.cpu(), (height, width), region_expand)
     pasted = []
@@ -242,6 +257,21 @@ def generate_light(
     batch.
 
     ``pipe`` may be a stock SD or ControlNet pipeline; ``pipe_kwargs`` go to it (control images, scales).
+
+    Args:
+        pipe: a Light pipeline (:func:`as_light_pipeline`); keyword arguments beyond these go to it.
+        encoder: the attribute encoder.
+        config: the adapter's config (regions).
+        persons: one row of persons per image.
+        prompts: one prompt per image.
+        height: the image height.
+        width: the image width.
+        num_inference_steps: sampler steps.
+        guidance_scale: the classifier-free guidance scale.
+        seed: image ``i`` uses ``seed + i`` (without ``seeds``).
+        seeds: one seed per image.
+        negative_prompt: the negative branch's prompt.
+        output_type: ``pil``, ``np`` or ``pt``.
     """
     if "num_images_per_prompt" in pipe_kwargs:
         raise ValueError("generate_light makes one image per prompt (repeat the prompts and persons instead)")
@@ -283,6 +313,18 @@ class CamouflageLight:
 
     No identity-reconstruction branch: one UNet pass per step for each CFG half, so fewer network
     evaluations per step than Base. Persons come from the annotation path (records -> ``PersonBatch``).
+
+    Args:
+        backbone: the frozen SD with the adapter installed.
+        encoder: the attribute encoder.
+        adapter_config: the adapter's config.
+        controls: optional structure ControlNets.
+        guidance_scale: the classifier-free guidance scale.
+        num_inference_steps: sampler steps.
+        negative_prompt: the negative branch's prompt.
+        adapter_scale: the adapter attention's weight (``None``: the trained one).
+        scheduler: ``{name, **options}`` of a diffusers sampler (:func:`make_scheduler`; default DDIM).
+        keep_background: keep the real scene outside the person regions (:class:`KeepBackground`).
     """
 
     def __init__(
@@ -327,7 +369,13 @@ class CamouflageLight:
         cls, path: str, weight_dtype: str | None = None, cache_dir: str | None = None, **kwargs: Any
     ) -> CamouflageLight:
         """Rebuild the frozen backbone named in a training checkpoint and install its adapter the way an export
-        is loaded (the original IP-Adapter layout through diffusers' loader); no training code involved."""
+        is loaded (the original IP-Adapter layout through diffusers' loader); no training code involved.
+
+        Args:
+            path: the Light training checkpoint (keyword arguments go to the constructor).
+            weight_dtype: the frozen weights' dtype (default the training's).
+            cache_dir: where hub downloads go.
+        """
         checkpoint = read_checkpoint(path, key="checkpoint")
         try:
             meta = read_metadata(checkpoint, path)
@@ -345,9 +393,19 @@ class CamouflageLight:
         return cls(backbone, encoder.eval(), config, **kwargs)
 
     def set_adapter_scale(self, scale: float) -> None:
+        """Weight the adapter's attention by ``scale`` in every layer.
+
+        Args:
+            scale: the weight (0: the frozen base alone).
+        """
         self.pipe.set_ip_adapter_scale(scale)
 
     def to(self, device: torch.device | str) -> CamouflageLight:
+        """Move the pipeline and the encoder to ``device``; returns itself.
+
+        Args:
+            device: the target device.
+        """
         self.pipe.to(device)
         self.encoder.to(device)
         return self
@@ -394,7 +452,20 @@ def build_light(
     keep_background: bool = False,
 ) -> CamouflageLight:
     """``configs/anonymize/model/light*.yaml``: a training checkpoint's backbone and adapter, plus optional
-    structure ControlNets, the sampler and whether the scene outside the persons is kept."""
+    structure ControlNets, the sampler and whether the scene outside the persons is kept.
+
+    Args:
+        checkpoint: the Light training checkpoint.
+        weight_dtype: the frozen weights' dtype.
+        controlnets: optional ``{name: {model, preprocessor, scale, start, end}}``.
+        cache_dir: where hub downloads go.
+        guidance_scale: the classifier-free guidance scale.
+        num_inference_steps: sampler steps.
+        negative_prompt: the negative branch's prompt.
+        adapter_scale: the adapter attention's weight.
+        scheduler: ``{name, **options}`` of a diffusers sampler.
+        keep_background: keep the real scene outside the person regions.
+    """
     return CamouflageLight.from_checkpoint(
         checkpoint,
         weight_dtype=weight_dtype,

@@ -57,7 +57,12 @@ class SkinBlobDetector(nn.Module):
 
 
 class TinyConvHead(nn.Module):
-    """A small fixed random conv net: image crop -> ``out_dim`` values (sigmoid on the last ``sigmoid_tail``)."""
+    """A small fixed random conv net: image crop -> ``out_dim`` values (sigmoid on the last ``sigmoid_tail``).
+
+    Args:
+        out_dim: output values.
+        sigmoid_tail: how many of the last outputs go through a sigmoid.
+    """
 
     def __init__(self, out_dim: int, sigmoid_tail: int = 0) -> None:
         super().__init__()
@@ -80,7 +85,15 @@ class TinyConvHead(nn.Module):
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, outputs: list[str], dynamic_hw: bool) -> None:
-    """The ONNX layout insightface reads: input ``input.1``, opset 17, dynamic batch (and H/W for detectors)."""
+    """The ONNX layout insightface reads: input ``input.1``, opset 17, dynamic batch (and H/W for detectors).
+
+    Args:
+        model: the network.
+        example: an example input.
+        path: the ``.onnx`` file.
+        outputs: the output names.
+        dynamic_hw: dynamic height and width (detectors).
+    """
     axes = {"input.1": {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -97,7 +110,12 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, outputs: li
 
 
 def build_tiny_face_pack(folder: str | Path, seed: int = 0) -> Path:
-    """Write the three models into ``folder`` (atomically) unless they are there; return the folder."""
+    """Write the three models into ``folder`` (atomically) unless they are there; return the folder.
+
+    Args:
+        folder: the pack's folder.
+        seed: the random weights' seed.
+    """
     folder = Path(folder)
     names = ("det_tiny.onnx", "genderage_tiny.onnx", "w600k_tiny.onnx")
     if all((folder / n).is_file() for n in names):
@@ -113,6 +131,11 @@ def build_tiny_face_pack(folder: str | Path, seed: int = 0) -> Path:
 
 def tiny_face_pack(cache_dir: str | Path, file: str | None = None) -> str:
     """The tiny pack's folder under ``cache_dir`` (built on first use), or ``file`` inside it: the config
-    factory behind ``faces=tiny`` and ``recognisers=tiny``, called where the pack is needed."""
+    factory behind ``faces=tiny`` and ``recognisers=tiny``, called where the pack is needed.
+
+    Args:
+        cache_dir: where the pack is built.
+        file: a file of the pack (``None``: the folder).
+    """
     folder = build_tiny_face_pack(Path(cache_dir) / "faces-tiny-v1")
     return str(folder / file if file else folder)

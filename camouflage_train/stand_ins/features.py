@@ -8,7 +8,12 @@ from torch import nn
 
 class RandomConvFeatures(nn.Module):
     """A fixed random conv net (seeded): uint8 images -> ``num_features`` features. For offline demos and
-    tests only: its FID is a consistent distance between image sets, not comparable with Inception FID."""
+    tests only: its FID is a consistent distance between image sets, not comparable with Inception FID.
+
+    Args:
+        num_features: output features.
+        seed: the random weights' seed.
+    """
 
     def __init__(self, num_features: int = 64, seed: int = 0) -> None:
         super().__init__()

@@ -15,7 +15,12 @@ from torch import nn
 
 
 class SceneFeatures(nn.Module):
-    """uint8 (or [0, 1] float) images ``[B, 3, H, W]`` -> ``num_features`` pooled features."""
+    """uint8 (or [0, 1] float) images ``[B, 3, H, W]`` -> ``num_features`` pooled features.
+
+    Args:
+        num_features: output features.
+        width: channels of the first convolution.
+    """
 
     def __init__(self, num_features: int = 64, width: int = 48) -> None:
         super().__init__()
@@ -25,7 +30,11 @@ class SceneFeatures(nn.Module):
         self.requires_grad_(False).eval()
 
     def grid(self, images: torch.Tensor) -> torch.Tensor:
-        """Features per 8x8 cell ``[B, num_features, H/8, W/8]`` (what training reads faces from)."""
+        """Features per 8x8 cell ``[B, num_features, H/8, W/8]`` (what training reads faces from).
+
+        Args:
+            images: uint8 (or ``[0, 1]`` float) images ``[B, 3, H, W]``.
+        """
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         return self.net(x * 2 - 1)
 
@@ -34,6 +43,11 @@ class SceneFeatures(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> SceneFeatures:
+        """Load weights and config written by :meth:`save_pretrained`.
+
+        Args:
+            folder: the folder.
+        """
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -43,6 +57,11 @@ class SceneFeatures(nn.Module):
         return model.requires_grad_(False).eval()
 
     def save_pretrained(self, folder: str | Path) -> None:
+        """Write ``config.json`` and the weights (safetensors) into ``folder``.
+
+        Args:
+            folder: the folder.
+        """
         from safetensors.torch import save_file
 
         folder = Path(folder)

@@ -20,6 +20,10 @@ def atomic_file(target: str | Path, durable: bool = False) -> Iterator[Path]:
 
     ``durable``: fsync the file and its folder, so the rename survives a power cut (checkpoints); without it
     the write is still all-or-nothing for a killed process.
+
+    Args:
+        target: the file to write.
+        durable: fsync the file and its folder.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -48,6 +52,10 @@ def atomic_folder(target: str | Path, replace: bool = False) -> Iterator[Path]:
     and ``replace`` is false, the existing folder is kept; with ``replace`` it is swapped out. Everything in it
     gets the permissions of a plain ``mkdir``/``open`` under the user's umask: ``mkdtemp`` makes the folder 0700
     and safetensors writes its files 0600, which would leave a shared export or cache unreadable to colleagues.
+
+    Args:
+        target: the folder to build.
+        replace: swap out a folder that appeared meanwhile.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +75,11 @@ def atomic_folder(target: str | Path, replace: bool = False) -> Iterator[Path]:
 
 
 def follow_umask(folder: Path) -> None:
-    """Give ``folder`` and everything under it the default permissions of new files and folders."""
+    """Give ``folder`` and everything under it the default permissions of new files and folders.
+
+    Args:
+        folder: the folder.
+    """
     mask = current_umask()
     for path in [folder, *folder.rglob("*")]:
         if not path.is_symlink():

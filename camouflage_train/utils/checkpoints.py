@@ -37,6 +37,10 @@ def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]
 
     The error never repeats torch's hint to retry with ``weights_only=False``: a file that only loads that way
     is not one of ours, and unpickling it could run arbitrary code. ``key`` names the config key in errors.
+
+    Args:
+        path: the checkpoint file.
+        key: the config key that names it, for errors.
     """
     path = Path(path)
     if not path.is_file():
@@ -62,7 +66,12 @@ def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]
 
 
 def checkpoint_folder(trainer: Any, fallback: Path) -> Path:
-    """Where ``trainer`` writes checkpoints: its ``ModelCheckpoint``'s folder, else ``fallback``."""
+    """Where ``trainer`` writes checkpoints: its ``ModelCheckpoint``'s folder, else ``fallback``.
+
+    Args:
+        trainer: the Lightning trainer.
+        fallback: the folder when it has no ``ModelCheckpoint``.
+    """
     callback = trainer.checkpoint_callback
     return Path(callback.dirpath) if callback is not None and callback.dirpath else fallback
 
@@ -75,6 +84,11 @@ def resolve_checkpoint(ckpt_path: str | Path | None, checkpoint_dir: Path, move_
     ``auto``: the same, but start fresh when the folder has none (re-running a killed job's command continues it).
     Unloadable checkpoints of the folder are renamed ``<name>.corrupt`` when ``move_corrupt`` (pass it on rank 0
     only: the other ranks skip them).
+
+    Args:
+        ckpt_path: ``None``, ``auto``, ``last`` or a file.
+        checkpoint_dir: the run's checkpoint folder.
+        move_corrupt: rename unloadable checkpoints (rank 0 only).
     """
     if ckpt_path is None:
         return None

@@ -148,7 +148,13 @@ def _dataclass_in(annotation: Any) -> type | None:
 
 
 def unknown_key_message(key: str, accepted: Collection[str], owner: str) -> str:
-    """``unknown key for <owner>``, the closest accepted name when one is close, and every accepted name."""
+    """``unknown key for <owner>``, the closest accepted name when one is close, and every accepted name.
+
+    Args:
+        key: the unknown key.
+        accepted: the keys accepted there.
+        owner: what the keys belong to, for the message.
+    """
     close = difflib.get_close_matches(key, list(accepted), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown key for {owner}{hint} (accepted: {', '.join(sorted(accepted))})"
@@ -241,6 +247,10 @@ def validate_config(cfg: DictConfig, settings: type | None = None) -> None:
     """Raise :class:`ConfigError` listing every problem as ``<source>: <key>: <why>``.
 
     ``settings``: the entry point's dataclass of top-level keys (config groups are fields typed ``Any``).
+
+    Args:
+        cfg: the composed config.
+        settings: the dataclass of its top-level keys (``None``: only the groups are checked).
     """
     found = list(_problems(cfg, settings))
     if not found:

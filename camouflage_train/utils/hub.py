@@ -95,6 +95,8 @@ class HubPlan:
         repo_type: ``model`` or ``dataset``.
         cache_dir: the hub cache folder (``None``: ``HF_HOME``'s).
         local: the cached snapshot folder when the choice was made offline (nothing left to download).
+        what: what the files are, for messages (``weights``, ``annotator files``, ...).
+        config_key: the config key that names the repository, for errors.
     """
 
     repo_id: str

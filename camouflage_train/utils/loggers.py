@@ -48,7 +48,11 @@ def _reachable(server: tuple[str, int], timeout: float = 3.0) -> bool:
 
 
 def resolve_wandb_mode(mode: str = "auto") -> str:
-    """``auto``: honour ``WANDB_MODE``; else online only when logged in and the server answers, offline otherwise."""
+    """``auto``: honour ``WANDB_MODE``; else online only when logged in and the server answers, offline otherwise.
+
+    Args:
+        mode: ``auto``, ``online``, ``offline`` or ``disabled``.
+    """
     if mode != "auto":
         return mode
     if os.environ.get("WANDB_MODE"):
@@ -66,7 +70,11 @@ def resolve_wandb_mode(mode: str = "auto") -> str:
 
 def run_id_of(folder: str | Path) -> str:
     """The W&B run id of a run folder: created once (``wandb_run_id.txt``), read back by every later start and
-    by every process of the run (the first writer wins; the file is never half-written)."""
+    by every process of the run (the first writer wins; the file is never half-written).
+
+    Args:
+        folder: the run folder.
+    """
     path = Path(folder) / "wandb_run_id.txt"
     if not path.is_file():
         staging = path.with_name(f".{path.name}.{os.getpid()}")
@@ -82,7 +90,13 @@ def run_id_of(folder: str | Path) -> str:
 
 def wandb_logger(project: str, save_dir: str, mode: str = "auto", **kwargs: Any) -> WandbLogger:
     """A Lightning ``WandbLogger`` whose mode is decided by :func:`resolve_wandb_mode`, logging to the run
-    folder's own W&B run id (:func:`run_id_of`), so a resumed run continues the same W&B run."""
+    folder's own W&B run id (:func:`run_id_of`), so a resumed run continues the same W&B run.
+
+    Args:
+        project: the W&B project (keyword arguments go to ``WandbLogger``).
+        save_dir: the run folder.
+        mode: ``auto``, ``online``, ``offline`` or ``disabled``.
+    """
     resolved = resolve_wandb_mode(mode)
     os.makedirs(save_dir, exist_ok=True)
     extra = {} if resolved in ("online", "offline") else {"mode": resolved}

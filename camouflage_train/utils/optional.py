@@ -13,7 +13,11 @@ from types import ModuleType
 
 
 def install_command(extra: str) -> str:
-    """The command that installs ``extra`` (from the project's clone: the package is not published on PyPI)."""
+    """The command that installs ``extra`` (from the project's clone: the package is not published on PyPI).
+
+    Args:
+        extra: the package extra (``faces``, ``annotators``, ...).
+    """
     return f"pip install -e '.[{extra}]' (in the camouflage-train clone)"
 
 

@@ -15,7 +15,12 @@ class UnsafePathError(ValueError):
 
 
 def inside(root: str | Path, name: str | Path) -> Path:
-    """``root / name`` after checking that it resolves inside ``root``."""
+    """``root / name`` after checking that it resolves inside ``root``.
+
+    Args:
+        root: the folder.
+        name: a relative name from the data.
+    """
     root = Path(root).resolve()
     target = (root / name).resolve()
     if Path(name).is_absolute() or not target.is_relative_to(root):
@@ -25,7 +30,11 @@ def inside(root: str | Path, name: str | Path) -> Path:
 
 def check_input_paths(expected: Mapping[str, tuple[str | Path | None, str]]) -> None:
     """``{config key: (path or None, "file" | "folder")}``: raise one :class:`InputError` naming every given path
-    that does not exist or is not of its kind; ``None`` (not set) is skipped. Run before any work starts."""
+    that does not exist or is not of its kind; ``None`` (not set) is skipped. Run before any work starts.
+
+    Args:
+        expected: ``{config key: (path or None, "file" | "folder")}``.
+    """
     problems = []
     for key, (path, kind) in expected.items():
         if path is None or str(path) == "":
@@ -42,7 +51,11 @@ def check_input_paths(expected: Mapping[str, tuple[str | Path | None, str]]) -> 
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's content, read in 1 MiB chunks."""
+    """SHA-256 of a file's content, read in 1 MiB chunks.
+
+    Args:
+        path: the file.
+    """
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -20,12 +20,20 @@ log = logging.getLogger(__name__)
 
 
 def job_folders(sweep: Path) -> list[Path]:
-    """The runs of a multirun folder (``<sweep>/<job number>/``), in job order."""
+    """The runs of a multirun folder (``<sweep>/<job number>/``), in job order.
+
+    Args:
+        sweep: a multirun folder.
+    """
     return sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
 def varied_overrides(runs: Sequence[Path]) -> list[str]:
-    """Each run's command-line overrides (``.hydra/overrides.yaml``) less those every run shares."""
+    """Each run's command-line overrides (``.hydra/overrides.yaml``) less those every run shares.
+
+    Args:
+        runs: the runs' folders.
+    """
     overrides = []
     for run in runs:
         overrides_file = run / ".hydra" / "overrides.yaml"
@@ -36,7 +44,11 @@ def varied_overrides(runs: Sequence[Path]) -> list[str]:
 
 def run_results(run: Path) -> list[tuple[str | None, dict[str, Any]]]:
     """``[(row, metrics)]`` of one run: each row of an evaluation's ``results.json``, or ``(None, metrics.json)``
-    of a training run; empty when the run left neither (it failed)."""
+    of a training run; empty when the run left neither (it failed).
+
+    Args:
+        run: one run's folder.
+    """
     results_file, metrics_file = run / "results.json", run / "metrics.json"
     if results_file.is_file():
         return [(str(row.get("model")), row) for row in json.loads(results_file.read_text())]

@@ -1,0 +1,124 @@
+"""Every public function, class and method of the package has a docstring, with an ``Args:`` section naming each
+of its parameters (diffusers' convention). Methods that override a base class's (Lightning hooks, ``forward``,
+a protocol's methods) inherit their documentation and are left out."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+
+from tests.conftest import REPO
+
+PACKAGE = REPO / "camouflage_train"
+
+
+def _modules() -> list[str]:
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def _parameters(function) -> list[str]:
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return []
+    return [
+        name
+        for name, p in signature.parameters.items()
+        if name not in ("self", "cls")
+        and p.kind is not inspect.Parameter.VAR_POSITIONAL
+        and p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+
+
+def _undocumented(doc: str | None, parameters: list[str]) -> list[str]:
+    if not doc:
+        return ["<no docstring>"]
+    if not parameters:
+        return []
+    if "Args:" not in doc:
+        return ["<no Args: section>", *parameters]
+    section = doc.split("Args:", 1)[1]
+    return [name for name in parameters if not re.search(rf"^\s+\**{re.escape(name)}\b[^:\n]*:", section, re.M)]
+
+
+def _overrides(cls: type, name: str) -> bool:
+    return any(name in vars(base) for base in cls.__mro__[1:] if base is not object)
+
+
+def _own_doc(obj) -> str | None:
+    return obj.__doc__ if isinstance(obj.__doc__, str) else None
+
+
+def public_definitions_without_args() -> list[str]:
+    problems = []
+    for module_name in _modules():
+        module = importlib.import_module(module_name)
+        for name, obj in vars(module).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != module_name:
+                continue
+            where = f"{module_name}.{name}"
+            if inspect.isfunction(obj):
+                missing = _undocumented(_own_doc(obj), _parameters(obj))
+            elif inspect.isclass(obj):
+                if issubclass(obj, BaseException):
+                    missing = [] if _own_doc(obj) else ["<no docstring>"]
+                else:
+                    init = vars(obj).get("__init__")
+                    parameters = (
+                        _parameters(obj)
+                        if init is not None or "__dataclass_fields__" in vars(obj) or "_fields" in vars(obj)
+                        else []
+                    )
+                    doc = "\n".join(d for d in (_own_doc(obj), _own_doc(init) if init else None) if d)
+                    missing = _undocumented(doc or None, parameters)
+                for attr, member in vars(obj).items():
+                    if attr.startswith("_") or _overrides(obj, attr):
+                        continue
+                    function = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+                    if not inspect.isfunction(function):
+                        continue
+                    more = _undocumented(
+                        _own_doc(function), [] if isinstance(member, property) else _parameters(function)
+                    )
+                    if more:
+                        problems.append(f"{where}.{attr}: {', '.join(more)}")
+            else:
+                continue
+            if missing:
+                problems.append(f"{where}: {', '.join(missing)}")
+    return problems
+
+
+def test_every_public_definition_documents_its_arguments():
+    problems = public_definitions_without_args()
+    assert not problems, f"{len(problems)} public definitions lack a docstring or Args: entries:\n" + "\n".join(
+        problems
+    )
+
+
+def test_the_check_reads_args_sections_as_written():
+    def documented(path: str, mode: int = 0) -> None:
+        """Do it.
+
+        Args:
+            path: where.
+            mode: how (a longer
+                description).
+        """
+
+    def half(path: str, mode: int = 0) -> None:
+        """Do it.
+
+        Args:
+            path: where; mode is not a heading here.
+        """
+
+    assert _undocumented(documented.__doc__, _parameters(documented)) == []
+    assert _undocumented(half.__doc__, _parameters(half)) == ["mode"]
+    assert _undocumented("Do it.", ["path"]) == ["<no Args: section>", "path"]
+    assert _undocumented(None, []) == ["<no docstring>"]
