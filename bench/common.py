@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from camouflage_train.data.datamodule import PersonDataModule  # noqa: E402
 from camouflage_train.data.sources import SyntheticSource  # noqa: E402
+from camouflage_train.models.backbone import load_frozen_backbone  # noqa: E402
 from camouflage_train.modules.light_module import LightAdapterModule  # noqa: E402
 
 # Dense bf16 tensor-core peak without sparsity, from the vendors' spec sheets (TFLOP/s).
@@ -69,7 +70,6 @@ def build_module(
         schema=load_yaml(REPO / "configs/attributes/face.yaml"),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01, fused=fused_adamw or None),
         lr_scheduler=None,
-        validation={"num_images": 2, "num_inference_steps": 10, "guidance_scale": 7.5, "seed": 0},
         **options,
     )
 
@@ -92,6 +92,7 @@ def datamodule(
         flip_prob=0.0,
         batch_size=batch_size,
         cache=cache,
+        encoder_loader=load_frozen_backbone,
     )
     dm.prepare_data()
     dm.setup("fit")
