@@ -28,13 +28,13 @@ def _val_loss(module, batch) -> float:
 def test_controlnet_training_lowers_its_loss_resumes_and_loads_into_base(tmp_path, make_cfg):
     overrides = (
         "experiment=controlnet_mini", "data.batch_size=8", "data.val_source.num_samples=16", "logger=csv",
-        "trainer.val_check_interval=30", "callbacks.model_checkpoint.every_n_train_steps=30",
-        "model.optimizer.lr=1e-3", "ckpt_path=auto",
+        "trainer.val_check_interval=20", "callbacks.model_checkpoint.every_n_train_steps=20",
+        "model.optimizer.lr=2e-3", "ckpt_path=auto",
     )  # fmt: skip
-    cfg = make_cfg(*overrides, "trainer.max_steps=60")
+    cfg = make_cfg(*overrides, "trainer.max_steps=40")
     run_training(cfg)
     out = tmp_path
-    assert (out / "controlnet" / "config.json").is_file() and (out / "checkpoints" / "step_0000060.ckpt").is_file()
+    assert (out / "controlnet" / "config.json").is_file() and (out / "checkpoints" / "step_0000040.ckpt").is_file()
     checkpoint = read_checkpoint(out / "checkpoints" / "last.ckpt")
     assert all(k.startswith("controlnet.") for k in checkpoint["state_dict"])  # frozen weights stay out
 
@@ -44,13 +44,13 @@ def test_controlnet_training_lowers_its_loss_resumes_and_loads_into_base(tmp_pat
     untrained, trained = instantiate(cfg.model), instantiate(cfg.model)
     trained.load_state_dict(checkpoint["state_dict"], strict=False)
     before, after = _val_loss(untrained, batch), _val_loss(trained, batch)
-    # zero-initialised outputs: `before` is the base's own loss (same noise); measured 0.1157 -> 0.1151 at 60 steps
+    # zero-initialised outputs: `before` is the base's own loss (same noise); measured 0.1157 -> 0.1150 at 40 steps
     assert after < before - 0.0003, (before, after)
 
-    run_training(make_cfg(*overrides, "trainer.max_steps=90"))  # same folder: resumes from step 60
+    run_training(make_cfg(*overrides, "trainer.max_steps=60"))  # same folder: resumes from step 40
     with open(out / "metrics.csv") as handle:
         steps = [int(r["step"]) for r in csv.DictReader(handle) if r.get("train/loss_step")]
-    assert max(steps) >= 80 and (out / "checkpoints" / "step_0000090.ckpt").is_file()
+    assert max(steps) >= 50 and (out / "checkpoints" / "step_0000060.ckpt").is_file()
 
     base = build_base(
         backbone={"pretrained_model_name_or_path": "preset:mini", "weight_dtype": "fp32"},
