@@ -208,3 +208,23 @@ def test_light_keeps_the_scene_outside_the_person_regions_with_a_few_step_solver
         scheduler={"name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++"},
     )  # fmt: skip
     assert not np.array_equal(_arrays(plain(images, persons, [7, 8], list(batch["caption"])))[~inside], real[~inside])
+
+
+def test_a_feathered_paste_blends_only_across_the_region_border():
+    """paste_outside with a feather: far outside the region the original, far inside the generated image, a blend
+    of the two along the border; without one, a hard border."""
+    from PIL import Image
+
+    from camouflage_train.pipelines.light import paste_outside
+
+    original = Image.new("RGB", (64, 64), (0, 0, 0))
+    generated = Image.new("RGB", (64, 64), (200, 200, 200))
+    persons = PersonBatch(
+        torch.tensor([[[0.25, 0.25, 0.75, 0.75]]]), torch.zeros(1, 1, 1), torch.zeros(1, 1, 1, dtype=torch.long),
+        torch.tensor([[True]]),
+    )  # fmt: skip
+    hard = np.asarray(paste_outside([original], [generated], persons, 1.0)[0])[..., 0].astype(int)
+    soft = np.asarray(paste_outside([original], [generated], persons, 1.0, feather=0.05)[0])[..., 0].astype(int)
+    assert hard[32, 32] == 200 and hard[32, 2] == 0 and set(np.unique(hard)) == {0, 200}  # the box is [16, 48)
+    assert soft[32, 32] == 200 and soft[32, 2] == 0 and soft[2, 2] == 0  # 3.2 px blur: far pixels untouched
+    assert 0 < soft[32, 15] < 200 and 0 < soft[32, 16] < 200  # the border is blended on both sides

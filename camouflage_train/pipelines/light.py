@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.transforms.v2 import functional as TF
 
 from camouflage_train.compat.diffusers_internals import execution_device
@@ -216,22 +216,31 @@ def background_keeper(
 
 
 def paste_outside(
-    originals: Sequence[Image.Image], generated: Sequence[Image.Image], persons: PersonBatch, region_expand: float
+    originals: Sequence[Image.Image],
+    generated: Sequence[Image.Image],
+    persons: PersonBatch,
+    region_expand: float,
+    feather: float = 0.0,
 ) -> list[Image.Image]:
     """Each generated image inside its persons' regions (boxes grown ``region_expand`` times), the original
-    outside them.
+    outside them, blended across the regions' borders when ``feather`` is above 0.
 
     Args:
         originals: the real images.
         generated: the pipeline's images.
         persons: their persons.
         region_expand: the person regions' growth.
+        feather: the blend's width: the Gaussian blur radius of the region mask, as a share of the image's shorter
+            side (0: a hard border).
     """
     width, height = originals[0].size
     regions = person_region_masks(persons.boxes.cpu(), persons.mask.cpu(), (height, width), region_expand)
+    radius = feather * min(width, height)
     pasted = []
     for original, image, region in zip(originals, generated, regions.amax(dim=1), strict=True):
         inside = Image.fromarray((region.numpy() * 255).astype("uint8"), mode="L")
+        if radius > 0:
+            inside = inside.filter(ImageFilter.GaussianBlur(radius))
         pasted.append(Image.composite(image.convert("RGB").resize(original.size), original.convert("RGB"), inside))
     return pasted
 
@@ -325,6 +334,8 @@ class CamouflageLight:
         adapter_scale: the adapter attention's weight (``None``: the trained one).
         scheduler: ``{name, **options}`` of a diffusers sampler (:func:`make_scheduler`; default DDIM).
         keep_background: keep the real scene outside the person regions (:class:`KeepBackground`).
+        paste_feather: with ``keep_background``, blend the drawn regions into the real scene over this share of
+            the image's shorter side (:func:`paste_outside`; 0: hard borders).
     """
 
     def __init__(
@@ -339,11 +350,10 @@ class CamouflageLight:
         adapter_scale: float | None = None,
         scheduler: Mapping[str, Any] | None = None,
         keep_background: bool = False,
+        paste_feather: float = 0.0,
     ) -> None:
-        """``scheduler``: ``{name, **options}`` of a diffusers sampler (:func:`make_scheduler`; default DDIM);
-        ``keep_background``: keep the real scene outside the person regions (:class:`KeepBackground`)."""
         self.backbone, self.encoder, self.adapter_config = backbone, encoder, adapter_config
-        self.keep_background = keep_background
+        self.keep_background, self.paste_feather = keep_background, paste_feather
         self.controls = list(controls)
         self.guidance_scale, self.num_inference_steps, self.negative_prompt = (
             guidance_scale,
@@ -435,7 +445,9 @@ class CamouflageLight:
             **kwargs,
         )
         if self.keep_background:
-            return paste_outside(images, generated, persons, self.adapter_config.region_expand)
+            return paste_outside(
+                images, generated, persons, self.adapter_config.region_expand, feather=self.paste_feather
+            )
         return generated
 
 
@@ -450,6 +462,7 @@ def build_light(
     adapter_scale: float | None = None,
     scheduler: Mapping[str, Any] | None = None,
     keep_background: bool = False,
+    paste_feather: float = 0.0,
 ) -> CamouflageLight:
     """``configs/anonymize/model/light*.yaml``: a training checkpoint's backbone and adapter, plus optional
     structure ControlNets, the sampler and whether the scene outside the persons is kept.
@@ -465,6 +478,7 @@ def build_light(
         adapter_scale: the adapter attention's weight.
         scheduler: ``{name, **options}`` of a diffusers sampler.
         keep_background: keep the real scene outside the person regions.
+        paste_feather: the width of the blend into the real scene (a share of the image's shorter side).
     """
     return CamouflageLight.from_checkpoint(
         checkpoint,
@@ -477,4 +491,5 @@ def build_light(
         adapter_scale=adapter_scale,
         scheduler=scheduler,
         keep_background=keep_background,
+        paste_feather=paste_feather,
     )
