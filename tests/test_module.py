@@ -446,3 +446,36 @@ def test_sample_grids_generate_from_the_batch_persons_with_the_module_being_trai
     again = grids.generate(tiny_module, batch, 2)
     assert len(images) == 2 and images[0].size == (64, 64)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again, strict=True))
+
+
+def test_the_outside_region_weight_changes_only_the_training_loss_and_only_outside_the_regions(tiny_module):
+    """Weight 1 is the plain loss (the same computation); a lower weight changes the training loss, not the
+    validation loss; images without persons keep the plain per-sample loss."""
+    batch = _batch(tiny_module, size=2)
+
+    def loss(training: bool) -> float:
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(3)
+            return float(tiny_module.diffusion_loss(batch, generator=generator, training=training))
+
+    tiny_module.hparams.text_dropout = tiny_module.hparams.attribute_dropout = 0.0
+    plain_training, plain_validation = loss(True), loss(False)
+    tiny_module.hparams.outside_region_loss_weight = 0.1
+    assert loss(False) == plain_validation  # validation keeps equal weights
+    assert loss(True) != plain_training
+    nobody = dict(batch, person_mask=torch.zeros_like(batch["person_mask"]))
+    with torch.no_grad():
+        weighted = float(tiny_module.diffusion_loss(nobody, torch.Generator().manual_seed(3), training=True))
+        tiny_module.hparams.outside_region_loss_weight = 1.0
+        plain = float(tiny_module.diffusion_loss(nobody, torch.Generator().manual_seed(3), training=True))
+    assert weighted == pytest.approx(plain, rel=1e-6)  # no regions: equal weights (another summation order)
+    with pytest.raises(ValueError, match="outside_region_loss_weight"):
+        instantiate_with(tiny_module, outside_region_loss_weight=2.0)
+
+
+def instantiate_with(module, **overrides):
+    """A module of ``module``'s hyperparameters with ``overrides`` (the optimizer partial is not a hyperparameter)."""
+    from camouflage_train.modules.light_module import LightAdapterModule
+
+    hparams = {**module.hparams, **overrides}
+    return LightAdapterModule(optimizer=module.optimizer_factory, **hparams)

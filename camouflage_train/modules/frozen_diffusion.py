@@ -73,6 +73,7 @@ class FrozenDiffusionMixin:
         target: torch.Tensor,
         timesteps: torch.Tensor,
         snr_gamma: float | None = None,
+        pixel_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean squared error; with ``snr_gamma``, each sample weighted by Min-SNR-gamma (Hang et al. 2023).
 
@@ -85,9 +86,19 @@ class FrozenDiffusionMixin:
             target: :meth:`prediction_target`.
             timesteps: each sample's timestep.
             snr_gamma: Min-SNR-gamma (``None``: plain MSE).
+            pixel_weights: ``[B, 1, h, w]`` weights of each latent position within its sample (a weighted mean per
+                sample; ``None``: all equal).
         """
-        if snr_gamma is None:
-            return F.mse_loss(prediction.float(), target.float())
+        if pixel_weights is None:
+            per_sample = None
+            if snr_gamma is None:
+                return F.mse_loss(prediction.float(), target.float())
+        else:
+            spatial = pixel_weights.float().expand_as(prediction)
+            squared = (prediction.float() - target.float()).pow(2) * spatial
+            per_sample = squared.flatten(1).sum(dim=1) / spatial.flatten(1).sum(dim=1).clamp_min(1e-12)
+            if snr_gamma is None:
+                return per_sample.mean()
         if snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0 (or null for the plain loss), got {snr_gamma}")
         snr = compute_snr(self.noise_scheduler, timesteps)
@@ -99,5 +110,6 @@ class FrozenDiffusionMixin:
             weights = weights / (snr + 1)
         else:
             raise ValueError(f"snr_gamma supports epsilon and v_prediction schedulers, not '{prediction_type}'")
-        per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+        if per_sample is None:
+            per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
         return (per_sample * weights).sum() / weights.sum()

@@ -39,6 +39,7 @@ from camouflage_train.models.ip_adapter import (
     cross_attention_keys,
     initial_state_dict,
     install_ip_adapter,
+    person_region_masks,
 )
 from camouflage_train.modules.conditioning_gains import conditioning_gains
 from camouflage_train.modules.frozen_diffusion import FrozenDiffusionMixin
@@ -105,6 +106,10 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
             changes, though Lightning still counts the step) and counted in ``train/nonfinite_skipped``; this
             many in a row save ``nonfinite-stop.ckpt`` (the last good weights) and stop the run with
             :class:`NonFiniteLossError`.
+        outside_region_loss_weight: in training, the loss weight of latent positions outside every person's region
+            relative to those inside (1: the plain loss; with ``keep_background`` at inference only the regions
+            are drawn, so a lower weight spends training where inference uses it). Images without persons keep
+            equal weights; validation losses always do.
         conditioning_gains: log ``val/conditioning_gain`` and ``val/attribute_gain`` (see
             :mod:`~camouflage_train.modules.conditioning_gains`; each costs one more validation loss).
     """
@@ -128,6 +133,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         batched_person_attention: bool = True,
         nonfinite_patience: int = 5,
         conditioning_gains: bool = True,
+        outside_region_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
@@ -162,6 +168,8 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         compile_frozen_unet(self.unet, compile_unet)
         # Frozen weights are not in our checkpoints; on_load_checkpoint checks the trainable keys instead.
         self.strict_loading = False
+        if not 0.0 <= outside_region_loss_weight <= 1.0:
+            raise ValueError(f"model.outside_region_loss_weight must be in [0, 1], got {outside_region_loss_weight}")
         if nonfinite_patience < 1:
             raise ValueError(f"model.nonfinite_patience must be >= 1, got {nonfinite_patience}")
         self._nonfinite_streak = 0
@@ -342,7 +350,14 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
             ).sample
         target = self.prediction_target(latents, noise, draw.timesteps)
         snr_gamma = self.hparams.snr_gamma if training else None
-        return self.regression_loss(prediction, target, draw.timesteps, snr_gamma)
+        outside = self.hparams.outside_region_loss_weight
+        weights = None
+        if training and outside != 1.0:
+            regions = person_region_masks(persons.boxes, persons.mask, tuple(latents.shape[-2:]), expand)
+            regions = regions.amax(dim=1, keepdim=True)
+            has_persons = persons.mask.any(dim=1).to(regions.dtype)[:, None, None, None]
+            weights = has_persons * (outside + (1 - outside) * regions) + (1 - has_persons)
+        return self.regression_loss(prediction, target, draw.timesteps, snr_gamma, pixel_weights=weights)
 
     def _log_skipped(self, batch: dict[str, Any], stage: str) -> None:
         skipped = float(sum(batch.get("skipped", {}).values()))
