@@ -44,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (tests: 0.01)")
-    parser.add_argument("--num-scenes", type=int, default=None, help="scenes drawn per part (default: the part's)")
+    parser.add_argument(
+        "--num-scenes",
+        type=int,
+        default=None,
+        help="scenes per part and per held-out check (default: each one's)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument(
         "--init-from", default=None, help="base: continue from this mini base folder (keeps its autoencoder)"
@@ -88,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             if part == "faces":  # measured on held-out scenes through insightface, recorded with the build
                 from camouflage_train.miniworld.checks import face_pack_report
 
-                metrics["held_out"] = face_pack_report(staging, base=cfg.base)
+                held_out = {"num_scenes": args.num_scenes, "num_identities": args.num_scenes} if args.num_scenes else {}
+                metrics["held_out"] = face_pack_report(staging, base=cfg.base, **held_out)
                 (staging / "build.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
                 log(f"face pack on held-out scenes: {json.dumps(metrics['held_out'])}")
         log(f"wrote {args.out / part}")
