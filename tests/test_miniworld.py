@@ -26,7 +26,7 @@ def test_the_build_command_builds_every_part_for_a_few_steps(tmp_path):
 
     command = [sys.executable, "-m", "camouflage_train.miniworld.build", "--out", str(tmp_path)]
     done = subprocess.run(
-        [*command, "--steps-scale", "0.005", "--num-scenes", "48", "--seed", "3"],
+        [*command, "--steps-scale", "0.0025", "--num-scenes", "48", "--seed", "3"],
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -47,7 +47,7 @@ def test_the_build_command_builds_every_part_for_a_few_steps(tmp_path):
     # A world change continues the base: same autoencoder, the denoiser trained on, the first build in its lineage.
     done = subprocess.run(
         [*command[:-1], str(tmp_path / "next"), "--part", "base", "--init-from", str(tmp_path / "base"),
-         "--steps-scale", "0.005", "--num-scenes", "48"],
+         "--steps-scale", "0.0025", "--num-scenes", "48"],
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
