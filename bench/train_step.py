@@ -79,7 +79,7 @@ MODES = {
     "bf16-person-loop": Mode(batched_person_attention=False),
     "bf16-fused-adamw": Mode(fused_adamw=True),
     "fp16": Mode(dtype="fp16"),
-    # channels_last measured slower on an H200 (2026-11-26, issue 16): left out until a GPU run says otherwise.
+    # channels_last measured slower on an H200 (2026-11-26): left out until a GPU run says otherwise.
     "fastest": Mode(cached=True, compile_unet="blocks"),
 }
 
