@@ -15,7 +15,8 @@ Runs, in this order and within ``--budget-s`` (what does not fit is reported as 
 4. ``bench/train_step.py`` at ``--modes-batch-size`` for ``--modes`` (default: autocast, cached latents,
    diffusers' per-person adapter attention loop, fused AdamW, checkpointing of every block and of the
    full-resolution blocks only, fp32, channels-last, regional and whole-UNet torch.compile, all fastest options,
-   eager attention). Each row reports its warm-up (compile) seconds and fails if a graph is compiled while timed.
+   the cached step under CUDA graphs, eager attention). Each row reports its warm-up (compile) seconds and fails if
+   a graph is compiled while timed.
 Ends with one JSON line holding every result.
 """
 
@@ -43,6 +44,7 @@ SECOND_MODES = (
     "bf16-cached",
     "bf16-compile-blocks",
     "fastest",
+    "bf16-cudagraphs",
     "bf16-person-loop",
     "bf16-ckpt-high-res",
     "bf16-ckpt",

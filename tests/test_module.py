@@ -479,3 +479,15 @@ def instantiate_with(module, **overrides):
 
     hparams = {**module.hparams, **overrides}
     return LightAdapterModule(optimizer=module.optimizer_factory, **hparams)
+
+
+def test_compile_options_reach_torch_compile_checked_against_its_signature(make_cfg, tiny_model_dir):
+    """model.compile_options are torch.compile's keyword arguments (CUDA graphs: mode=reduce-overhead); a key it
+    does not take, or options without compile_unet, stop the run at construction, naming the key."""
+    cfg = make_cfg("experiment=demo_tiny")
+    module = instantiate(cfg.model, compile_unet="blocks", compile_options={"mode": "reduce-overhead"})
+    assert module.hparams.compile_options == {"mode": "reduce-overhead"}
+    with pytest.raises(InstantiationException, match=r"\['mood'\] are not torch.compile options"):
+        instantiate(cfg.model, compile_unet="blocks", compile_options={"mood": "reduce-overhead"})
+    with pytest.raises(InstantiationException, match="compile_unet is false"):
+        instantiate(cfg.model, compile_options={"mode": "reduce-overhead"})

@@ -9,8 +9,10 @@ in place), so checkpoints and the adapter's state dict are the same as eager.
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
+import torch
 from torch import nn
 
 from camouflage_train.compat.diffusers_internals import repeated_block_names
@@ -50,14 +52,21 @@ def compile_regions(unet: nn.Module, **compile_kwargs) -> int:
     return len(blocks)
 
 
-def compile_unet(unet: nn.Module, mode: bool | str | None, **compile_kwargs) -> CompileMode:
-    """Apply :func:`parse_compile_mode`'s ``mode`` to ``unet`` in place.
+def compile_unet(unet: nn.Module, which: bool | str | None, **compile_kwargs) -> CompileMode:
+    """Compile ``which`` parts of ``unet`` in place (:func:`parse_compile_mode`); keyword arguments go to
+    ``torch.compile`` (e.g. ``mode="reduce-overhead"``: CUDA graphs on a GPU), checked against its signature first.
 
     Args:
         unet: the UNet (keyword arguments go to ``torch.compile``).
-        mode: ``false``, ``blocks`` or ``full``.
+        which: ``false``, ``blocks`` or ``full``.
     """
-    parsed = parse_compile_mode(mode)
+    parsed = parse_compile_mode(which)
+    accepted = set(inspect.signature(torch.compile).parameters) - {"model"}
+    unknown = sorted(set(compile_kwargs) - accepted)
+    if unknown:
+        raise ValueError(f"model.compile_options: {unknown} are not torch.compile options; it takes {sorted(accepted)}")
+    if compile_kwargs and parsed == "none":
+        raise ValueError("model.compile_options is set but model.compile_unet is false: set it to blocks or full")
     if parsed == "full":
         unet.compile(**compile_kwargs)
     elif parsed == "blocks":

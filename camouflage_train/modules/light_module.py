@@ -99,6 +99,8 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
             convolutions on tensor-core GPUs).
         compile_unet: ``torch.compile`` the frozen UNet in place (parameter names unchanged): ``false``,
             ``blocks`` (each repeated block on its own: fast to compile) or ``full`` / ``true`` (one graph).
+        compile_options: ``torch.compile`` keyword arguments for ``compile_unet``, e.g. ``{mode: reduce-overhead}``
+            (CUDA graphs: the adapter step's shapes are static, persons padded to ``max_persons``).
         batched_person_attention: all persons' region-masked adapter attention in one computation per layer
             (``false``: diffusers' loop of one attention call per person; the same result, see
             ``camouflage_train/models/person_attention.py``).
@@ -130,6 +132,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         frozen_autocast: bool = False,
         channels_last: bool = False,
         compile_unet: bool | str = False,
+        compile_options: Mapping[str, Any] | None = None,
         batched_person_attention: bool = True,
         nonfinite_patience: int = 5,
         conditioning_gains: bool = True,
@@ -165,7 +168,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
-        compile_frozen_unet(self.unet, compile_unet)
+        compile_frozen_unet(self.unet, compile_unet, **dict(compile_options or {}))
         # Frozen weights are not in our checkpoints; on_load_checkpoint checks the trainable keys instead.
         self.strict_loading = False
         if not 0.0 <= outside_region_loss_weight <= 1.0:
