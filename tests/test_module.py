@@ -160,7 +160,9 @@ def test_timestep_range_bounds_the_training_draws_only(demo_cfg, tiny_model_dir,
     demo_cfg.model.timestep_range = [600, 1000]
     module = instantiate(demo_cfg.model)
     seen, loss = [], module.regression_loss
-    monkeypatch.setattr(module, "regression_loss", lambda p, y, t, *rest: seen.append(t) or loss(p, y, t, *rest))
+    monkeypatch.setattr(
+        module, "regression_loss", lambda p, y, t, *rest, **kw: seen.append(t) or loss(p, y, t, *rest, **kw)
+    )
     batch = _batch(module, size=8)
     module.diffusion_loss(batch, training=True)
     module.diffusion_loss({**batch, "sample_seed": list(range(8))}, training=True)
