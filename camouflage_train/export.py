@@ -244,6 +244,7 @@ def export_adapter(
         "embed_dim": adapter["embed_dim"],
         "region_masks": adapter.get("region_masks", True),
         "region_expand": adapter.get("region_expand", DEFAULT_REGION_EXPAND),
+        "region_overlap": adapter.get("region_overlap", "sum"),
         "config_hash": meta.get("config_hash"),
         "global_step": checkpoint.get("global_step"),
         "weight_name": f"{WEIGHT_NAME}.safetensors",

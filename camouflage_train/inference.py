@@ -50,6 +50,7 @@ def person_inputs(
     vae_scale_factor: int = 8,
     region_expand: float | None = None,
     folder: str | Path | None = None,
+    region_overlap: str = "sum",
 ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
     """``ip_adapter_image_embeds`` and ``cross_attention_kwargs`` for a batch of images' person records.
 
@@ -66,14 +67,17 @@ def person_inputs(
             persons.
         vae_scale_factor: the pipeline's ``pipe.vae_scale_factor``.
         region_expand: each person acts inside its box grown this much (``None``: the whole image).
-        folder: an export folder whose ``config.json`` sets the regions (overrides ``region_expand``).
+        folder: an export folder whose ``config.json`` sets the regions (overrides ``region_expand`` and
+            ``region_overlap``).
+        region_overlap: ``sum`` or ``nearest`` (see ``AdapterConfig``).
     """
     if folder is not None:
         config = json.loads((Path(folder) / "config.json").read_text())
         region_expand = config["region_expand"] if config.get("region_masks", True) else None
+        region_overlap = config.get("region_overlap", "sum")
     persons = PersonBatch.from_records(AttributeSchema.from_config(encoder.config.schema), records)
     latent = (height // vae_scale_factor, width // vae_scale_factor)
-    embeds, masks = conditioning_inputs(encoder, persons, latent, region_expand)
+    embeds, masks = conditioning_inputs(encoder, persons, latent, region_expand, region_overlap=region_overlap)
     if len(records) > 1:
         embeds, masks = shared_person_slots(embeds, masks)
     if unconditional_half:

@@ -265,3 +265,23 @@ def test_inference_skips_the_person_attention_of_images_without_persons(tiny_mod
         reference = _forward(stock, embeds, masks)
     torch.testing.assert_close(skipped, full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(skipped, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_overlapping_regions_are_split_between_the_persons_nearest_centres():
+    """region_overlap=nearest: the union is unchanged, no position belongs to two persons, and an overlap goes to
+    the person whose centre (in units of its box) is nearer; padded persons stay empty."""
+    from camouflage_train.models.ip_adapter import split_overlapping_regions
+
+    boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.4, 0.1, 0.9, 0.5], [0.0, 0.0, 0.0, 0.0]]])
+    person_mask = torch.tensor([[True, True, False]])
+    masks = person_region_masks(boxes, person_mask, (32, 32), 1.0)
+    split = split_overlapping_regions(masks, boxes)
+    assert (masks.sum(dim=1) > 1).any()  # the boxes overlap
+    assert torch.equal(split.amax(dim=1), masks.amax(dim=1)) and split.sum(dim=1).max() == 1
+    assert split[0, 2].sum() == 0
+    # x = 0.45 lies inside both boxes: 0.15 / 0.4 = 0.375 box widths from the first centre, 0.2 / 0.5 = 0.4 from
+    # the second: it goes to the first person.
+    column = int(0.45 * 32)
+    assert split[0, 0, 8, column] == 1 and split[0, 1, 8, column] == 0
+    with pytest.raises(ValueError, match="region_overlap"):
+        AdapterConfig(region_overlap="max")

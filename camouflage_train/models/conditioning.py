@@ -20,7 +20,7 @@ import torch
 
 from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.models.attribute_encoder import AttributeEncoder
-from camouflage_train.models.ip_adapter import person_region_masks
+from camouflage_train.models.ip_adapter import person_region_masks, split_overlapping_regions
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ def conditioning_inputs(
     latent_size: tuple[int, int],
     region_expand: float | None,
     unconditional_half: bool = False,
+    region_overlap: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Person embeddings ``[B, P, E]`` and region masks ``[B, P, h, w]`` at latent resolution.
 
@@ -88,9 +89,13 @@ def conditioning_inputs(
         region_expand: each person acts inside its box grown that much; ``None``: on the whole image.
         unconditional_half: for classifier-free guidance: an unconditional half with no persons comes first,
             ``[2B, ...]``, the order diffusers' pipelines expect.
+        region_overlap: ``sum`` (overlapping regions both act) or ``nearest`` (each position to one person,
+            :func:`~camouflage_train.models.ip_adapter.split_overlapping_regions`).
     """
     embeds = encoder(persons.boxes, persons.continuous, persons.categorical)
     masks = person_region_masks(persons.boxes, persons.mask, latent_size, region_expand)
+    if region_overlap == "nearest" and region_expand is not None:
+        masks = split_overlapping_regions(masks, persons.boxes)
     return with_unconditional_half(embeds, masks) if unconditional_half else (embeds, masks)
 
 

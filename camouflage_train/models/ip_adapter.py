@@ -37,6 +37,7 @@ _PROJ_PREFIX = "unet.encoder_hid_proj.image_projection_layers.0."
 
 # A person acts inside its box grown this much around its centre (the adapter's regions, Base's guidance regions).
 DEFAULT_REGION_EXPAND = 1.5
+REGION_OVERLAPS = ("sum", "nearest")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class AdapterConfig:
         category_dim: the embedding width of each categorical attribute.
         region_masks: each person acts only inside its region (else on the whole image).
         region_expand: the region: the person's box grown this much around its centre.
+        region_overlap: where regions overlap, ``sum`` adds the persons' attention outputs; ``nearest`` gives each
+            position to the person whose box centre is nearest (:func:`split_overlapping_regions`).
         scale: the adapter attention's weight.
     """
 
@@ -65,6 +68,7 @@ class AdapterConfig:
     category_dim: int = 32
     region_masks: bool = True
     region_expand: float = DEFAULT_REGION_EXPAND
+    region_overlap: str = "sum"
     scale: float = 1.0
 
     def __post_init__(self) -> None:
@@ -72,6 +76,8 @@ class AdapterConfig:
             raise ValueError(f"tokens_per_person and proj_mult must be >= 1, got {self}")
         if self.region_expand < 1.0:
             raise ValueError(f"region_expand must be >= 1 (1 = the box itself), got {self.region_expand}")
+        if self.region_overlap not in REGION_OVERLAPS:
+            raise ValueError(f"region_overlap must be one of {REGION_OVERLAPS}, got {self.region_overlap!r}")
 
 
 def cross_attention_keys(unet: nn.Module) -> list[tuple[str, int]]:
@@ -247,3 +253,26 @@ def person_region_masks(
     inside_y = (ys >= lo[..., 1, None]) & (ys <= hi[..., 1, None])
     inside_x = (xs >= lo[..., 0, None]) & (xs <= hi[..., 0, None])
     return (inside_y[..., :, None] & inside_x[..., None, :]).to(torch.float32) * mask
+
+
+def split_overlapping_regions(masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """``masks`` with every position that several persons' regions cover given to one of them: the person whose
+    box centre is nearest in units of that box's size (the largest of the horizontal and vertical distances, each
+    divided by the box's width or height). The union of the regions is unchanged; they no longer overlap.
+
+    Args:
+        masks: ``[B, P, H, W]`` region masks (:func:`person_region_masks`).
+        boxes: ``[B, P, 4]`` the persons' normalised boxes.
+    """
+    height, width = masks.shape[-2:]
+    ys = (torch.arange(height, device=masks.device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=masks.device, dtype=torch.float32) + 0.5) / width
+    boxes = boxes.float()
+    centre = (boxes[..., :2] + boxes[..., 2:]) / 2
+    size = (boxes[..., 2:] - boxes[..., :2]).clamp_min(1e-6)
+    across = (xs - centre[..., 0, None]).abs() / size[..., 0, None]  # [B, P, W]
+    down = (ys - centre[..., 1, None]).abs() / size[..., 1, None]  # [B, P, H]
+    distance = torch.maximum(down[..., :, None], across[..., None, :]).masked_fill(masks <= 0, float("inf"))
+    nearest = distance.argmin(dim=1)  # [B, H, W]; outside every region it picks a zero mask
+    owner = torch.nn.functional.one_hot(nearest, masks.shape[1]).permute(0, 3, 1, 2).to(masks.dtype)
+    return masks * owner

@@ -342,7 +342,9 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
             noise = noise + self.hparams.noise_offset * draw.offset
         noisy = self.noise_scheduler.add_noise(latents, noise, draw.timesteps)
         expand = self.adapter_config.region_expand if self.adapter_config.region_masks else None
-        embeds, masks = conditioning_inputs(self.encoder, persons, tuple(latents.shape[-2:]), expand)
+        embeds, masks = conditioning_inputs(
+            self.encoder, persons, tuple(latents.shape[-2:]), expand, region_overlap=self.adapter_config.region_overlap
+        )
         with self._frozen_compute():
             prediction = self.unet(
                 noisy.to(self.weight_dtype, memory_format=self.memory_format),

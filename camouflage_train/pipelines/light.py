@@ -293,6 +293,7 @@ def generate_light(
         (height // scale, width // scale),
         config.region_expand if config.region_masks else None,
         unconditional_half=guidance_scale > 1.0,
+        region_overlap=config.region_overlap,
     )
     if not isinstance(pipe, OneRowOfPersonsPerPrompt):
         raise TypeError(
