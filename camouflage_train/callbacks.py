@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.pipelines.light import build_pipeline, generate_light
@@ -41,7 +40,7 @@ class SampleGrids(L.Callback):
         seed: int = 0,
     ) -> None:
         self.num_images, self.seed = num_images, seed
-        self.num_inference_steps = num_inference_steps or SAMPLING.num_inference_steps
+        self.num_inference_steps = SAMPLING.num_inference_steps if num_inference_steps is None else num_inference_steps
         self.guidance_scale = SAMPLING.guidance_scale if guidance_scale is None else guidance_scale
 
     def on_validation_batch_end(
@@ -60,13 +59,12 @@ class SampleGrids(L.Callback):
         count = min(self.num_images, batch["pixel_values"].shape[0])
         if count <= 0:
             return
-        with torch.no_grad():
-            grid_images = self.generate(pl_module, batch, count)
+        grid_images = self.generate(pl_module, batch, count)  # generate_light runs without gradients
         path = Path(trainer.default_root_dir) / "samples" / f"step_{trainer.global_step:07d}.png"
         grid = save_sample_grid(batch["pixel_values"][:count], grid_images, path)
+        caption = ["real | generated"]
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
-                caption = ["real | generated"]
                 logger.log_image(key="val/samples", images=[grid], step=trainer.global_step, caption=caption)
 
     def generate(self, module: L.LightningModule, batch: dict[str, Any], count: int) -> list[Any]:

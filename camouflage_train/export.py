@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from camouflage_train.errors import UserError
 from camouflage_train.models.adapter_checkpoint import NotALightCheckpoint, read_metadata
 from camouflage_train.models.attribute_encoder import AttributeEncoder, encoder_state_dict
-from camouflage_train.models.ip_adapter import DEFAULT_REGION_EXPAND, AdapterConfig, checkpoint_state_dict
+from camouflage_train.models.ip_adapter import AdapterConfig, checkpoint_state_dict
 from camouflage_train.pipelines.sampling import SAMPLING
 from camouflage_train.utils.atomic import atomic_folder
 from camouflage_train.utils.checkpoints import read_checkpoint
@@ -227,12 +227,12 @@ def export_adapter(
             f"{checkpoint_path} was trained on the frozen base '{meta['backbone']}', not '{base_model}': "
             "an adapter only works with the UNet it was trained on"
         )
-    adapter = meta["adapter"]
+    adapter = AdapterConfig(**meta["adapter"])  # the defaults fill what an older checkpoint did not record
     try:
         state = checkpoint_state_dict(checkpoint)
     except ValueError as error:
         raise ExportError(f"checkpoint: {checkpoint_path}: {error}") from None
-    encoder = AttributeEncoder.from_adapter_config(meta["schema"], AdapterConfig(**adapter))
+    encoder = AttributeEncoder.from_adapter_config(meta["schema"], adapter)
     encoder.load_state_dict(encoder_state_dict(checkpoint))
     config = {
         "format": 1,
@@ -240,11 +240,11 @@ def export_adapter(
         "resolution": meta.get("resolution"),
         "schema": meta["schema"],
         "max_persons": meta["schema"]["max_persons"],
-        "tokens_per_person": adapter["tokens_per_person"],
-        "embed_dim": adapter["embed_dim"],
-        "region_masks": adapter.get("region_masks", True),
-        "region_expand": adapter.get("region_expand", DEFAULT_REGION_EXPAND),
-        "region_overlap": adapter.get("region_overlap", "sum"),
+        "tokens_per_person": adapter.tokens_per_person,
+        "embed_dim": adapter.embed_dim,
+        "region_masks": adapter.region_masks,
+        "region_expand": adapter.region_expand,
+        "region_overlap": adapter.region_overlap,
         "config_hash": meta.get("config_hash"),
         "global_step": checkpoint.get("global_step"),
         "weight_name": f"{WEIGHT_NAME}.safetensors",

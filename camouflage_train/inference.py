@@ -29,6 +29,7 @@ from camouflage_train.models.conditioning import (
     shared_person_slots,
     with_unconditional_half,
 )
+from camouflage_train.models.ip_adapter import AdapterConfig
 
 
 def load_attribute_encoder(folder: str | Path) -> AttributeEncoder:
@@ -50,7 +51,7 @@ def person_inputs(
     vae_scale_factor: int = 8,
     region_expand: float | None = None,
     folder: str | Path | None = None,
-    region_overlap: str = "sum",
+    region_overlap: str = AdapterConfig.region_overlap,
 ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
     """``ip_adapter_image_embeds`` and ``cross_attention_kwargs`` for a batch of images' person records.
 
@@ -74,7 +75,7 @@ def person_inputs(
     if folder is not None:
         config = json.loads((Path(folder) / "config.json").read_text())
         region_expand = config["region_expand"] if config.get("region_masks", True) else None
-        region_overlap = config.get("region_overlap", "sum")
+        region_overlap = config.get("region_overlap", AdapterConfig.region_overlap)  # older exports: the default
     persons = PersonBatch.from_records(AttributeSchema.from_config(encoder.config.schema), records)
     latent = (height // vae_scale_factor, width // vae_scale_factor)
     embeds, masks = conditioning_inputs(encoder, persons, latent, region_expand, region_overlap=region_overlap)

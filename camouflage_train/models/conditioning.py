@@ -20,7 +20,7 @@ import torch
 
 from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.models.attribute_encoder import AttributeEncoder
-from camouflage_train.models.ip_adapter import person_region_masks, split_overlapping_regions
+from camouflage_train.models.ip_adapter import AdapterConfig, person_region_masks, split_overlapping_regions
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def conditioning_inputs(
     latent_size: tuple[int, int],
     region_expand: float | None,
     unconditional_half: bool = False,
-    region_overlap: str = "sum",
+    region_overlap: str = AdapterConfig.region_overlap,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Person embeddings ``[B, P, E]`` and region masks ``[B, P, h, w]`` at latent resolution.
 

@@ -89,16 +89,16 @@ class FrozenDiffusionMixin:
             pixel_weights: ``[B, 1, h, w]`` weights of each latent position within its sample (a weighted mean per
                 sample; ``None``: all equal).
         """
+        if pixel_weights is None and snr_gamma is None:
+            return F.mse_loss(prediction.float(), target.float())
+        squared = (prediction.float() - target.float()).pow(2)
         if pixel_weights is None:
-            per_sample = None
-            if snr_gamma is None:
-                return F.mse_loss(prediction.float(), target.float())
+            per_sample = squared.flatten(1).mean(dim=1)
         else:
-            spatial = pixel_weights.float().expand_as(prediction)
-            squared = (prediction.float() - target.float()).pow(2) * spatial
-            per_sample = squared.flatten(1).sum(dim=1) / spatial.flatten(1).sum(dim=1).clamp_min(1e-12)
-            if snr_gamma is None:
-                return per_sample.mean()
+            spatial = pixel_weights.float().expand_as(squared)
+            per_sample = (squared * spatial).flatten(1).sum(dim=1) / spatial.flatten(1).sum(dim=1).clamp_min(1e-12)
+        if snr_gamma is None:
+            return per_sample.mean()
         if snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0 (or null for the plain loss), got {snr_gamma}")
         snr = compute_snr(self.noise_scheduler, timesteps)
@@ -110,6 +110,4 @@ class FrozenDiffusionMixin:
             weights = weights / (snr + 1)
         else:
             raise ValueError(f"snr_gamma supports epsilon and v_prediction schedulers, not '{prediction_type}'")
-        if per_sample is None:
-            per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
         return (per_sample * weights).sum() / weights.sum()

@@ -39,7 +39,6 @@ from camouflage_train.models.ip_adapter import (
     cross_attention_keys,
     initial_state_dict,
     install_ip_adapter,
-    person_region_masks,
 )
 from camouflage_train.modules.conditioning_gains import conditioning_gains
 from camouflage_train.modules.frozen_diffusion import FrozenDiffusionMixin
@@ -358,8 +357,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         outside = self.hparams.outside_region_loss_weight
         weights = None
         if training and outside != 1.0:
-            regions = person_region_masks(persons.boxes, persons.mask, tuple(latents.shape[-2:]), expand)
-            regions = regions.amax(dim=1, keepdim=True)
+            regions = masks.amax(dim=1, keepdim=True)  # the union of the persons' regions (splitting keeps it)
             has_persons = persons.mask.any(dim=1).to(regions.dtype)[:, None, None, None]
             weights = has_persons * (outside + (1 - outside) * regions) + (1 - has_persons)
         return self.regression_loss(prediction, target, draw.timesteps, snr_gamma, pixel_weights=weights)

@@ -265,7 +265,7 @@ def generate_light(
     """One image per prompt; image ``i`` uses ``seeds[i]`` (default ``seed + i``) and ``persons[i]`` whatever the
     batch.
 
-    ``pipe`` may be a stock SD or ControlNet pipeline; ``pipe_kwargs`` go to it (control images, scales).
+    ``pipe`` is a Light SD or ControlNet pipeline; ``pipe_kwargs`` go to it (control images, scales).
 
     Args:
         pipe: a Light pipeline (:func:`as_light_pipeline`); keyword arguments beyond these go to it.
@@ -282,6 +282,11 @@ def generate_light(
         negative_prompt: the negative branch's prompt.
         output_type: ``pil``, ``np`` or ``pt``.
     """
+    if not isinstance(pipe, OneRowOfPersonsPerPrompt):
+        raise TypeError(
+            f"generate_light needs a pipeline that takes one row of persons per prompt, got {type(pipe).__name__}: "
+            "convert it with camouflage_train.pipelines.light.as_light_pipeline(pipe)"
+        )
     if "num_images_per_prompt" in pipe_kwargs:
         raise ValueError("generate_light makes one image per prompt (repeat the prompts and persons instead)")
     if persons.boxes.shape[0] != len(prompts):
@@ -295,11 +300,6 @@ def generate_light(
         unconditional_half=guidance_scale > 1.0,
         region_overlap=config.region_overlap,
     )
-    if not isinstance(pipe, OneRowOfPersonsPerPrompt):
-        raise TypeError(
-            f"generate_light needs a pipeline that takes one row of persons per prompt, got {type(pipe).__name__}: "
-            "convert it with camouflage_train.pipelines.light.as_light_pipeline(pipe)"
-        )
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
     device = execution_device(pipe)
     return pipe(
