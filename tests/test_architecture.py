@@ -15,7 +15,8 @@ INFERENCE_SIDE = ("models", "pipelines", "metrics", "inference", "export")
 TRAINING_STACK = ("lightning", "camouflage_train.modules", "camouflage_train.training")
 
 
-def _modules() -> dict[str, Path]:
+def package_modules() -> dict[str, Path]:
+    """Every module of the package by dotted name (a package by its ``__init__``), with its file."""
     found = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         parts = path.relative_to(REPO).with_suffix("").parts
@@ -26,7 +27,7 @@ def _modules() -> dict[str, Path]:
 
 def import_graph() -> dict[str, set[str]]:
     """Module -> the package modules and the ``lightning`` package it imports, at any depth of its code."""
-    modules = _modules()
+    modules = package_modules()
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]

@@ -8,17 +8,7 @@ import importlib
 import inspect
 import re
 
-from tests.conftest import REPO
-
-PACKAGE = REPO / "camouflage_train"
-
-
-def _modules() -> list[str]:
-    names = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        parts = path.relative_to(REPO).with_suffix("").parts
-        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
-    return names
+from tests.test_architecture import package_modules
 
 
 def _parameters(function) -> list[str]:
@@ -56,7 +46,7 @@ def _own_doc(obj) -> str | None:
 
 def public_definitions_without_args() -> list[str]:
     problems = []
-    for module_name in _modules():
+    for module_name in package_modules():
         module = importlib.import_module(module_name)
         for name, obj in vars(module).items():
             if name.startswith("_") or getattr(obj, "__module__", None) != module_name:

@@ -447,6 +447,7 @@ def test_sample_grids_generate_from_the_batch_persons_with_the_module_being_trai
     images = grids.generate(tiny_module, batch, 2)
     again = grids.generate(tiny_module, batch, 2)
     assert len(images) == 2 and images[0].size == (64, 64)
+    # Exact: the very same computation twice in one process (same seeds, threads and batch).
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again, strict=True))
 
 
@@ -463,7 +464,8 @@ def test_the_outside_region_weight_changes_only_the_training_loss_and_only_outsi
     tiny_module.hparams.text_dropout = tiny_module.hparams.attribute_dropout = 0.0
     plain_training, plain_validation = loss(True), loss(False)
     tiny_module.hparams.outside_region_loss_weight = 0.1
-    assert loss(False) == plain_validation  # validation keeps equal weights
+    # Exact: the very same computation runs twice (validation never reads the weight).
+    assert loss(False) == plain_validation
     assert loss(True) != plain_training
     nobody = dict(batch, person_mask=torch.zeros_like(batch["person_mask"]))
     with torch.no_grad():

@@ -14,12 +14,13 @@ what was copied without anyone noticing (``tests/test_compat.py`` runs it).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import re
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+
+from hydra.utils import get_object
 
 MARKER = re.compile(
     r"^[ \t]*#\s*Copied from (?P<target>[\w.]+)\s*\n\s*#\s*\((?P<library>[\w-]+) (?P<version>[\w.]+), "
@@ -56,16 +57,7 @@ def source_digest(target: str) -> str:
     Args:
         target: a dotted name (``package.module.Class.method``).
     """
-    parts = target.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
-            continue
-        for name in parts[split:]:
-            obj = getattr(obj, name)
-        return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
-    raise ImportError(f"cannot import any module of '{target}'")
+    return hashlib.sha256(inspect.getsource(get_object(target)).encode()).hexdigest()[:16]
 
 
 def find_markers(root: Path = PACKAGE) -> list[CopiedFrom]:
