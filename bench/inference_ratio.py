@@ -56,8 +56,9 @@ def operating_points(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     suffix = SUFFIX.get(args.preset, "")
     base_cfg = OmegaConf.load(args.base_config or CONFIGS / f"base{suffix}.yaml")
     light_cfg = OmegaConf.load(args.light_config or CONFIGS / f"light{suffix}.yaml")
-    base = {key: OmegaConf.to_container(base_cfg, resolve=False).get(key) for key in BASE_KEYS}
-    light = {key: OmegaConf.to_container(light_cfg, resolve=False).get(key) for key in LIGHT_KEYS}
+    base_values, light_values = (OmegaConf.to_container(c, resolve=False) for c in (base_cfg, light_cfg))
+    base = {key: base_values.get(key) for key in BASE_KEYS}
+    light = {key: light_values.get(key) for key in LIGHT_KEYS}
     base["anonymization"] = {k: v for k, v in (base["anonymization"] or {}).items() if k != "model"}
     base["anonymization"]["enabled"] = True
     light["keep_background"] = bool(light.get("keep_background"))
