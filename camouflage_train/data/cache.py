@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from camouflage_train.data.dataset import PersonImageDataset, Skipped
-from camouflage_train.data.sampling import SampleKey, split_key
+from camouflage_train.data.sampling import Draw, SampleKey, generator_for, split_key
 from camouflage_train.utils.atomic import atomic_folder
 
 log = logging.getLogger(__name__)
@@ -215,10 +215,11 @@ class CachedLatentDataset(Dataset):
 
     def __getitem__(self, key: int | SampleKey) -> dict[str, Any] | Skipped:
         """Like :meth:`PersonImageDataset.__getitem__`: the flip variant comes from the key's seed when given."""
-        index, generator = split_key(key)
+        index, seed = split_key(key)
         if index in self.skipped:
             return Skipped(self.skipped[index], f"cache row {index}")
-        item = self.item(index, int(self.flip_prob > 0 and bool(torch.rand((), generator=generator) < self.flip_prob)))
+        flip = self.flip_prob > 0 and bool(torch.rand((), generator=generator_for(seed, Draw.FLIP)) < self.flip_prob)
+        item = self.item(index, int(flip))
         return {**item, "sample_seed": key[1]} if isinstance(key, tuple) else item
 
     def item(self, index: int, variant: int) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 from camouflage_train.data.images import BadSampleError
-from camouflage_train.data.sampling import SampleKey, split_key
+from camouflage_train.data.sampling import Draw, SampleKey, generator_for, split_key
 from camouflage_train.data.schema import BOX_KEY, AttributeSchema, InvalidRecordError, keep_largest
 from camouflage_train.data.sources import SampleSource
 
@@ -118,11 +118,12 @@ class PersonImageDataset(Dataset):
         """A training sample, or :class:`Skipped` with the reason (logged once per reason per process).
 
         ``key`` is an index, or ``(index, sample_seed)`` from :class:`~camouflage_train.data.sampling.ResumableSampler`:
-        then crop and flip come from the seed, and the item carries it for the training step's randomness.
+        then crop and flip come from their own streams of the seed (:class:`~camouflage_train.data.sampling.Draw`),
+        and the item carries the seed for the training step's randomness.
         """
-        index, generator = split_key(key)
-        flip = self.flip_prob > 0 and bool(torch.rand((), generator=generator) < self.flip_prob)
-        result = self.variants(index, (flip,), generator)
+        index, seed = split_key(key)
+        flip = self.flip_prob > 0 and bool(torch.rand((), generator=generator_for(seed, Draw.FLIP)) < self.flip_prob)
+        result = self.variants(index, (flip,), generator_for(seed, Draw.CROP))
         if isinstance(result, Skipped):
             return result
         return {**result[0], "sample_seed": key[1]} if isinstance(key, tuple) else result[0]

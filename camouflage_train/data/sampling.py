@@ -8,10 +8,15 @@ same samples with the same augmentations, noise and timesteps as one uninterrupt
   cover exactly the samples of one rank with batch ``B``), and can start an epoch at a given position;
 * it yields keys ``(index, sample_seed)``; datasets draw their augmentations from ``sample_seed`` and the
   training step draws the sample's noise, timestep and dropout from it.
+
+Each random decision about a sample (:class:`Draw`: crop, flip, caption drop, ...) has its own stream, a generator
+seeded by hashing the sample seed together with the decision's name (:func:`draw_generator`). The names are
+distinct (``Draw`` is a unique enum), so two decisions can never read the same numbers, wherever they are drawn.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import zlib
@@ -49,17 +54,68 @@ def image_seed(seed: int, name: str) -> int:
     return (seed + zlib.crc32(name.encode("utf-8"))) % 2**31
 
 
-def split_key(key: int | SampleKey) -> tuple[int, torch.Generator | None]:
-    """``(index, generator)`` for a sampler key; a plain index (evaluation, caching) gets ``None`` (no randomness
-    source of its own: the caller's global RNG is used).
+@enum.unique
+class Draw(enum.Enum):
+    """The random decisions about one training sample; each reads its own stream (:func:`draw_generator`).
+
+    The data pipeline draws ``CROP`` and ``FLIP``; the training step draws the rest.
+    """
+
+    CROP = "crop"
+    FLIP = "flip"
+    CAPTION_DROP = "caption-drop"
+    PERSON_DROP = "person-drop"
+    TIMESTEP = "timestep"
+    POSTERIOR = "vae-posterior"
+    NOISE = "diffusion-noise"
+    NOISE_OFFSET = "noise-offset"
+
+
+def draw_seed(seed: int, draw: Draw) -> int:
+    """The 63-bit seed of decision ``draw`` about the sample whose seed is ``seed``.
+
+    Args:
+        seed: the sample's seed (:func:`sample_seed`).
+        draw: which decision.
+    """
+    if not isinstance(draw, Draw):
+        raise TypeError(f"draw must be a Draw member, got {draw!r}")
+    digest = hashlib.blake2b(f"{int(seed)}/{draw.value}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def draw_generator(seed: int, draw: Draw, device: torch.device | str = "cpu") -> torch.Generator:
+    """A fresh generator on ``device`` for decision ``draw`` about the sample whose seed is ``seed``.
+
+    Args:
+        seed: the sample's seed (:func:`sample_seed`).
+        draw: which decision.
+        device: where the numbers are drawn.
+    """
+    return torch.Generator(device=device).manual_seed(draw_seed(seed, draw))
+
+
+def split_key(key: int | SampleKey) -> tuple[int, int | None]:
+    """``(index, sample seed)`` for a sampler key; a plain index (evaluation, caching) gets ``None`` (no
+    randomness source of its own: the caller's global RNG is used).
 
     Args:
         key: an index, or ``(index, sample seed)`` from :class:`ResumableSampler`.
     """
     if isinstance(key, tuple):
         index, seed = key
-        return int(index), torch.Generator().manual_seed(int(seed))
+        return int(index), int(seed)
     return int(key), None
+
+
+def generator_for(seed: int | None, draw: Draw) -> torch.Generator | None:
+    """:func:`draw_generator` on the host, or ``None`` (the global RNG) for a sample without a seed.
+
+    Args:
+        seed: the sample's seed, or ``None``.
+        draw: which decision.
+    """
+    return None if seed is None else draw_generator(seed, draw)
 
 
 class KeyedSubset(Dataset):

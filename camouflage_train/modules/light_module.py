@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from torch.optim import Optimizer
 
+from camouflage_train.data.sampling import Draw, draw_generator
 from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.models.adapter_checkpoint import KEY as CHECKPOINT_KEY
 from camouflage_train.models.adapter_checkpoint import adapter_metadata, check_trainable_keys, trainable_only
@@ -157,6 +158,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         if len(bounds) != 2 or not all(isinstance(b, int) for b in bounds) or not 0 <= bounds[0] < bounds[1] <= steps:
             raise ValueError(f"model.timestep_range must be [low, high) with 0 <= low < high <= {steps}, got {bounds}")
         self.train_timesteps: tuple[int, int] = bounds
+        self.check_min_snr_has_effect(snr_gamma, bounds)
 
         cfg = self.adapter_config
         self.encoder = AttributeEncoder.from_adapter_config(self.schema.to_config(), cfg)
@@ -247,44 +249,52 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         self,
         batch: dict[str, Any],
         latent_shape: tuple[int, ...],
-        dtype: torch.dtype,
         generator: torch.Generator | None,
         timesteps: tuple[int, int],
     ) -> StepNoise:
-        """Everything random in one step, in a fixed order; timesteps uniform in ``[low, high)``.
+        """Everything random in one step; timesteps uniform in ``[low, high)``; the normal draws in fp32.
 
         With ``batch["sample_seed"]`` (training batches from :class:`ResumableSampler`) and no ``generator``, each
-        sample's numbers come from its own seed, so they do not depend on the batch composition, the rank layout
-        or what ran before: a resumed run and a DDP run draw exactly what one uninterrupted process draws.
-        Otherwise they come from ``generator`` (validation) or the global RNG.
+        decision about each sample reads its own stream (:class:`~camouflage_train.data.sampling.Draw`), so the
+        numbers do not depend on the batch composition, the rank layout or what ran before (a resumed run and a
+        DDP run draw exactly what one uninterrupted process draws), and no two decisions share numbers (the
+        caption drop is independent of the dataset's flip, of the person drop and of the noise). Otherwise they
+        come, in a fixed order, from ``generator`` (validation) or the global RNG.
         """
         n, device = batch["person_mask"].shape[0], self.device
         low, high = timesteps
         seeds = batch.get("sample_seed") if generator is None else None
+        channels = latent_shape[0]
         if seeds is not None:
-            host = [torch.Generator().manual_seed(s) for s in seeds]
-            # A different stream on the device (on CPU the same seed would repeat the host numbers).
-            dev = [torch.Generator(device=device).manual_seed((s + 1) % 2**63) for s in seeds]
-            uniform = torch.stack([torch.rand(2, generator=g) for g in host])
-            drawn = torch.cat([torch.randint(low, high, (1,), generator=g, device=device) for g in dev])
-            normal = torch.stack(
-                [torch.randn((2, *latent_shape), generator=g, device=device, dtype=dtype) for g in dev]
+
+            def per_sample(draw: Draw, sample: Callable[[torch.Generator], torch.Tensor], where: Any) -> torch.Tensor:
+                return torch.stack([sample(draw_generator(s, draw, where)) for s in seeds])
+
+            drop_text = per_sample(Draw.CAPTION_DROP, lambda g: torch.rand((), generator=g), "cpu")
+            drop_persons = per_sample(Draw.PERSON_DROP, lambda g: torch.rand((), generator=g), "cpu")
+            drawn = per_sample(
+                Draw.TIMESTEP, lambda g: torch.randint(low, high, (), generator=g, device=device), device
             )
-            offset = torch.stack(
-                [torch.randn((latent_shape[0], 1, 1), generator=g, device=device, dtype=dtype) for g in dev]
+            posterior, noise, offset = (
+                per_sample(draw, lambda g, shape=shape: torch.randn(shape, generator=g, device=device), device)
+                for draw, shape in (
+                    (Draw.POSTERIOR, latent_shape),
+                    (Draw.NOISE, latent_shape),
+                    (Draw.NOISE_OFFSET, (channels, 1, 1)),
+                )
             )
         else:
             where = generator.device if generator is not None else "cpu"
-            uniform = torch.rand((n, 2), generator=generator, device=where).cpu()
+            drop_text, drop_persons = torch.rand((2, n), generator=generator, device=where).cpu()
             drawn = torch.randint(low, high, (n,), generator=generator, device=device)
-            normal = torch.randn((n, 2, *latent_shape), generator=generator, device=device, dtype=dtype)
-            offset = torch.randn((n, latent_shape[0], 1, 1), generator=generator, device=device, dtype=dtype)
+            posterior, noise = torch.randn((2, n, *latent_shape), generator=generator, device=device)
+            offset = torch.randn((n, channels, 1, 1), generator=generator, device=device)
         return StepNoise(
-            drop_text=uniform[:, 0] < self.hparams.text_dropout,
-            drop_persons=uniform[:, 1] < self.hparams.attribute_dropout,
+            drop_text=drop_text < self.hparams.text_dropout,
+            drop_persons=drop_persons < self.hparams.attribute_dropout,
             timesteps=drawn,
-            latent=normal[:, 0],
-            noise=normal[:, 1],
+            latent=posterior,
+            noise=noise,
             offset=offset,
         )
 
@@ -296,9 +306,10 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
     ) -> torch.Tensor:
         """MSE between the UNet's prediction and the scheduler's target at uniform random timesteps.
 
-        ``training`` gives the training objective: text/attribute dropout, ``timestep_range`` and the ``snr_gamma``
-        weighting.
-        Validation leaves it off, so its losses compare across those settings.
+        ``training`` gives the training objective: text/attribute dropout, ``timestep_range``, ``noise_offset``, the
+        ``snr_gamma`` weighting and ``outside_region_loss_weight``. Validation leaves them all off, so its losses
+        compare across those settings. The noise, the noisy latents and the target are fp32 whatever the backbone's
+        dtype; only the UNet's input is cast to it.
 
         Takes raw batches (``pixel_values``, ``caption``) or cached ones (``latent_mean``/``latent_std``,
         ``text_embeds``); both use the same random numbers (:meth:`_draw`), so they give the same loss.
@@ -316,7 +327,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
             height, width = batch["pixel_values"].shape[-2:]
             latent_shape = (self.vae.config.latent_channels, height // factor, width // factor)
         timesteps = self.train_timesteps if training else self.all_timesteps
-        draw = self._draw(batch, latent_shape, self.vae.dtype, generator, timesteps)
+        draw = self._draw(batch, latent_shape, generator, timesteps)
         person_mask = batch["person_mask"]
         drop_text = draw.drop_text if training else torch.zeros_like(draw.drop_text)
         if training:
@@ -324,22 +335,22 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         persons = PersonBatch(batch["boxes"], batch["continuous"], batch["categorical"], person_mask)
         with torch.no_grad(), self._frozen_compute():
             if cached:
-                mean = batch["latent_mean"].to(self.device, self.vae.dtype)
-                std = batch["latent_std"].to(self.device, self.vae.dtype)
+                mean = batch["latent_mean"].to(self.device, torch.float32)
+                std = batch["latent_std"].to(self.device, torch.float32)
                 text = batch["text_embeds"].to(self.device, self.text_encoder.dtype)
                 if drop_text.any():
                     text = torch.where(drop_text.to(self.device)[:, None, None], self._empty_text(), text)
             else:
                 pixels = batch["pixel_values"].to(self.device, self.vae.dtype)
                 dist = self.vae.encode(pixels).latent_dist
-                mean, std = dist.mean, dist.std
+                mean, std = dist.mean.float(), dist.std.float()
                 captions = ["" if d else c for d, c in zip(drop_text.tolist(), batch["caption"], strict=True)]
                 text = self.encode_text(captions)
-            latents = (mean + std * draw.latent) * self.vae.config.scaling_factor
+        latents = (mean + std * draw.latent) * self.vae.config.scaling_factor  # fp32, like the noise below
         noise = draw.noise
-        if self.hparams.noise_offset:
+        if training and self.hparams.noise_offset:  # validation keeps the plain objective
             noise = noise + self.hparams.noise_offset * draw.offset
-        noisy = self.noise_scheduler.add_noise(latents, noise, draw.timesteps)
+        noisy, target = self.noisy_latents_and_target(latents, noise, draw.timesteps)
         expand = self.adapter_config.region_expand if self.adapter_config.region_masks else None
         embeds, masks = conditioning_inputs(
             self.encoder, persons, tuple(latents.shape[-2:]), expand, region_overlap=self.adapter_config.region_overlap
@@ -352,7 +363,6 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
                 added_cond_kwargs={"image_embeds": [embeds.float()]},  # the fp32 projection
                 cross_attention_kwargs={"ip_adapter_masks": [masks]},
             ).sample
-        target = self.prediction_target(latents, noise, draw.timesteps)
         snr_gamma = self.hparams.snr_gamma if training else None
         outside = self.hparams.outside_region_loss_weight
         weights = None
