@@ -115,8 +115,8 @@ class ControlNetModule(FrozenDiffusionMixin, L.LightningModule):
     def _encode(self, batch: dict[str, Any], drop_text: torch.Tensor, generator: torch.Generator | None):
         pixels = batch["pixel_values"].to(self.device, self.vae.dtype)
         dist = self.vae.encode(pixels).latent_dist
-        sample = torch.randn(dist.mean.shape, generator=generator, device=self.device, dtype=dist.mean.dtype)
-        latents = (dist.mean + dist.std * sample) * self.vae.config.scaling_factor
+        sample = torch.randn(dist.mean.shape, generator=generator, device=self.device)  # fp32, like the noise
+        latents = (dist.mean.float() + dist.std.float() * sample) * self.vae.config.scaling_factor
         captions = ["" if d else c for d, c in zip(drop_text.tolist(), batch["caption"], strict=True)]
         return latents, self.encode_text(captions)
 
@@ -135,8 +135,8 @@ class ControlNetModule(FrozenDiffusionMixin, L.LightningModule):
         latents, text = self._encode(batch, drop_text, generator)
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (n,), generator=generator, device=self.device)
-        noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        noisy, target = self.noisy_latents_and_target(latents, noise, timesteps)
         control = self.control_images(batch["pixel_values"]).to(self.device)
         down, mid = self.controlnet(
             noisy.float(), timesteps, encoder_hidden_states=text.float(), controlnet_cond=control, return_dict=False
@@ -148,7 +148,7 @@ class ControlNetModule(FrozenDiffusionMixin, L.LightningModule):
             down_block_additional_residuals=[r.to(self.weight_dtype) for r in down],
             mid_block_additional_residual=mid.to(self.weight_dtype),
         ).sample
-        return self.regression_loss(prediction, self.prediction_target(latents, noise, timesteps), timesteps)
+        return self.regression_loss(prediction, target, timesteps)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         if batch.get("size", 1) == 0:

@@ -9,6 +9,7 @@ from typing import Any, Self
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 
@@ -67,6 +68,25 @@ class FrozenDiffusionMixin:
             return latents
         raise ValueError(f"unsupported scheduler prediction_type '{prediction_type}'")
 
+    def noisy_latents_and_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward process at ``timesteps`` and the regression target, computed in fp32.
+
+        A bf16/fp16 backbone must not set the precision of this arithmetic: diffusers' ``add_noise`` casts the
+        schedule to its inputs' dtype, and in bf16 the nearly-clean timesteps' ``sqrt(1 - alpha_bar)`` rounds away
+        (no noise at all at t = 0 and 1, while the target is the noise). Cast the noisy latents to the UNet's dtype
+        only at its input.
+
+        Args:
+            latents: the clean (scaled) latents.
+            noise: the noise to add.
+            timesteps: each sample's timestep.
+        """
+        latents, noise = latents.float(), noise.float()
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        return noisy, self.prediction_target(latents, noise, timesteps)
+
     def regression_loss(
         self,
         prediction: torch.Tensor,
@@ -79,7 +99,9 @@ class FrozenDiffusionMixin:
 
         The weight ``min(SNR, gamma) / SNR`` (epsilon; ``/(SNR + 1)`` for v-prediction) lowers the nearly-clean
         timesteps, whose fine-detail noise dominates the plain loss but carries little of what a conditioning
-        (places, hair colour) decides. A weighted mean, so the loss stays on the plain MSE's scale.
+        (places, hair colour) decides. The weighted per-sample losses are averaged over the batch, as in the paper
+        and diffusers' training examples (``mean(w * l)``), so a sample's weight does not depend on the batch it
+        is in, and a batch of one is weighted too.
 
         Args:
             prediction: the UNet's output.
@@ -99,15 +121,46 @@ class FrozenDiffusionMixin:
             per_sample = (squared * spatial).flatten(1).sum(dim=1) / spatial.flatten(1).sum(dim=1).clamp_min(1e-12)
         if snr_gamma is None:
             return per_sample.mean()
+        return (per_sample * self.min_snr_weights(timesteps, snr_gamma)).mean()
+
+    def min_snr_weights(self, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma's weight of each timestep: ``min(SNR, gamma) / SNR`` for epsilon prediction,
+        ``min(SNR, gamma) / (SNR + 1)`` for v-prediction.
+
+        Args:
+            timesteps: the timesteps.
+            snr_gamma: gamma (> 0).
+        """
         if snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0 (or null for the plain loss), got {snr_gamma}")
         snr = compute_snr(self.noise_scheduler, timesteps)
         weights = snr.clamp(max=snr_gamma)
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "epsilon":
-            weights = weights / snr
-        elif prediction_type == "v_prediction":
-            weights = weights / (snr + 1)
-        else:
-            raise ValueError(f"snr_gamma supports epsilon and v_prediction schedulers, not '{prediction_type}'")
-        return (per_sample * weights).sum() / weights.sum()
+            return weights / snr
+        if prediction_type == "v_prediction":
+            return weights / (snr + 1)
+        raise ValueError(f"snr_gamma supports epsilon and v_prediction schedulers, not '{prediction_type}'")
+
+    def check_min_snr_has_effect(self, snr_gamma: float | None, timesteps: tuple[int, int]) -> bool:
+        """Warn when ``snr_gamma`` weights every training timestep in ``[low, high)`` equally (then the loss is the
+        plain MSE and the setting does nothing); return whether it has an effect.
+
+        Args:
+            snr_gamma: ``model.snr_gamma`` (``None``: nothing to check).
+            timesteps: ``model.timestep_range`` as ``(low, high)``.
+        """
+        if snr_gamma is None:
+            return False
+        weights = self.min_snr_weights(torch.arange(*timesteps), snr_gamma)
+        if not torch.allclose(weights, weights[:1].expand_as(weights)):
+            return True
+        low, high = timesteps
+        rank_zero_warn(
+            f"model.snr_gamma={snr_gamma} has no effect with model.timestep_range=[{low}, {high}]: the signal-to-noise "
+            f"ratio is at most {snr_gamma} at every timestep from {low} on (SNR({low}) = "
+            f"{float(compute_snr(self.noise_scheduler, torch.tensor([low]))):.3g}), so every Min-SNR weight is "
+            f"{float(weights[0]):.3g} and the loss is the plain MSE. Set model.snr_gamma=null, or let "
+            "model.timestep_range reach the low-noise timesteps where the weights differ"
+        )
+        return False
