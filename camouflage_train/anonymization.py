@@ -28,11 +28,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from camouflage_train.annotation.run import ImageListing, annotate_dataset
 from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset, collate_skipping
+from camouflage_train.data.images import pixels_to_image
 from camouflage_train.data.sampling import image_seed
 from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.data.sources import FolderSource
@@ -342,7 +342,7 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
                 skip(name, reason)
             if batch["size"] == 0:
                 continue
-            images = [TF.to_pil_image((pixels + 1) / 2) for pixels in batch["pixel_values"]]
+            images = [pixels_to_image(pixels) for pixels in batch["pixel_values"]]
             seeds = [image_seed(cfg.seed, name) for name in batch["name"]]
             persons = PersonBatch.from_batch(batch)
             outputs = model(images, persons, seeds, list(batch["caption"]))

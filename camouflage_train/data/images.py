@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
@@ -72,3 +73,16 @@ def load_rgb(source: Any, min_size: int = 1) -> Image.Image:
     if min(image.size) < min_size:
         raise BadSampleError("too small", f"{image.size[0]}x{image.size[1]} < {min_size}px")
     return image
+
+
+def pixels_to_image(pixels: torch.Tensor) -> Image.Image:
+    """A ``[3, H, W]`` tensor in ``[-1, 1]`` (what the datasets serve) back to an 8-bit RGB image.
+
+    Rounds to the nearest level, so the 8-bit image a dataset read comes back exactly (torchvision's
+    ``to_pil_image`` truncates floats: a quarter of the levels would come back one lower).
+
+    Args:
+        pixels: the image, channels first, in ``[-1, 1]``.
+    """
+    levels = ((pixels.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(levels.permute(1, 2, 0).numpy())

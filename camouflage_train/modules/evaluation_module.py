@@ -28,6 +28,7 @@ from torchmetrics.image import FrechetInceptionDistance, KernelInceptionDistance
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import make_grid
 
+from camouflage_train.data.images import pixels_to_image
 from camouflage_train.data.sampling import image_seed
 from camouflage_train.metrics.attributes import AttributePreservation, BoxAgreement
 from camouflage_train.metrics.clip import ClipScorer, ClipScores, WeightsUnavailableError
@@ -171,7 +172,7 @@ class JointEvaluationModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if batch.get("size", 1) == 0:
             return
-        originals = [TF.to_pil_image((p.float().cpu() + 1) / 2) for p in batch["pixel_values"]]
+        originals = [pixels_to_image(p) for p in batch["pixel_values"]]
         seeds = [image_seed(self.seed, name) for name in batch["name"]]
         original_faces = [self.faces(image) for image in originals]
         real_uint8 = torch.stack([TF.pil_to_tensor(image) for image in originals]).to(self.device)
