@@ -8,7 +8,8 @@ The folder holds:
   ``{"image_proj", "ip_adapter"}`` dict;
 * ``attribute_encoder/``: person records -> the embeddings passed as ``ip_adapter_image_embeds``
   (safetensors + config.json; see :mod:`camouflage_train.inference` to use it without the training stack);
-* ``config.json``: base model, resolution, attribute schema, tokens per person, max persons, config hash;
+* ``config.json``: base model, resolution, attribute schema, tokens per person, max persons, the adapter's
+  ``scale`` (stock ``load_ip_adapter`` sets 1.0: the model card's code sets this one), config hash;
 * ``README.md``: a model card with Hugging Face front matter, a runnable snippet, intended use and limitations;
 * ``export_manifest.json``: every file above with its SHA-256, the marker that this folder is an export.
 
@@ -107,6 +108,7 @@ folder = {json.dumps(str(folder))}  # the export folder
 pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
 pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler camouflage-train uses
 pipe.load_ip_adapter(folder, subfolder="", weight_name="{WEIGHT_NAME}.safetensors", image_encoder_folder=None)
+pipe.set_ip_adapter_scale({float(config.get("scale", 1.0))!r})  # the adapter's scale in training (config.json)
 encoder = load_attribute_encoder(folder)
 # One list of person records per image; folder= applies the export's region masks.
 records = [[{json.dumps(_example_record(config["schema"]))}]]
@@ -242,6 +244,7 @@ def export_adapter(
         "max_persons": meta["schema"]["max_persons"],
         "tokens_per_person": adapter.tokens_per_person,
         "embed_dim": adapter.embed_dim,
+        "scale": adapter.scale,
         "region_masks": adapter.region_masks,
         "region_expand": adapter.region_expand,
         "region_overlap": adapter.region_overlap,
