@@ -128,32 +128,6 @@ def test_checkpointing_gives_the_same_loss_and_gradients(make_cfg, tiny_model_di
         instantiate(cfg.model, gradient_checkpointing="mid")
 
 
-def test_min_snr_weighting(tiny_module):
-    """snr_gamma weights each sample by min(SNR, gamma)/SNR (epsilon) or /(SNR+1) (v): a weighted mean of the
-    per-sample errors; above every timestep's SNR it is the plain MSE."""
-    prediction, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
-    t = torch.tensor([5, 300, 950])
-    per_sample = (prediction - target).pow(2).flatten(1).mean(1)
-    alphas = tiny_module.noise_scheduler.alphas_cumprod[t]
-    snr = alphas / (1 - alphas)
-    plain = tiny_module.regression_loss(prediction, target, t)
-    torch.testing.assert_close(plain, per_sample.mean(), rtol=1e-6, atol=0)
-    huge = float(snr.max()) * 2
-    torch.testing.assert_close(tiny_module.regression_loss(prediction, target, t, huge), plain, rtol=1e-5, atol=0)
-    for prediction_type, weights in (
-        ("epsilon", snr.clamp(max=5) / snr),
-        ("v_prediction", snr.clamp(max=5) / (snr + 1)),
-    ):
-        tiny_module.noise_scheduler.register_to_config(prediction_type=prediction_type)
-        weighted = tiny_module.regression_loss(prediction, target, t, 5.0)
-        torch.testing.assert_close(weighted, (per_sample * weights).sum() / weights.sum(), rtol=1e-5, atol=0)
-    with pytest.raises(ValueError, match="snr_gamma must be > 0"):
-        tiny_module.regression_loss(prediction, target, t, 0.0)
-    tiny_module.noise_scheduler.register_to_config(prediction_type="sample")
-    with pytest.raises(ValueError, match="supports epsilon and v_prediction"):
-        tiny_module.regression_loss(prediction, target, t, 5.0)
-
-
 def test_timestep_range_bounds_the_training_draws_only(demo_cfg, tiny_model_dir, monkeypatch):
     """Training steps (per-sample seeds or the global RNG) draw timesteps in ``[low, high)``; validation losses keep
     every timestep; a range outside the scheduler's is refused naming the field."""
@@ -329,22 +303,29 @@ def test_conditioning_and_attribute_gains_at_the_same_noise(tiny_module):
     assert set(tiny_module.validation_losses(one, 0)) == {"loss"}  # nobody to swap with
 
 
-@pytest.mark.heavy
 @pytest.mark.slow
 def test_a_compiled_unet_gives_the_eager_loss_and_gradients(make_cfg, tiny_model_dir):
-    """Regional compilation (model.compile_unet=blocks) on the tiny UNet, CPU inductor: the same loss and adapter
-    gradients as eager within float tolerance (fused kernels reorder sums), the same parameter names, and no
-    recompilation on a second batch of the same shape."""
+    """Regional compilation (model.compile_unet=blocks): every repeated block is compiled in place, parameter names
+    unchanged, and a second batch of the same shape reuses every graph (dynamo with the ahead-of-time autograd
+    backend over the whole UNet: the same loss and gradients as eager). What inductor itself generates is checked
+    on one transformer block, the one kind of block the adapter lives in (CPU inductor: fused kernels reorder sums,
+    so within float tolerance); compiling every block shape with inductor would only re-test torch."""
+    from diffusers.models.attention import BasicTransformerBlock
     from torch._dynamo.utils import counters
+
+    from camouflage_train.models.compile import EXTRA_REGIONS
 
     cfg = make_cfg("experiment=demo_tiny", "data.batch_size=2")
     dm = instantiate(cfg.data)
     dm.setup("fit")
     batches = list(itertools.islice(dm.train_dataloader(), 2))
     eager = instantiate(cfg.model)
-    compiled = instantiate(cfg.model, compile_unet="blocks")
+    compiled = instantiate(cfg.model, compile_unet="blocks", compile_options={"backend": "aot_eager"})
     compiled.load_state_dict(eager.state_dict())
     assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    regions = {*compiled.unet._repeated_blocks, *EXTRA_REGIONS}
+    blocks = [m for m in compiled.unet.modules() if type(m).__name__ in regions]
+    assert blocks and all(m._compiled_call_impl is not None for m in blocks)  # nn.Module.compile, in place
 
     def loss_and_grads(module, batch):
         module.zero_grad()
@@ -352,15 +333,23 @@ def test_a_compiled_unet_gives_the_eager_loss_and_gradients(make_cfg, tiny_model
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
 
+    def assert_same(reference, other, rtol):
+        torch.testing.assert_close(other[0], reference[0], rtol=rtol, atol=1e-5)
+        for name, grad in reference[1].items():
+            torch.testing.assert_close(other[1][name], grad, rtol=10 * rtol, atol=1e-5, msg=name)
+
     torch._dynamo.reset()
     for i, batch in enumerate(batches):
-        (loss, grads), (loss_c, grads_c) = loss_and_grads(eager, batch), loss_and_grads(compiled, batch)
-        torch.testing.assert_close(loss_c, loss, rtol=1e-4, atol=1e-5)
-        for name, grad in grads.items():
-            torch.testing.assert_close(grads_c[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+        assert_same(loss_and_grads(eager, batch), loss_and_grads(compiled, batch), rtol=1e-5)
         if i == 0:
             graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs  # the second batch reused every graph
+
+    reference = loss_and_grads(eager, batches[0])
+    block = next(m for m in eager.unet.modules() if isinstance(m, BasicTransformerBlock))
+    block.compile()  # inductor, the default backend
+    assert_same(reference, loss_and_grads(eager, batches[0]), rtol=1e-4)
+    torch._dynamo.reset()
 
 
 def test_the_gains_move_persons_and_attributes_as_named():
