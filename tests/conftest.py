@@ -112,14 +112,19 @@ def cpu_trainer(tmp_path: Path, **kwargs):
     return L.Trainer(**{**defaults, **kwargs})
 
 
-@pytest.fixture
-def trained_checkpoint(make_cfg, tmp_path, tiny_model_dir):
-    """(checkpoint path, module) after two demo training steps."""
-    cfg = make_cfg("experiment=demo_tiny", "data.batch_size=2")
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    """(checkpoint path, module) after two demo training steps: trained once per test process and shared, so
+    tests must only read the file (copy it to change it)."""
+    folder = tmp_path_factory.mktemp("trained_checkpoint")
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(
+            "train.yaml", overrides=[f"paths.output_dir={folder}", "experiment=demo_tiny", "data.batch_size=2"]
+        )
     module = instantiate(cfg.model)
-    trainer = cpu_trainer(tmp_path, max_steps=2)
+    trainer = cpu_trainer(folder, max_steps=2)
     trainer.fit(module, datamodule=instantiate(cfg.data))
-    path = tmp_path / "light.ckpt"
+    path = folder / "light.ckpt"
     trainer.save_checkpoint(path)
     return path, module
 
