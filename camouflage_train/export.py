@@ -22,6 +22,7 @@ A checkpoint trained on another base model than ``base_model`` is refused.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,8 @@ def export_adapter(
             "an adapter only works with the UNet it was trained on"
         )
     adapter = AdapterConfig(**meta["adapter"])  # the defaults fill what an older checkpoint did not record
+    if not math.isfinite(adapter.scale):
+        raise ExportError(f"checkpoint: {checkpoint_path} records adapter.scale={adapter.scale}, not a finite number")
     try:
         state = checkpoint_state_dict(checkpoint)
     except ValueError as error:

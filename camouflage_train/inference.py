@@ -2,7 +2,7 @@
 
     pipe.load_ip_adapter(folder, subfolder="", weight_name="ip-adapter_camouflage.safetensors",
                          image_encoder_folder=None)
-    pipe.set_ip_adapter_scale(json.load(open(f"{folder}/config.json"))["scale"])  # load_ip_adapter sets 1.0
+    pipe.set_ip_adapter_scale(json.load(open(f"{folder}/config.json")).get("scale", 1.0))  # load_ip_adapter: 1.0
     encoder = load_attribute_encoder(folder)
     embeds, kwargs = person_inputs(encoder, [records_of_image_1, ...], height, width, unconditional_half=True)
     images = pipe(prompts, ip_adapter_image_embeds=embeds, cross_attention_kwargs=kwargs).images

@@ -11,7 +11,8 @@ same samples with the same augmentations, noise and timesteps as one uninterrupt
 
 Each random decision about a sample (:class:`Draw`: crop, flip, caption drop, ...) has its own stream, a generator
 seeded by hashing the sample seed together with the decision's name (:func:`draw_generator`). The names are
-distinct (``Draw`` is a unique enum), so two decisions can never read the same numbers, wherever they are drawn.
+distinct (``Draw`` is a unique enum), so two decisions never share a seed; their streams are as independent as
+hashed seeds make them (a CPU generator keeps 32 bits of its seed: two streams meet with chance 2**-32).
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ class FrozenDiffusionMixin:
         raise ValueError(f"snr_gamma supports epsilon and v_prediction schedulers, not '{prediction_type}'")
 
     def check_min_snr_has_effect(self, snr_gamma: float | None, timesteps: tuple[int, int]) -> bool:
-        """Warn when ``snr_gamma`` weights every training timestep in ``[low, high)`` equally (then the loss is the
+        """Warn when every Min-SNR weight over the training timesteps ``[low, high)`` is 1 (then the loss is the
         plain MSE and the setting does nothing); return whether it has an effect.
 
         Args:
@@ -153,14 +153,14 @@ class FrozenDiffusionMixin:
         if snr_gamma is None:
             return False
         weights = self.min_snr_weights(torch.arange(*timesteps), snr_gamma)
-        if not torch.allclose(weights, weights[:1].expand_as(weights)):
+        if not torch.allclose(weights, torch.ones_like(weights)):
             return True
         low, high = timesteps
         rank_zero_warn(
             f"model.snr_gamma={snr_gamma} has no effect with model.timestep_range=[{low}, {high}]: the signal-to-noise "
             f"ratio is at most {snr_gamma} at every timestep from {low} on (SNR({low}) = "
-            f"{float(compute_snr(self.noise_scheduler, torch.tensor([low]))):.3g}), so every Min-SNR weight is "
-            f"{float(weights[0]):.3g} and the loss is the plain MSE. Set model.snr_gamma=null, or let "
+            f"{float(compute_snr(self.noise_scheduler, torch.tensor([low]))):.3g}), so every Min-SNR weight is 1 and "
+            "the loss is the plain MSE. Set model.snr_gamma=null, or let "
             "model.timestep_range reach the low-noise timesteps where the weights differ"
         )
         return False

@@ -179,7 +179,8 @@ class KeepBackground:
         current = tensors["latents"]
         if step + 1 < len(timesteps):
             following = timesteps[step + 1 : step + 2].to(self.latents.device)
-            outside = pipe.scheduler.add_noise(self.latents, self.noise, following)
+            # fp32 whatever the pipeline's dtype: in bf16/fp16 the schedule's noise level rounds at low noise.
+            outside = pipe.scheduler.add_noise(self.latents.float(), self.noise.float(), following)
         else:
             outside = self.latents
         regions = self.regions.to(current.dtype)
@@ -207,11 +208,11 @@ def background_keeper(
     device, dtype = execution_device(pipe), pipe.vae.dtype
     pixels = torch.stack([TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True) for image in images])
     pixels = (pixels * 2 - 1).to(device, dtype)
-    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    latents = pipe.vae.encode(pixels).latent_dist.mean.float() * pipe.vae.config.scaling_factor
     size = tuple(latents.shape[-2:])
     regions = person_region_masks(persons.boxes.to(device), persons.mask.to(device), size, region_expand)
     generators = [torch.Generator(device="cpu").manual_seed(int(s) + 1) for s in seeds]
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(device, latents.dtype)
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(device)
     return KeepBackground(latents, regions.amax(dim=1, keepdim=True), noise)
 
 
