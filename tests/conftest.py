@@ -49,15 +49,16 @@ def tiny_model_dir() -> Path:
     return materialize_preset("tiny")
 
 
+def compose_train(output_dir: Path, *overrides: str) -> DictConfig:
+    """``configs/train.yaml`` composed with ``overrides``, writing into ``output_dir``."""
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose("train.yaml", overrides=[f"paths.output_dir={output_dir}", *overrides])
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """Compose ``configs/train.yaml`` with overrides, writing into ``tmp_path``."""
-
-    def _make(*overrides: str) -> DictConfig:
-        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-            return compose("train.yaml", overrides=[f"paths.output_dir={tmp_path}", *overrides])
-
-    return _make
+    return lambda *overrides: compose_train(tmp_path, *overrides)
 
 
 @pytest.fixture
@@ -117,10 +118,7 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir:
     """(checkpoint path, module) after two demo training steps: trained once per test process and shared, so
     tests must only read the file (copy it to change it)."""
     folder = tmp_path_factory.mktemp("trained_checkpoint")
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose(
-            "train.yaml", overrides=[f"paths.output_dir={folder}", "experiment=demo_tiny", "data.batch_size=2"]
-        )
+    cfg = compose_train(folder, "experiment=demo_tiny", "data.batch_size=2")
     from lightning import seed_everything
 
     seed_everything(0)  # the same weights whichever test asks first

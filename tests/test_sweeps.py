@@ -19,7 +19,7 @@ def _points(parameters: dict) -> list[dict]:
     for name, spec in parameters.items():
         axes[name] = spec["values"] if "values" in spec else [spec["min"], spec["max"]]
     first = {name: values[0] for name, values in axes.items()}
-    return [{**first, name: value} for name, values in axes.items() for value in values]
+    return [first] + [{**first, name: value} for name, values in axes.items() for value in values[1:]]
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,6 +47,22 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype '{name}'; use one of {sorted(_DTYPES)}")
     return _DTYPES[name]
+
+
+def add_noise_fp32(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """``scheduler.add_noise`` computed in fp32, whatever the latents' and noise's dtype (the result is fp32).
+
+    diffusers casts the schedule to its inputs' dtype; in bf16/fp16 the nearly clean timesteps'
+    ``sqrt(1 - alpha_bar)`` rounds (in bf16 to no noise at all at t = 0 and 1). Training and inference both add
+    noise through this function and cast to the UNet's dtype only at its input.
+
+    Args:
+        scheduler: a diffusers scheduler with ``add_noise``.
+        latents: the clean latents.
+        noise: the noise.
+        timesteps: the timesteps.
+    """
+    return scheduler.add_noise(latents.float(), noise.float(), timesteps)
 
 
 @dataclass

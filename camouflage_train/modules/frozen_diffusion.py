@@ -12,6 +12,8 @@ from diffusers.training_utils import compute_snr
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from camouflage_train.models.backbone import add_noise_fp32
+
 
 class FrozenDiffusionMixin:
     """Mix into a ``LightningModule`` that sets ``vae``, ``text_encoder``, ``unet``, ``tokenizer`` and
@@ -71,12 +73,9 @@ class FrozenDiffusionMixin:
     def noisy_latents_and_target(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward process at ``timesteps`` and the regression target, computed in fp32.
-
-        A bf16/fp16 backbone must not set the precision of this arithmetic: diffusers' ``add_noise`` casts the
-        schedule to its inputs' dtype, and in bf16 the nearly-clean timesteps' ``sqrt(1 - alpha_bar)`` rounds away
-        (no noise at all at t = 0 and 1, while the target is the noise). Cast the noisy latents to the UNet's dtype
-        only at its input.
+        """The forward process at ``timesteps`` and the regression target, both in fp32
+        (:func:`~camouflage_train.models.backbone.add_noise_fp32`: a bf16/fp16 backbone must not set the precision
+        of this arithmetic). Cast the noisy latents to the UNet's dtype only at its input.
 
         Args:
             latents: the clean (scaled) latents.
@@ -84,7 +83,7 @@ class FrozenDiffusionMixin:
             timesteps: each sample's timestep.
         """
         latents, noise = latents.float(), noise.float()
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        noisy = add_noise_fp32(self.noise_scheduler, latents, noise, timesteps)
         return noisy, self.prediction_target(latents, noise, timesteps)
 
     def regression_loss(
@@ -142,19 +141,19 @@ class FrozenDiffusionMixin:
             return weights / (snr + 1)
         raise ValueError(f"snr_gamma supports epsilon and v_prediction schedulers, not '{prediction_type}'")
 
-    def check_min_snr_has_effect(self, snr_gamma: float | None, timesteps: tuple[int, int]) -> bool:
-        """Warn when every Min-SNR weight over the training timesteps ``[low, high)`` is 1 (then the loss is the
-        plain MSE and the setting does nothing); return whether it has an effect.
+    def warn_if_min_snr_does_nothing(self, snr_gamma: float | None, timesteps: tuple[int, int]) -> None:
+        """Warn, naming both settings, when every Min-SNR weight over the training timesteps ``[low, high)`` is 1:
+        then the loss is the plain MSE and ``snr_gamma`` does nothing.
 
         Args:
             snr_gamma: ``model.snr_gamma`` (``None``: nothing to check).
             timesteps: ``model.timestep_range`` as ``(low, high)``.
         """
         if snr_gamma is None:
-            return False
+            return
         weights = self.min_snr_weights(torch.arange(*timesteps), snr_gamma)
         if not torch.allclose(weights, torch.ones_like(weights)):
-            return True
+            return
         low, high = timesteps
         rank_zero_warn(
             f"model.snr_gamma={snr_gamma} has no effect with model.timestep_range=[{low}, {high}]: the signal-to-noise "
@@ -163,4 +162,3 @@ class FrozenDiffusionMixin:
             "the loss is the plain MSE. Set model.snr_gamma=null, or let "
             "model.timestep_range reach the low-noise timesteps where the weights differ"
         )
-        return False

@@ -158,7 +158,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         if len(bounds) != 2 or not all(isinstance(b, int) for b in bounds) or not 0 <= bounds[0] < bounds[1] <= steps:
             raise ValueError(f"model.timestep_range must be [low, high) with 0 <= low < high <= {steps}, got {bounds}")
         self.train_timesteps: tuple[int, int] = bounds
-        self.check_min_snr_has_effect(snr_gamma, bounds)
+        self.warn_if_min_snr_does_nothing(snr_gamma, bounds)
 
         cfg = self.adapter_config
         self.encoder = AttributeEncoder.from_adapter_config(self.schema.to_config(), cfg)
@@ -270,19 +270,18 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
             def per_sample(draw: Draw, sample: Callable[[torch.Generator], torch.Tensor], where: Any) -> torch.Tensor:
                 return torch.stack([sample(draw_generator(s, draw, where)) for s in seeds])
 
-            drop_text = per_sample(Draw.CAPTION_DROP, lambda g: torch.rand((), generator=g), "cpu")
-            drop_persons = per_sample(Draw.PERSON_DROP, lambda g: torch.rand((), generator=g), "cpu")
+            def normal(draw: Draw, shape: tuple[int, ...]) -> torch.Tensor:
+                return per_sample(draw, lambda g: torch.randn(shape, generator=g, device=device), device)
+
+            def uniform(draw: Draw) -> torch.Tensor:
+                return per_sample(draw, lambda g: torch.rand((), generator=g), "cpu")
+
+            drop_text, drop_persons = uniform(Draw.CAPTION_DROP), uniform(Draw.PERSON_DROP)
             drawn = per_sample(
                 Draw.TIMESTEP, lambda g: torch.randint(low, high, (), generator=g, device=device), device
             )
-            posterior, noise, offset = (
-                per_sample(draw, lambda g, shape=shape: torch.randn(shape, generator=g, device=device), device)
-                for draw, shape in (
-                    (Draw.POSTERIOR, latent_shape),
-                    (Draw.NOISE, latent_shape),
-                    (Draw.NOISE_OFFSET, (channels, 1, 1)),
-                )
-            )
+            posterior, noise = normal(Draw.POSTERIOR, latent_shape), normal(Draw.NOISE, latent_shape)
+            offset = normal(Draw.NOISE_OFFSET, (channels, 1, 1))
         else:
             where = generator.device if generator is not None else "cpu"
             drop_text, drop_persons = torch.rand((2, n), generator=generator, device=where).cpu()

@@ -21,7 +21,7 @@ from camouflage_train.compat.diffusers_internals import execution_device
 from camouflage_train.errors import UserError
 from camouflage_train.models.adapter_checkpoint import NotALightCheckpoint, read_metadata
 from camouflage_train.models.attribute_encoder import AttributeEncoder, encoder_state_dict
-from camouflage_train.models.backbone import FrozenBackbone, load_frozen_backbone
+from camouflage_train.models.backbone import FrozenBackbone, add_noise_fp32, load_frozen_backbone
 from camouflage_train.models.conditioning import PersonBatch, conditioning_inputs
 from camouflage_train.models.ip_adapter import (
     AdapterConfig,
@@ -179,8 +179,7 @@ class KeepBackground:
         current = tensors["latents"]
         if step + 1 < len(timesteps):
             following = timesteps[step + 1 : step + 2].to(self.latents.device)
-            # fp32 whatever the pipeline's dtype: in bf16/fp16 the schedule's noise level rounds at low noise.
-            outside = pipe.scheduler.add_noise(self.latents.float(), self.noise.float(), following)
+            outside = add_noise_fp32(pipe.scheduler, self.latents, self.noise, following)
         else:
             outside = self.latents
         regions = self.regions.to(current.dtype)
