@@ -119,12 +119,11 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir:
     tests must only read the file (copy it to change it)."""
     folder = tmp_path_factory.mktemp("trained_checkpoint")
     cfg = compose_train(folder, "experiment=demo_tiny", "data.batch_size=2")
-    from lightning import seed_everything
-
-    seed_everything(0)  # the same weights whichever test asks first
-    module = instantiate(cfg.model)
-    trainer = cpu_trainer(folder, max_steps=2)
-    trainer.fit(module, datamodule=instantiate(cfg.data))
+    with torch.random.fork_rng():  # the same weights whichever test asks first; its global RNG is left as it was
+        torch.manual_seed(0)
+        module = instantiate(cfg.model)
+        trainer = cpu_trainer(folder, max_steps=2)
+        trainer.fit(module, datamodule=instantiate(cfg.data))
     path = folder / "light.ckpt"
     trainer.save_checkpoint(path)
     return path, module

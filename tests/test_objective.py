@@ -157,7 +157,7 @@ def test_a_bf16_backbone_gets_the_schedules_noise_level_at_the_nearly_clean_time
     module.unet.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))
     module.diffusion_loss(batch, training=True)
     drawn, noisy = draws[0], inputs[0].double()
-    assert noisy.dtype == torch.float64 and inputs[0].dtype == torch.bfloat16  # the UNet's own dtype at its input
+    assert inputs[0].dtype == torch.bfloat16  # the UNet's own dtype at its input
     alpha_bar = module.noise_scheduler.alphas_cumprod.double()
     clean = batch["latent_mean"].double() * module.vae.config.scaling_factor
     assert set(drawn.timesteps.tolist()) <= {0, 1, 2} and len(set(drawn.timesteps.tolist())) >= 2

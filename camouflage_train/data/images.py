@@ -79,7 +79,7 @@ def pixels_to_image(pixels: torch.Tensor) -> Image.Image:
     """A ``[3, H, W]`` tensor in ``[-1, 1]`` (what the datasets serve) back to an 8-bit RGB image.
 
     Rounds to the nearest level, so the 8-bit image a dataset read comes back exactly (torchvision's
-    ``to_pil_image`` truncates floats: a quarter of the levels would come back one lower).
+    ``to_pil_image`` truncates floats: dozens of the 256 levels would come back one lower).
 
     Args:
         pixels: the image, channels first, in ``[-1, 1]``.

@@ -53,8 +53,8 @@ def add_noise_fp32(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t
     """``scheduler.add_noise`` computed in fp32, whatever the latents' and noise's dtype (the result is fp32).
 
     diffusers casts the schedule to its inputs' dtype; in bf16/fp16 the nearly clean timesteps'
-    ``sqrt(1 - alpha_bar)`` rounds (in bf16 to no noise at all at t = 0 and 1). Training and inference both add
-    noise through this function and cast to the UNet's dtype only at its input.
+    ``sqrt(1 - alpha_bar)`` rounds (in bf16 to no noise at all at t = 0 and 1). The training objectives and Light's
+    ``keep_background`` add noise through this function and cast to the UNet's dtype only at its input.
 
     Args:
         scheduler: a diffusers scheduler with ``add_noise``.
