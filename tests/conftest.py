@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from camouflage_train.data.schema import AttributeSchema  # noqa: E402
 from camouflage_train.miniworld.scenes import FACE_ATTRIBUTES  # noqa: E402
 from camouflage_train.models.presets import materialize_preset  # noqa: E402
 from camouflage_train.utils.resolvers import register_resolvers  # noqa: E402
+from tests.entry_points import run_entry_point  # noqa: E402
 
 register_resolvers()
 
@@ -132,15 +132,9 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir:
 def run_script(
     script: str, *overrides: str, env: dict | None = None, cwd: Path = REPO, timeout: int = 600
 ) -> subprocess.CompletedProcess:
-    """Run a repository entry point (``train.py``, ``anonymize.py``, ...) in a fresh process, as a user would."""
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *overrides],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-        env=env,
-    )
+    """Run a repository entry point (``train.py``, ``anonymize.py``, ...) in a process of its own, as a user would
+    (forked from a server that has done the heavy imports; see :mod:`tests.entry_points`)."""
+    return run_entry_point(REPO / script, list(overrides), cwd=cwd, env=env, timeout=timeout)
 
 
 def assert_user_error(done: subprocess.CompletedProcess, *fragments: str) -> None:

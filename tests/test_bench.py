@@ -1,25 +1,18 @@
 """The benchmark scripts run end to end on the tiny preset (numbers are not checked, their shape is)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from tests.conftest import REPO
+from tests.entry_points import run_entry_point
 
-pytestmark = pytest.mark.slow  # each runs a benchmark script in a fresh process
+pytestmark = pytest.mark.slow  # each runs a benchmark script in a process of its own
 
 
 def _run(script: str, *args: str, tmp_path) -> dict:
     out = tmp_path / "result.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / script), *args, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
+    done = run_entry_point(REPO / "bench" / script, [*args, "--out", str(out)], cwd=REPO, env=None, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert json.loads(done.stdout.strip().splitlines()[-1]) == result  # the last stdout line is the result

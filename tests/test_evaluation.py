@@ -23,7 +23,7 @@ from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.modules.evaluation_module import JointEvaluationModule
 from camouflage_train.pipelines.anonymizer import Blur, Identity, VaeReconstruction
 from camouflage_train.utils.config_checks import ConfigError
-from tests.conftest import REPO, cpu_trainer
+from tests.conftest import REPO, cpu_trainer, run_script
 
 
 def test_reid_maths_on_hand_made_embeddings():
@@ -275,28 +275,15 @@ def test_eval_demo_end_to_end(tmp_path, trained_checkpoint, tiny_faces_dir):
 @pytest.mark.slow
 def test_two_process_evaluation_equals_one_process(tmp_path, tiny_faces_dir, tiny_model_dir):
     """DDP on 2 CPU processes (gloo) gives the one-process numbers; KID draws random subsets, so it is left out."""
-    import subprocess
-    import sys
 
     def run(devices: int) -> list[dict]:
         out = tmp_path / f"devices{devices}"
-        subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "evaluate.py"),
-                "experiment=eval_tiny",
-                "rows=[identity,blur,base]",
-                f"trainer.devices={devices}",
-                f"trainer.strategy={'ddp' if devices > 1 else 'auto'}",
-                "logger=csv",
-                f"paths.output_dir={out}",
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        done = run_script(
+            "evaluate.py", "experiment=eval_tiny", "rows=[identity,blur,base]", f"trainer.devices={devices}",
+            f"trainer.strategy={'ddp' if devices > 1 else 'auto'}", "logger=csv", f"paths.output_dir={out}",
             cwd=tmp_path,
-        )
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
         faces = [json.loads(line) for line in (out / "faces.jsonl").read_text().splitlines()]
         assert [(r["row"], r["image"]) for r in faces] == sorted(
             ((row, f"{1_000_000 + i:08d}.png") for row in ("identity", "blur", "base") for i in range(8)),

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ import torch
 from camouflage_train.miniworld import weights_folder
 from camouflage_train.models.presets import materialize_preset
 from tests.conftest import REPO, run_script
+from tests.entry_points import run_entry_point
 
 
 @pytest.mark.heavy
@@ -24,12 +23,11 @@ def test_the_build_command_builds_every_part_for_a_few_steps(tmp_path):
     from camouflage_train.models.backbone import load_controlnet, load_frozen_backbone
     from camouflage_train.stand_ins.scene_features import SceneFeatures
 
-    command = [sys.executable, "-m", "camouflage_train.miniworld.build", "--out", str(tmp_path)]
-    done = subprocess.run(
-        [*command, "--steps-scale", "0.001", "--num-scenes", "32", "--seed", "3"],
-        capture_output=True, text=True, cwd=REPO, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    def run_build(*arguments: str) -> None:
+        done = run_entry_point("-m camouflage_train.miniworld.build", list(arguments), cwd=REPO, env=None, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run_build("--out", str(tmp_path), "--steps-scale", "0.001", "--num-scenes", "32", "--seed", "3")
     backbone = load_frozen_backbone(str(tmp_path / "base"))  # the path SD 1.5 loads through
     assert backbone.unet.config.sample_size == 16 and backbone.vae.config.scaling_factor != 0.18215
     faces = FaceAnnotator(str(tmp_path / "faces"), det_size=(64, 64), providers=["CPUExecutionProvider"], ctx_id=-1)
@@ -45,12 +43,8 @@ def test_the_build_command_builds_every_part_for_a_few_steps(tmp_path):
         assert controlnet.config.cross_attention_dim == backbone.unet.config.cross_attention_dim
 
     # A world change continues the base: same autoencoder, the denoiser trained on, the first build in its lineage.
-    done = subprocess.run(
-        [*command[:-1], str(tmp_path / "next"), "--part", "base", "--init-from", str(tmp_path / "base"),
-         "--steps-scale", "0.001", "--num-scenes", "32"],
-        capture_output=True, text=True, cwd=REPO, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_build("--out", str(tmp_path / "next"), "--part", "base", "--init-from", str(tmp_path / "base"),
+          "--steps-scale", "0.001", "--num-scenes", "32")  # fmt: skip
     following = load_frozen_backbone(str(tmp_path / "next" / "base"))
     for name, tensor in backbone.vae.state_dict().items():  # copied, not computed: fp16 -> fp32 -> fp16 is exact
         assert torch.equal(following.vae.state_dict()[name], tensor), name
