@@ -4,8 +4,15 @@ see :mod:`camouflage_train.pipelines.anonymizer`).
 Flow: check the config, the input paths and the output folder -> load the model -> annotate the folder into
 person records (resumable; or use a given sidecar) -> the training data path (robust decoding, resize +
 centre crop, person arrays, captions) -> the chosen pipeline -> images written under ``<output>/images/``
-with the input's relative file names, and a ``manifest.jsonl`` with one row per input (done, with its output
-file, seed, person count and settings fingerprint, or skipped with the reason).
+with the input's relative file names, and a ``manifest.jsonl`` with one row per input (its status, output
+file, seed, the persons found and anonymized, the settings fingerprint; or skipped with the reason).
+
+Fail safe: an image is ``done`` only when every person found in it was anonymized. An image where no person
+was found (``on_no_person``) and one where some found persons were not anonymized (``on_persons_left``: beyond
+``attributes.max_persons``, or partly cut off by the crop) is by default not written at all; ``blur`` writes it
+blurred beyond recognition, ``copy`` / ``keep`` write it as it is. Either way it is flagged in the manifest,
+listed by name in ``summary.json`` and named in a warning at the end. A face detector finds only the faces it
+can: a person it misses is not anonymized, so check the detector on your images (``annotate.py``'s summary).
 
 An output folder belongs to one set of settings (``run.json``: model config, checkpoint hash, resolution,
 seed, captions, attributes, where the person records come from): a rerun with the same settings skips
@@ -38,6 +45,8 @@ from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.data.sources import FolderSource
 from camouflage_train.errors import UserError
 from camouflage_train.models.conditioning import PersonBatch
+from camouflage_train.pipelines.light import check_checkpoint_base
+from camouflage_train.pipelines.stand_ins import find_stand_ins, warn_stand_ins
 from camouflage_train.utils.atomic import atomic_file
 from camouflage_train.utils.config_checks import validate_config
 from camouflage_train.utils.paths import UnsafePathError, check_input_paths, file_sha256, inside
@@ -53,6 +62,17 @@ def _device(name: str) -> torch.device:
 
 class OutputConflictError(UserError, ValueError):
     """The output folder holds results made with other settings."""
+
+
+class PolicyError(UserError, ValueError):
+    """``on_no_person`` or ``on_persons_left`` names no policy."""
+
+
+# What is written for an image the anonymizer could not fully anonymize (the first: the default).
+ON_NO_PERSON = ("skip", "blur", "copy")
+ON_PERSONS_LEFT = ("skip", "blur", "keep")
+# A blurred image keeps this many averaged pixels on its shorter side: no face detail, only coarse colours.
+BLUR_PIXELS = 4
 
 
 @dataclass
@@ -100,6 +120,10 @@ class AnonymizeConfig:
         cpu_offload: diffusers' model CPU offload (less GPU memory, slower).
         captions: how prompts are built from the persons.
         overwrite: replace results of other settings in ``output``.
+        on_no_person: an image where no person is found: ``skip`` (not written), ``blur`` (written blurred
+            beyond recognition) or ``copy`` (written as it is).
+        on_persons_left: an image where some persons found were not anonymized: ``skip``, ``blur`` or ``keep``
+            (the anonymized image, those persons as they are).
         task_name: the run folder's name under ``logs/``.
         attributes: the attribute schema group.
         faces: the face pack group (annotation when ``persons`` is not given).
@@ -118,6 +142,8 @@ class AnonymizeConfig:
     cpu_offload: bool = False
     captions: CaptionSettings = field(default_factory=CaptionSettings)
     overwrite: bool = False
+    on_no_person: str = ON_NO_PERSON[0]
+    on_persons_left: str = ON_PERSONS_LEFT[0]
     task_name: str = "anonymize"
     attributes: Any = None
     faces: Any = None
@@ -155,6 +181,39 @@ def _save(image: Any, path: Path) -> None:
         image.save(staging, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
 
 
+def blur_beyond_recognition(image: Any) -> Any:
+    """The whole image averaged down to :data:`BLUR_PIXELS` pixels on its shorter side and scaled back up: even a
+    face that fills the picture is a few averaged colours, no features (the colours of the scene remain).
+
+    Args:
+        image: a PIL image.
+    """
+    from PIL import Image
+
+    width, height = image.size
+    scale = BLUR_PIXELS / min(width, height)
+    small = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BOX)
+    return small.resize(image.size, Image.Resampling.BILINEAR)
+
+
+def _fallback(policy: str, original: Any, anonymized: Any) -> tuple[str, Any]:
+    """What an image that is not fully anonymized becomes under ``policy``: its status and the image to write
+    (``None``: nothing is written)."""
+    if policy == "blur":
+        return "blurred", blur_beyond_recognition(original)
+    if policy == "copy":
+        return "copied", original
+    if policy == "keep":
+        return "partly anonymized", anonymized
+    return "skipped", None
+
+
+def _check_policies(cfg: DictConfig) -> None:
+    for key, choices in (("on_no_person", ON_NO_PERSON), ("on_persons_left", ON_PERSONS_LEFT)):
+        if cfg.get(key) not in choices:
+            raise PolicyError(f"{key}: {cfg.get(key)!r} is not one of {' | '.join(choices)}")
+
+
 def _without(node: Any, drop: set[str]) -> Any:
     if isinstance(node, dict):
         return {k: _without(v, drop) for k, v in node.items() if k not in drop}
@@ -177,6 +236,8 @@ def output_settings(cfg: DictConfig) -> dict[str, Any]:
     persons = {"sidecar": str(Path(cfg.persons).resolve())} if cfg.get("persons") else {"annotated": plain(cfg.faces)}
     return {
         "model": model,
+        "on_no_person": cfg.on_no_person,
+        "on_persons_left": cfg.on_persons_left,
         "resolution": cfg.resolution,
         "seed": cfg.seed,
         "captions": plain(cfg.captions),
@@ -195,7 +256,7 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
-def settings_difference(before: Mapping[str, Any], now: Mapping[str, Any], limit: int = 12) -> list[str]:
+def settings_difference(before: Mapping[str, Any], now: Mapping[str, Any], limit: int = 24) -> list[str]:
     """``key: old -> new`` for every setting that differs (the first ``limit``, then a count).
 
     Args:
@@ -248,7 +309,7 @@ def claim_output(
     rows = _read_manifest(manifest)
     fingerprint = _fingerprint(settings)
     previous = json.loads(record.read_text()) if record.is_file() else {}
-    stale = [row for row in rows if row.get("status") == "done" and row.get("fingerprint") != fingerprint]
+    stale = [row for row in rows if row.get("output") and row.get("fingerprint") != fingerprint]
     if stale and not overwrite:
         changes = settings_difference(previous.get("settings", {}), settings) or ["(earlier settings not recorded)"]
         raise OutputConflictError(
@@ -258,8 +319,8 @@ def claim_output(
         )
     if rows and (stale or overwrite):
         for row in rows:
-            if row.get("status") == "done":
-                (output / row.get("output", f"images/{row['file']}")).unlink(missing_ok=True)
+            if row.get("output"):
+                (output / row["output"]).unlink(missing_ok=True)
         for name in (
             "manifest.jsonl",
             "summary.json",
@@ -280,6 +341,7 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
         cfg: the composed ``configs/anonymize/anonymize.yaml``.
     """
     validate_config(cfg, AnonymizeConfig)
+    _check_policies(cfg)
     checkpoint = OmegaConf.select(cfg, "model.checkpoint", default=None)
     check_input_paths(
         {
@@ -288,7 +350,12 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
             "model.checkpoint": (checkpoint, "file"),
         }
     )
+    if checkpoint and str(cfg.model.get("_target_", "")).endswith("build_light"):  # before anything is written
+        check_checkpoint_base(checkpoint, cfg.model.get("base_model"), key="model.checkpoint")
     output = Path(cfg.output)
+    models = {"model": cfg.model, **({} if cfg.get("persons") else {"faces": cfg.faces})}
+    stand_ins = find_stand_ins({key: OmegaConf.to_container(node, resolve=True) for key, node in models.items()})
+    warn_stand_ins(stand_ins)
     settings = output_settings(cfg)
     schema = AttributeSchema.from_config(cfg.attributes)
     listing = None if cfg.get("persons") else ImageListing(cfg.input.folder, min_image_size=cfg.input.min_image_size)
@@ -323,15 +390,26 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
     loader = DataLoader(
         Subset(dataset, pending), batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_skipping
     )
-    summary: dict[str, Any] = {"done": 0, "skipped": Counter(), "already_done": len(done)}
+    summary: dict[str, Any] = {
+        "done": 0,
+        "blurred": 0,
+        "copied": 0,
+        "partly_anonymized": 0,
+        "skipped": Counter(),
+        "already_done": len(done),
+        "persons_anonymized": 0,
+        "no_person": {"policy": cfg.on_no_person, "images": []},
+        "persons_left": {"policy": cfg.on_persons_left, "images": {}},
+        "stand_ins": stand_ins,
+    }
     with (output / "manifest.jsonl").open("a", encoding="utf-8") as handle:
 
         def record(row: dict[str, Any]) -> None:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
 
-        def skip(name: str, reason: str) -> None:
-            record({"file": name, "status": "skipped", "reason": reason})
+        def skip(name: str, reason: str, **details: Any) -> None:
+            record({"file": name, "status": "skipped", "reason": reason, **details})
             summary["skipped"][reason] += 1
 
         for name, reason in source.dropped:
@@ -346,24 +424,57 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
             seeds = [image_seed(cfg.seed, name) for name in batch["name"]]
             persons = PersonBatch.from_batch(batch)
             outputs = model(images, persons, seeds, list(batch["caption"]))
-            for name, seed, image, count in zip(
-                batch["name"], seeds, outputs, persons.mask.sum(1).tolist(), strict=True
+            counts = persons.mask.sum(1).tolist()
+            for name, seed, original, image, count, left in zip(
+                batch["name"], seeds, images, outputs, counts, batch["persons_left"].tolist(), strict=True
             ):
+                found = {"persons_found": int(count + left), "persons_anonymized": int(count)}
+                status, policy = "done", None
+                if count + left == 0:
+                    summary["no_person"]["images"].append(name)
+                    policy = cfg.on_no_person
+                elif left:
+                    summary["persons_left"]["images"][name] = int(left)
+                    policy = cfg.on_persons_left
+                if policy is not None:
+                    status, image = _fallback(policy, original, image)
+                if image is None:
+                    skip(name, "no person found" if count + left == 0 else "persons left", **found)
+                    continue
                 written = output_name(name)
                 if written != name and written in inputs:
-                    skip(name, f"output name {written} is also an input")
+                    skip(name, f"output name {written} is also an input", **found)
                     continue
                 try:
                     target = inside(output / "images", written)
                 except UnsafePathError as error:
                     log.warning("%s: not written", error)
-                    skip(name, "unsafe output name")
+                    skip(name, "unsafe output name", **found)
                     continue
                 _save(image, target)
-                row = {"file": name, "status": "done", "output": f"images/{written}", "seed": seed}
-                record({**row, "persons": int(count), "fingerprint": fingerprint})
-                summary["done"] += 1
+                row = {"file": name, "status": status, "output": f"images/{written}", "seed": seed, **found}
+                record({**row, **({"policy": policy} if policy else {}), "fingerprint": fingerprint})
+                summary[status.replace(" ", "_")] += 1
+                summary["persons_anonymized"] += int(count) if status != "blurred" else 0
     summary["skipped"] = dict(summary["skipped"])
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("anonymization summary: %s", summary)
+    listed = ("no_person", "persons_left", "stand_ins")  # named in the warnings
+    log.info("anonymization summary: %s", {k: v for k, v in summary.items() if k not in listed})
+    _warn_not_anonymized(summary, output)
     return summary
+
+
+def _warn_not_anonymized(summary: Mapping[str, Any], output: Path, shown: int = 10) -> None:
+    """Name the images that are not (fully) anonymized, with what was done with them."""
+    action = {"skip": "not written", "blur": "written blurred beyond recognition", "copy": "written unchanged",
+              "keep": "written with those persons unchanged"}  # fmt: skip
+    for key, what in (("no_person", "no person found"), ("persons_left", "persons found but not anonymized")):
+        images, policy = summary[key]["images"], summary[key]["policy"]
+        if images:
+            names = [f"{n} ({images[n]})" if isinstance(images, dict) else n for n in list(images)[:shown]]
+            more = f" and {len(images) - shown} more" if len(images) > shown else ""
+            log.warning(
+                "%d image(s) with %s, %s (%s=%s): %s%s; all of them are in %s",
+                len(images), what, action[policy], "on_" + key, policy, ", ".join(names), more,
+                output / "summary.json",
+            )  # fmt: skip

@@ -4,9 +4,9 @@
   data) is printed as one short message and the process exits with status 2, without a Python traceback;
   ``HYDRA_FULL_ERROR=1`` re-raises it with the traceback. In a multirun the error is re-raised, so Hydra
   records the failed job and the sweep goes on.
-* :func:`main_with_key_help`: when Hydra cannot apply an override to a key that does not exist
-  (``model.adapter.tokens_per_persn=2``), Hydra's own message is followed by the valid keys at that place
-  and the closest one.
+* :func:`main_with_key_help`: an override of a key that does not exist (``model.adapter.tokens_per_persn=2``)
+  stops the run before Hydra starts it, with the valid keys at that place and the closest one, and exit
+  status 2 (Hydra alone would exit 1 advising ``+key=value``, which adds the typo as a new key).
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 register_resolvers()  # before @hydra.main composes the config
 T = TypeVar("T")
 
-_task_started = False
-
 
 def run_task(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     """Run ``task(cfg)``; a user error becomes a short message on stderr and exit status 2.
@@ -38,8 +36,6 @@ def run_task(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
         task: the entry point's function.
         cfg: its composed config.
     """
-    global _task_started
-    _task_started = True
     try:
         return task(cfg)
     except Exception as error:
@@ -67,21 +63,20 @@ def _multirun() -> bool:
 
 
 def main_with_key_help(main: Callable[[], Any], config_dir: str | Path, config_name: str) -> None:
-    """Call a ``@hydra.main`` function; if the config did not compose, list the valid keys for each override
-    that names a key the config does not have.
+    """Call a ``@hydra.main`` function, unless an override names a key the config does not have: then say
+    which, with the valid keys there and the closest one, and exit with status 2.
 
     Args:
         main: the ``@hydra.main`` function.
         config_dir: its config folder.
         config_name: its config file.
     """
-    try:
-        main()
-    except SystemExit as exit:
-        if exit.code not in (0, None) and not _task_started:
-            for line in unknown_override_keys(config_dir, config_name, sys.argv[1:]):
-                print(line, file=sys.stderr)
-        raise
+    unknown = unknown_override_keys(config_dir, config_name, sys.argv[1:])
+    if unknown:
+        print("error: " + "\n       ".join(unknown), file=sys.stderr)
+        print("(to add a key the config does not have on purpose, write +key=value)", file=sys.stderr)
+        raise SystemExit(2)
+    main()
 
 
 def unknown_override_keys(config_dir: str | Path, config_name: str, arguments: list[str]) -> list[str]:
@@ -123,7 +118,7 @@ def unknown_override_keys(config_dir: str | Path, config_name: str, arguments: l
         node: Any = composed
         for part in parents:
             node = node.get(part) if isinstance(node, DictConfig) else None
-        if isinstance(node, DictConfig) and leaf not in node:
+        if isinstance(node, DictConfig) and leaf not in list(node.keys()):  # `in node` is False for a ??? value
             keys = [str(k) for k in node if not str(k).startswith("_")]
             where = ".".join(parents) or "the top level"
             lines.append(f"'{override.key_or_group}': {unknown_key_message(leaf, keys, where)}")

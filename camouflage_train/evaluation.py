@@ -3,6 +3,7 @@ config, run ``trainer.test`` and return the results table (also written to the r
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from camouflage_train.metrics.clip import ClipScorer
 from camouflage_train.metrics.faces import FaceAnalyzer
 from camouflage_train.metrics.privacy_utility import SWEEP_SEPARATOR
 from camouflage_train.modules.evaluation_module import JointEvaluationModule
+from camouflage_train.pipelines.light import check_checkpoint_base
+from camouflage_train.pipelines.stand_ins import find_stand_ins, warn_stand_ins
 from camouflage_train.utils.config_checks import ConfigError, validate_config
 from camouflage_train.utils.instantiators import instantiate_group, instantiate_named
 from camouflage_train.utils.paths import check_input_paths
@@ -126,18 +129,30 @@ def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
             f"rows has {unset}, which need a training checkpoint: pass light_checkpoint=<training checkpoint>, "
             f"or drop them: rows=[{','.join(kept)}]"
         )
-    check_input_paths(
-        {
-            "light_checkpoint" if path == cfg.light_checkpoint else f"anonymizers.{row}.checkpoint": (path, "file")
-            for row in with_checkpoint
-            for path in [cfg.anonymizers[row].checkpoint]
-        }
-    )
+    checkpoints = {
+        "light_checkpoint" if path == cfg.light_checkpoint else f"anonymizers.{row}.checkpoint": (path, row)
+        for row in with_checkpoint
+        for path in [cfg.anonymizers[row].checkpoint]
+    }
+    check_input_paths({key: (path, "file") for key, (path, _) in checkpoints.items()})
+    for key, (path, row) in checkpoints.items():  # Light training checkpoints, before any data or model is loaded
+        if str(cfg.anonymizers[row].get("_target_", "")).endswith("build_light"):
+            check_checkpoint_base(path, cfg.anonymizers[row].get("base_model"), key=key)
     # Evaluation reads only the validation images: with a val_source the training split is never loaded.
     sources = ["val_source"] if cfg.data.get("val_source") else ["train_source"]
     check_sidecars(cfg.data, sources)
     datamodule = instantiate(cfg.data, train_source=None) if cfg.data.get("val_source") else instantiate(cfg.data)
     L.seed_everything(cfg.seed, workers=True)
+    plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    stand_ins = find_stand_ins(
+        {
+            "anonymizers": {row: plain(cfg.anonymizers[row]) for row in cfg.rows},
+            "faces": plain(cfg.faces),
+            "recognisers": plain(cfg.recognisers),
+            "metrics": plain(cfg.metrics),
+        }
+    )
+    warn_stand_ins(stand_ins)
     anonymizers = instantiate_named(cfg.anonymizers, list(cfg.rows), "rows")
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -157,4 +172,22 @@ def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
     )
     trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")))
     trainer.test(module, datamodule=datamodule)
+    if trainer.is_global_zero:
+        flag_stand_ins(stand_ins, output_dir)
     return module.results
+
+
+def flag_stand_ins(stand_ins: dict[str, str], output_dir: Path) -> None:
+    """``stand_ins.json`` next to the results, and a note under ``results.md``'s table naming each stand-in
+    (no file and no note when there is none).
+
+    Args:
+        stand_ins: :func:`~camouflage_train.pipelines.stand_ins.find_stand_ins`'s result.
+        output_dir: the run folder.
+    """
+    if not stand_ins:
+        return
+    (output_dir / "stand_ins.json").write_text(json.dumps(stand_ins, indent=2))
+    with (output_dir / "results.md").open("a") as handle:
+        handle.write("\nStand-ins (the measures that use them mean nothing on real data):\n")
+        handle.writelines(f"- `{key}`: {kind}\n" for key, kind in stand_ins.items())

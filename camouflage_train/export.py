@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from camouflage_train.errors import UserError
@@ -40,6 +42,8 @@ from camouflage_train.utils.checkpoints import read_checkpoint
 from camouflage_train.utils.paths import file_sha256
 
 WEIGHT_NAME = "ip-adapter_camouflage"
+# What the model card's code takes from the anonymizer config.
+_SAMPLER_KEYS = ("scheduler", "num_inference_steps", "guidance_scale", "negative_prompt")
 MANIFEST = "export_manifest.json"
 _TOOL = "camouflage-train export"
 
@@ -58,6 +62,8 @@ class ExportConfig:
         base_model: refuse unless the adapter was trained on this base (``None``: any).
         overwrite: replace an earlier export in ``output``.
         dataset: the training data's name, for the model card.
+        anonymizer: the Light anonymizer config (a name in ``configs/anonymize/model/``, or a ``.yaml`` file) whose
+            sampler, steps, guidance and negative prompt the model card's code uses.
         task_name: the run folder's name under ``logs/``.
         paths: the paths group.
     """
@@ -67,6 +73,7 @@ class ExportConfig:
     base_model: str | None = None
     overwrite: bool = False
     dataset: str | None = None
+    anonymizer: str = "light"
     task_name: str = "export"
     paths: Any = None
 
@@ -85,13 +92,15 @@ def _example_record(schema: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def model_card_snippet(config: dict[str, Any], folder: str | Path) -> str:
-    """Python that generates one image with this export and stock diffusers, runnable as written (tested
-    against the project's Light pipeline).
+def model_card_snippet(config: dict[str, Any], folder: str | Path, sampler: Mapping[str, Any]) -> str:
+    """Python that generates one image with this export and stock diffusers, runnable as written on a GPU or
+    a CPU (tested on the demo's export as the card prints it).
 
     Args:
         config: the export's ``config.json``.
         folder: where the export will be.
+        sampler: the anonymizer config whose sampler, steps, guidance and negative prompt the card uses
+            (``export.py``'s ``anonymizer``, one of ``configs/anonymize/model/light*.yaml``).
     """
     base = str(config["base_model"])
     size = config.get("resolution") or 512
@@ -99,37 +108,47 @@ def model_card_snippet(config: dict[str, Any], folder: str | Path) -> str:
     if base.startswith("preset:"):  # the project's offline test models: built locally, not on the hub
         imports = "from camouflage_train.models.presets import materialize_preset\n"
         load_base = f"base = materialize_preset({json.dumps(base.removeprefix('preset:'))})"
+    scheduler = dict(sampler.get("scheduler") or {"name": "DDIMScheduler"})
+    name = scheduler.pop("name")
+    options = "".join(f", {key}={value!r}" for key, value in scheduler.items())
+    negative = sampler.get("negative_prompt")
+    negative_line = f"\n    negative_prompt=[{json.dumps(negative)}]," if negative else ""
     return f"""import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import {name}, StableDiffusionPipeline
 
 from camouflage_train.inference import load_attribute_encoder, person_inputs
 {imports}
 {load_base}
 folder = {json.dumps(str(folder))}  # the export folder
-pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
-pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler camouflage-train uses
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.float16 if device == "cuda" else torch.float32  # half precision only on a GPU
+pipe = StableDiffusionPipeline.from_pretrained(
+    base, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+).to(device)
+pipe.scheduler = {name}.from_config(pipe.scheduler.config{options})  # the anonymizer config's sampler
 pipe.load_ip_adapter(folder, subfolder="", weight_name="{WEIGHT_NAME}.safetensors", image_encoder_folder=None)
 pipe.set_ip_adapter_scale({float(config.get("scale", 1.0))!r})  # the adapter's scale in training (config.json)
 encoder = load_attribute_encoder(folder)
 # One list of person records per image; folder= applies the export's region masks.
 records = [[{json.dumps(_example_record(config["schema"]))}]]
 embeds, kwargs = person_inputs(
-    encoder, records, {size}, {size}, unconditional_half=True, vae_scale_factor=pipe.vae_scale_factor, folder=folder
+    encoder, records, {size}, {size}, unconditional_half=True, vae_scale_factor=pipe.vae_scale_factor,
+    folder=folder, device=pipe.device, dtype=pipe.dtype,
 )
 image = pipe(
-    [{json.dumps(SAMPLING.prompt)}],
+    [{json.dumps(SAMPLING.prompt)}],{negative_line}
     height={size},
     width={size},
-    num_inference_steps={SAMPLING.num_inference_steps},
-    guidance_scale={SAMPLING.guidance_scale},
-    generator=torch.Generator().manual_seed(0),
+    num_inference_steps={int(sampler.get("num_inference_steps", SAMPLING.num_inference_steps))},
+    guidance_scale={float(sampler.get("guidance_scale", SAMPLING.guidance_scale))!r},
+    generator=torch.Generator(device).manual_seed(0),
     ip_adapter_image_embeds=embeds,
     cross_attention_kwargs=kwargs,
 ).images[0]
 """
 
 
-def _model_card(config: dict[str, Any], folder: str | Path) -> str:
+def _model_card(config: dict[str, Any], folder: str | Path, sampler: Mapping[str, Any]) -> str:
     base = config["base_model"]
     return f"""---
 base_model: {base}
@@ -156,7 +175,7 @@ Up to {config["max_persons"]} persons, {config["tokens_per_person"]} tokens per 
 ## Use with stock diffusers
 
 ```python
-{model_card_snippet(config, folder)}```
+{model_card_snippet(config, folder, sampler)}```
 
 Person records: `{{"box": [x0, y0, x1, y1] (0..1), ...attributes}}` as in `config.json`'s schema.
 
@@ -173,11 +192,9 @@ the base model and of the training data.
 
 def _check_replaceable(output: Path, overwrite: bool) -> None:
     """An existing ``output`` may be replaced only with ``overwrite`` and only if it is an export whose
-    manifest lists every file in it."""
+    manifest lists every file in it; the first message already says which of the two is missing."""
     if not output.exists():
         return
-    if not overwrite:
-        raise ExportError(f"output: {output} exists; pass overwrite=true to replace an earlier export")
     try:
         manifest = json.loads((output / MANIFEST).read_text())
         listed, tool = set(manifest["files"]), manifest.get("tool")
@@ -185,9 +202,11 @@ def _check_replaceable(output: Path, overwrite: bool) -> None:
         listed, tool = None, None
     if listed is None or tool != _TOOL:
         raise ExportError(
-            f"output: {output} is not a folder written by export.py (no valid {MANIFEST}); overwrite=true only "
-            "replaces earlier exports. Choose another output or move that folder away"
+            f"output: {output} exists and is not a folder written by export.py (no valid {MANIFEST}), so it is "
+            "never replaced: choose another output, or move that folder away"
         )
+    if not overwrite:
+        raise ExportError(f"output: {output} holds an earlier export; pass overwrite=true to replace it")
     present = {p.relative_to(output).as_posix() for p in output.rglob("*") if not p.is_dir()}
     foreign = sorted(present - listed - {MANIFEST})
     if foreign:
@@ -208,6 +227,7 @@ def export_adapter(
     base_model: str | None = None,
     overwrite: bool = False,
     dataset: str | None = None,
+    sampler: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the export folder for ``checkpoint_path`` into ``output``; return ``output``.
 
@@ -217,6 +237,9 @@ def export_adapter(
         base_model: refuse unless the adapter was trained on this base (``None``: any).
         overwrite: replace an earlier export (only a folder this exporter wrote).
         dataset: the training data's name, for the model card.
+        sampler: the anonymizer config whose sampler settings the model card's code uses (``scheduler``,
+            ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``; ``None``: DDIM and the project's
+            sampling defaults).
     """
     output = Path(output)
     _check_replaceable(output, overwrite)
@@ -262,9 +285,37 @@ def export_adapter(
         torch.save(state, staging / f"{WEIGHT_NAME}.bin")
         encoder.save_pretrained(staging / "attribute_encoder")
         (staging / "config.json").write_text(json.dumps(config, indent=2))
-        (staging / "README.md").write_text(_model_card(config, output))
+        (staging / "README.md").write_text(_model_card(config, output, sampler or {}))
         _write_manifest(staging)
     return output
+
+
+def anonymizer_config(name: str, config_dir: Path) -> Any:
+    """The anonymizer config ``name``: ``<config_dir>/anonymize/model/<name>.yaml``, or a ``.yaml`` file.
+
+    Args:
+        name: a config name or a file.
+        config_dir: the project's ``configs/`` folder.
+    """
+    folder = config_dir / "anonymize" / "model"
+    path = Path(name) if name.endswith((".yaml", ".yml")) else folder / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("light*.yaml"))
+        raise ExportError(f"anonymizer: '{name}' is not a config in {folder} ({', '.join(known)}) or a .yaml file")
+    return OmegaConf.load(path)
+
+
+def sampler_settings(anonymizer: Any) -> dict[str, Any]:
+    """What the model card's code takes from an anonymizer config: its sampler, steps, guidance, negative prompt.
+
+    Args:
+        anonymizer: :func:`anonymizer_config`'s result.
+    """
+    return {
+        key: OmegaConf.to_container(OmegaConf.create({"v": anonymizer[key]}))["v"]
+        for key in _SAMPLER_KEYS
+        if key in anonymizer
+    }
 
 
 def run_export(cfg: Any) -> Path:
@@ -276,8 +327,15 @@ def run_export(cfg: Any) -> Path:
     from camouflage_train.utils.config_checks import validate_config
 
     validate_config(cfg, ExportConfig)
+    anonymizer = anonymizer_config(cfg.anonymizer, Path(cfg.paths.root_dir) / "configs")
+    base_model = cfg.base_model or anonymizer.get("base_model")
     folder = export_adapter(
-        cfg.checkpoint, cfg.output, base_model=cfg.base_model, overwrite=cfg.overwrite, dataset=cfg.dataset
+        cfg.checkpoint,
+        cfg.output,
+        base_model=base_model,
+        overwrite=cfg.overwrite,
+        dataset=cfg.dataset,
+        sampler=sampler_settings(anonymizer),
     )
     for path in sorted(folder.rglob("*")):
         if path.is_file():

@@ -53,6 +53,8 @@ def person_inputs(
     region_expand: float | None = None,
     folder: str | Path | None = None,
     region_overlap: str = AdapterConfig.region_overlap,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
     """``ip_adapter_image_embeds`` and ``cross_attention_kwargs`` for a batch of images' person records.
 
@@ -72,6 +74,8 @@ def person_inputs(
         folder: an export folder whose ``config.json`` sets the regions (overrides ``region_expand`` and
             ``region_overlap``).
         region_overlap: ``sum`` or ``nearest`` (see ``AdapterConfig``).
+        device: where the pipeline runs (``pipe.device``; ``None``: the CPU).
+        dtype: the pipeline's dtype for the embeddings (``pipe.dtype``; ``None``: the encoder's).
     """
     if folder is not None:
         config = json.loads((Path(folder) / "config.json").read_text())
@@ -84,4 +88,4 @@ def person_inputs(
         embeds, masks = shared_person_slots(embeds, masks)
     if unconditional_half:
         embeds, masks = with_unconditional_half(embeds, masks)
-    return [embeds], {"ip_adapter_masks": [masks]}
+    return [embeds.to(device=device, dtype=dtype)], {"ip_adapter_masks": [masks.to(device)]}

@@ -98,7 +98,39 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     log.info("final metrics: %s", metrics)
+    last = checkpoint_folder(trainer, output_dir / "checkpoints") / "last.ckpt"
+    backbone = OmegaConf.select(cfg, "model.backbone.pretrained_model_name_or_path")
+    if trainer.is_global_zero and last.is_file() and backbone and "adapter" in cfg.model:
+        print(next_steps(last, str(backbone), Path(cfg.paths.root_dir) / "configs", cfg.get("task_name", "run")))
     return metrics
+
+
+def next_steps(checkpoint: Path, backbone: str, config_dir: Path, task_name: str) -> str:
+    """What to run on a Light run's checkpoint: evaluate, export, anonymize, with the anonymizer config made for
+    its base (the one whose ``base_model`` is ``backbone``; ``light`` when none is).
+
+    Args:
+        checkpoint: the run's ``last.ckpt``.
+        backbone: the base it was trained on, as configured.
+        config_dir: the project's ``configs/``.
+        task_name: the run's task name (``demo``, ``light_celebahq``, ...).
+    """
+    configs = sorted((config_dir / "anonymize" / "model").glob("light*.yaml"))
+    anonymizer = next((p.stem for p in configs if OmegaConf.load(p).get("base_model") == backbone), "light")
+    evaluation = f"eval_{task_name}" if (config_dir / "experiment" / f"eval_{task_name}.yaml").is_file() else None
+    mini = backbone == "preset:mini"  # the mini world's own face pack, resolution and sample scenes
+    images = "examples/mini_scenes" if mini else "<images>"
+    return "\n".join(
+        [
+            f"Training done. Checkpoint: {checkpoint}",
+            "Next (README, 'Evaluate', 'Export', 'Anonymize'):",
+            *([f"  python evaluate.py experiment={evaluation} light_checkpoint={checkpoint}"] if evaluation else []),
+            f"  python export.py checkpoint={checkpoint} output=exports/{task_name} anonymizer={anonymizer}",
+            f"  python anonymize.py model={anonymizer} model.checkpoint={checkpoint}"
+            + (" faces=mini resolution=64" if mini else "")
+            + f" input.folder={images} output=outputs/{task_name}_anonymized",
+        ]
+    )
 
 
 class OutOfMemoryAdvice(UserError, RuntimeError):

@@ -134,7 +134,7 @@ def test_export_refuses_overwrite_and_foreign_base(trained_checkpoint, tmp_path)
         export_adapter(checkpoint, tmp_path / "e", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert not (tmp_path / "e").exists()
     export_adapter(checkpoint, tmp_path / "e")
-    with pytest.raises(ExportError, match="exists"):
+    with pytest.raises(ExportError, match="holds an earlier export"):
         export_adapter(checkpoint, tmp_path / "e")
     export_adapter(checkpoint, tmp_path / "e", overwrite=True)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".e-")], "no staging folder may be left"
@@ -179,7 +179,11 @@ def test_export_cli_replaces_only_an_earlier_export_and_follows_the_umask(traine
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "notes.txt").write_text("hi")
-    assert_user_error(export(notes, "overwrite=true"), f"output: {notes} is not a folder written by export.py")
+    # A folder of other files: the first message says it is never replaced (not "pass overwrite=true").
+    assert_user_error(export(notes), f"output: {notes} exists and is not a folder written by export.py")
+    assert_user_error(
+        export(notes, "overwrite=true"), f"output: {notes} exists and is not a folder written by export.py"
+    )
     assert (notes / "notes.txt").read_text() == "hi"
 
     folder = tmp_path / "export"
@@ -190,7 +194,7 @@ def test_export_cli_replaces_only_an_earlier_export_and_follows_the_umask(traine
         os.umask(previous)
     for path in [folder, *folder.rglob("*")]:
         assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
-    assert_user_error(export(folder), f"output: {folder} exists; pass overwrite=true")
+    assert_user_error(export(folder), f"output: {folder} holds an earlier export; pass overwrite=true")
     (folder / "attribute_encoder" / "mine.txt").write_text("keep")
     assert_user_error(
         export(folder, "overwrite=true"), "holds files the export did not write (attribute_encoder/mine.txt)"
@@ -205,7 +209,7 @@ def test_export_cli_replaces_only_an_earlier_export_and_follows_the_umask(traine
 
 def test_readme_code_is_the_model_card_code_for_sd15(schema):
     """docs/export.md's stock-diffusers example is what an SD 1.5 export's model card says (that code runs, above)."""
-    from camouflage_train.export import model_card_snippet
+    from camouflage_train.export import anonymizer_config, model_card_snippet, sampler_settings
     from tests.conftest import REPO
 
     guide = (REPO / "docs" / "export.md").read_text()
@@ -217,4 +221,5 @@ def test_readme_code_is_the_model_card_code_for_sd15(schema):
         "resolution": 512,
         "schema": face.to_config(),
     }
-    assert code == model_card_snippet(config, "exports/camouflage-light")
+    sampler = sampler_settings(anonymizer_config("light", REPO / "configs"))
+    assert code == model_card_snippet(config, "exports/camouflage-light", sampler)

@@ -3,7 +3,9 @@
 Geometry (resize, crop) runs through torchvision's functional transforms on the image and the boxes
 together, so boxes always match pixels; a horizontal flip goes through :meth:`AttributeSchema.mirror`,
 the one place that knows which attributes change sign. Persons cut off by the crop or beyond
-``max_persons`` are dropped and counted in ``persons_dropped`` (the module logs the sum).
+``max_persons`` are dropped and counted in ``persons_dropped`` (the module logs the sum); ``persons_left``
+counts those of them still in the image (partly cut off, beyond ``max_persons``, or left out of the records
+by the annotation): anonymization must not call such an image done.
 """
 
 from __future__ import annotations
@@ -152,8 +154,9 @@ class PersonImageDataset(Dataset):
 
     def _load(
         self, index: int, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, list[dict[str, Any]], int, Any]:
-        """Read, resize and crop; return the image, the persons kept, how many were dropped, the raw sample."""
+    ) -> tuple[torch.Tensor, list[dict[str, Any]], tuple[int, int], Any]:
+        """Read, resize and crop; return the image, the persons kept, ``(dropped, left)`` (how many were dropped,
+        and how many persons of the image are not kept but still in it, at least partly), the raw sample."""
         sample = self.source[index]
         for i, person in enumerate(sample.persons):
             self.schema.validate(person, f"{sample.key}, person {i}")
@@ -169,7 +172,7 @@ class PersonImageDataset(Dataset):
 
         image = TF.to_image(sample.image)
         image = TF.crop(TF.resize(image, [new_h, new_w], antialias=True), top, left, res, res)
-        persons, dropped = [], 0
+        persons, dropped, cut_off = [], 0, 0
         if sample.persons:
             px = torch.tensor([[width, height, width, height]], dtype=torch.float32)
             boxes = tv_tensors.BoundingBoxes(
@@ -184,13 +187,15 @@ class PersonImageDataset(Dataset):
             for person, box, seen, full in zip(sample.persons, boxes / res, visible, full_area, strict=True):
                 if seen < self.min_visible * full or not (box[0] < box[2] and box[1] < box[3]):
                     dropped += 1
+                    cut_off += not seen > 0  # wholly outside the crop: not in the image any more
                     continue
                 persons.append({**person, BOX_KEY: box.clamp(0.0, 1.0).tolist()})
         kept = keep_largest(persons, self.schema.max_persons)
-        return image, kept, dropped + len(persons) - len(kept), sample
+        dropped += len(persons) - len(kept)
+        return image, kept, (dropped, dropped - cut_off + getattr(sample, "persons_not_recorded", 0)), sample
 
     def _finish(
-        self, image: torch.Tensor, kept: list[dict[str, Any]], dropped: int, sample: Any, flip: bool
+        self, image: torch.Tensor, kept: list[dict[str, Any]], dropped: tuple[int, int], sample: Any, flip: bool
     ) -> dict[str, Any]:
         if flip:
             image = TF.horizontal_flip(image)
@@ -203,7 +208,8 @@ class PersonImageDataset(Dataset):
             "continuous": torch.from_numpy(arrays.continuous),
             "categorical": torch.from_numpy(arrays.categorical),
             "person_mask": torch.from_numpy(arrays.mask),
-            "persons_dropped": dropped,
+            "persons_dropped": dropped[0],
+            "persons_left": dropped[1],
             "key": sample.key,
             "name": sample.name,
         }

@@ -26,6 +26,7 @@ from camouflage_train.data.images import load_rgb
 from camouflage_train.data.schema import AttributeSchema, InvalidRecordError, as_schema
 from camouflage_train.data.synthetic import FACE_SIZE, WORLD_VERSION, check_face_size, draw_scene
 from camouflage_train.errors import DataError, InputError
+from camouflage_train.utils.hub import transport_errors
 from camouflage_train.utils.paths import file_sha256
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class RawSample:
         caption: its caption, if the data has one.
         key: its name in errors and logs.
         name: its stable id for outputs.
+        persons_not_recorded: persons found in the image whose records were left out (the annotation keeps
+            the ``max_persons`` largest faces and counts the rest as ``faces_dropped``).
     """
 
     image: Image.Image
@@ -49,6 +52,7 @@ class RawSample:
     caption: str | None
     key: str
     name: str = ""
+    persons_not_recorded: int = 0
 
 
 class SampleSource(Protocol):
@@ -215,6 +219,11 @@ def check_sidecars(data: Mapping[str, Any], sources: Sequence[str] = ("train_sou
         raise InputError("missing person records:\n  " + "\n  ".join(problems))
 
 
+def _count(value: Any) -> int:
+    """A row's count field (``faces_dropped``); absent or not a count: 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def _file_of(row: dict[str, Any]) -> str | None:
     return row["file"] if isinstance(row.get("file"), str) else None
 
@@ -357,6 +366,7 @@ class FolderSource:
             caption=row.get(self.caption_field),
             key=f"{row['_where']} ({row['file']})",
             name=row["file"],
+            persons_not_recorded=_count(row.get("faces_dropped")),
         )
 
 
@@ -397,7 +407,16 @@ class HFDatasetSource:
             loaded = datasets.load_from_disk(path)
             self.dataset = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         else:
-            self.dataset = datasets.load_dataset(path, split=split, revision=revision)
+            try:
+                self.dataset = datasets.load_dataset(path, split=split, revision=revision)
+            except (ConnectionError, *transport_errors()) as error:  # a wrong name or split: datasets' own message
+                raise InputError(
+                    f"dataset '{path}' is not in the datasets cache and the hub cannot be reached "
+                    f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). On a machine with "
+                    f"internet run `hf download {path} --repo-type dataset"
+                    f"{f' --revision {revision}' if revision else ''} --local-dir <folder>`, then pass that folder "
+                    "as this source's path (or point HF_HOME at a cache that has it)"
+                ) from error
         self.name = f"{path}[{split}]"
         columns = set(self.dataset.column_names)
         needed = [image_column] + ([caption_column] if caption_column else [])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,3 +86,33 @@ def draw_bank(first_seed: int, count: int, resolution: int, schema: AttributeSch
         captions.append(MINI_CAPTIONS(None, records))
         seeds.append(seed)
     return SceneBank(torch.stack(images), persons, captions, seeds)
+
+
+# Scenes shipped as sample input for anonymize.py in the mini world (examples/mini_scenes/): seeds no build, selection
+# or report uses.
+EXAMPLE_FIRST_SEED = 9_000_000
+EXAMPLE_COUNT = 6
+EXAMPLE_RESOLUTION = 64
+
+
+def write_example_scenes(folder: str | Path) -> list[Path]:
+    """Write the sample input scenes (PNG files named by seed) into ``folder``; return their paths.
+
+    Args:
+        folder: where to write them (``examples/mini_scenes`` in the repository).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for seed in range(EXAMPLE_FIRST_SEED, EXAMPLE_FIRST_SEED + EXAMPLE_COUNT):
+        image, _ = draw_scene(seed, face_schema(), EXAMPLE_RESOLUTION)
+        written.append(folder / f"scene_{seed}.png")
+        image.save(written[-1], format="PNG")
+    return written
+
+
+if __name__ == "__main__":  # python -m camouflage_train.miniworld.scenes examples/mini_scenes
+    import sys
+
+    for path in write_example_scenes(sys.argv[1] if len(sys.argv) > 1 else "examples/mini_scenes"):
+        print(path)

@@ -90,17 +90,19 @@ def check_trainable_keys(expected: Iterable[str], found: Iterable[str]) -> None:
         )
 
 
-def read_metadata(checkpoint: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+def read_metadata(checkpoint: Mapping[str, Any], path: str | Path, key: str = "checkpoint") -> dict[str, Any]:
     """The ``camouflage`` entry of a Light checkpoint; :class:`NotALightCheckpoint` for any other checkpoint.
 
     Args:
         checkpoint: the loaded checkpoint.
         path: its file, for the error.
+        key: the config key that names it, for the error.
     """
     meta = checkpoint.get(KEY)
     if not meta or "ip_adapter_keys" not in meta:
         raise NotALightCheckpoint(
-            f"checkpoint: {path} is a Lightning checkpoint but not a camouflage-train Light one "
-            f"(format {FORMAT} with key map)"
+            f"{key}: {path} is a training checkpoint, but not of a CAMOUFLaGE-Light run (a ControlNet run's, or "
+            "an older format): pass <run>/checkpoints/last.ckpt of a train.py run with a Light model "
+            "(experiment=demo, experiment=light_celebahq, ...)"
         )
     return meta

@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -115,6 +116,48 @@ PRESETS: dict[str, Path] = {"tiny": CONFIG_ROOT / "tiny", "sd15-shape": CONFIG_R
 MINI_WEIGHTS = Path(__file__).resolve().parents[1] / "miniworld" / "weights"
 MINI_BUILD_COMMAND = "python -m camouflage_train.miniworld.build"
 TRAINED_PRESETS: dict[str, str] = {"mini": "base", "mini-canny": "controlnet_canny", "mini-recon": "controlnet_recon"}
+
+
+# What a stand-in is, for the warnings and result flags that say so.
+RANDOM_WEIGHTS = "random weights (a test stand-in): what it makes or measures means nothing"
+MINI_WORLD = "built for the synthetic mini world: on photographs it finds and draws nothing meaningful"
+_STAND_IN_TARGETS = {"camouflage_train.stand_ins.": RANDOM_WEIGHTS, "camouflage_train.miniworld.": MINI_WORLD}
+
+
+def stand_in_kind(value: str) -> str | None:
+    """:data:`RANDOM_WEIGHTS` or :data:`MINI_WORLD` when ``value`` (a model id or a ``_target_``) names one of the
+    project's stand-ins; ``None`` for anything else (a hub id, a folder, a real model).
+
+    Args:
+        value: a config value.
+    """
+    if value.startswith(PRESET_PREFIX):
+        name = value.removeprefix(PRESET_PREFIX)
+        return MINI_WORLD if name in TRAINED_PRESETS else RANDOM_WEIGHTS
+    return next((kind for prefix, kind in _STAND_IN_TARGETS.items() if value.startswith(prefix)), None)
+
+
+def stand_ins_in(node: Any, key: str = "") -> dict[str, str]:
+    """Every key of a plain config (dicts and lists) whose model is a stand-in: ``{key: what it is}``. An
+    open_clip model without ``pretrained`` weights counts as random weights.
+
+    Args:
+        node: the config, as plain containers.
+        key: the key of ``node``, for the names.
+    """
+    found: dict[str, str] = {}
+    if isinstance(node, dict):
+        if "model_name" in node and "pretrained" in node and not node["pretrained"]:
+            found[key] = RANDOM_WEIGHTS
+        for name, value in node.items():
+            if name != "base_model":  # which base a config is for, not a model it loads
+                found.update(stand_ins_in(value, f"{key}.{name}" if key else str(name)))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found.update(stand_ins_in(value, f"{key}[{index}]"))
+    elif isinstance(node, str) and (kind := stand_in_kind(node)) is not None:
+        found[key.removesuffix("._target_")] = kind
+    return found
 
 
 def mini_weights_folder(part: str) -> Path:

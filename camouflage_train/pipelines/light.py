@@ -10,6 +10,7 @@ attribute dropout.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -452,6 +453,37 @@ class CamouflageLight:
         return generated
 
 
+def checkpoint_base_model(path: str | Path, key: str = "checkpoint") -> str:
+    """The frozen base a Light training checkpoint was trained on, as its config named it (hub id, folder or
+    ``preset:<name>``); a clear error naming ``key`` for a file that is not a Light training checkpoint.
+
+    Args:
+        path: the Light training checkpoint.
+        key: the config key that names it, for errors.
+    """
+    try:
+        return str(read_metadata(read_checkpoint(path, key=key), path, key)["backbone"])
+    except NotALightCheckpoint as error:
+        raise UserError(str(error)) from None
+
+
+def check_checkpoint_base(checkpoint: str | Path, base_model: str | None, key: str = "model.checkpoint") -> None:
+    """Refuse a Light training checkpoint trained on another base than ``base_model`` (``None``: any), naming both.
+
+    Args:
+        checkpoint: the Light training checkpoint.
+        base_model: the base the anonymizer config is for.
+        key: the config key that names the checkpoint, for errors.
+    """
+    trained_on = checkpoint_base_model(checkpoint, key)
+    if base_model is not None and trained_on != base_model:
+        raise UserError(
+            f"{key}: {checkpoint} was trained on the base '{trained_on}', but this anonymizer config is for "
+            f"'{base_model}' (its base_model): pass a checkpoint trained on '{base_model}', or the anonymizer config "
+            f"made for '{trained_on}'"
+        )
+
+
 def build_light(
     checkpoint: str,
     weight_dtype: str = "fp32",
@@ -464,9 +496,13 @@ def build_light(
     scheduler: Mapping[str, Any] | None = None,
     keep_background: bool = False,
     paste_feather: float = 0.0,
+    base_model: str | None = None,
 ) -> CamouflageLight:
     """``configs/anonymize/model/light*.yaml``: a training checkpoint's backbone and adapter, plus optional
     structure ControlNets, the sampler and whether the scene outside the persons is kept.
+
+    A checkpoint trained on another base than ``base_model`` is refused before anything is loaded: the config's
+    ControlNets, sampler and guidance were chosen for that base.
 
     Args:
         checkpoint: the Light training checkpoint.
@@ -480,7 +516,9 @@ def build_light(
         scheduler: ``{name, **options}`` of a diffusers sampler.
         keep_background: keep the real scene outside the person regions.
         paste_feather: the width of the blend into the real scene (a share of the image's shorter side).
+        base_model: the base this config is for (``None``: any; the checkpoint's base is loaded).
     """
+    check_checkpoint_base(checkpoint, base_model)
     return CamouflageLight.from_checkpoint(
         checkpoint,
         weight_dtype=weight_dtype,

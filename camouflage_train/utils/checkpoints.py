@@ -61,7 +61,10 @@ def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]
         ) from None
     missing = [name for name in _REQUIRED_KEYS if not isinstance(checkpoint, dict) or name not in checkpoint]
     if missing:
-        raise CheckpointError(f"{key}: '{path}' is not a complete training checkpoint (incomplete: no {missing})")
+        raise CheckpointError(
+            f"{key}: '{path}' is not a training checkpoint of train.py (it has no {', '.join(missing)}): pass a "
+            "run's <run>/checkpoints/last.ckpt (or one of its step_*.ckpt)"
+        )
     return checkpoint
 
 

@@ -19,6 +19,7 @@ stand-in with exactly those file names.
 from __future__ import annotations
 
 import fnmatch
+import importlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,24 @@ from camouflage_train.errors import UserError
 
 class HubError(UserError, OSError):
     """A hub repository cannot be used: unreachable, gated, missing, or without a file the loader needs."""
+
+
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """The connection errors of the ``httpx`` / ``httpx2`` clients that huggingface_hub 1.x/2.x use (they derive
+    from neither ``OSError`` nor ``ValueError``)."""
+    found: list[type[BaseException]] = []
+    for module in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """What the hub clients raise when the network or the hub cannot be reached: ``OSError`` and ``ValueError``
+    (huggingface_hub 0.x, ``requests``, offline mode) and :func:`transport_errors`."""
+    return (OSError, ValueError, *transport_errors())
 
 
 class HubLayoutError(HubError):
@@ -124,7 +143,7 @@ class HubPlan:
                     cache_dir=self.cache_dir,
                 )
             )
-        except OSError as err:
+        except network_errors() as err:
             raise HubError(
                 f"{self.what} '{self.repo_id}': downloading {self.files} failed ({_first_line(err)}); "
                 f"{_download_hint(self.repo_id, self.revision, self.repo_type, self.files, self.config_key)}"
@@ -162,6 +181,7 @@ def plan_files(
 
     cache = str(cache_dir) if cache_dir is not None else None
     every = [pattern for want in wants for pattern in want.candidates]
+    preferred = [want.candidates[0] for want in wants]  # what a download should fetch: one file per want
     try:
         listing = huggingface_hub.list_repo_files(repo_id, revision=revision, repo_type=repo_type)
     except errors.GatedRepoError as err:
@@ -176,20 +196,20 @@ def plan_files(
             f"{what} '{repo_id}' does not exist on the hub (or is private: log in with `hf auth login`); check "
             f"{config_key or 'the repository id'}"
         ) from err
-    except (OSError, ValueError) as err:  # offline, no network, hub down: use the cache if it has the files
+    except network_errors() as err:  # offline, no network, hub down: use the cache if it has the files
         local = _cached_snapshot(repo_id, revision, repo_type, cache, every)
+        hint = _download_hint(repo_id, revision, repo_type, preferred, config_key)
         if local is None:
             raise error(
                 f"Cannot load {what} '{repo_id}' (revision={revision}): it is not in the Hugging Face cache and "
-                f"its file list could not be read ({_first_line(err)}). "
-                f"{_download_hint(repo_id, revision, repo_type, every, config_key)}"
+                f"its file list could not be read ({_first_line(err)}). {hint}"
             ) from err
         cached = [str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()]
         chosen, missing = choose_files(cached, wants)
         if missing:
             raise error(
                 f"{what} '{repo_id}': the cached copy in '{local}' lacks {_describe(missing)} and the hub cannot "
-                f"be reached ({_first_line(err)}). {_download_hint(repo_id, revision, repo_type, every, config_key)}"
+                f"be reached ({_first_line(err)}). {hint}"
             ) from err
         return HubPlan(repo_id, chosen, revision, repo_type, cache, local, what, config_key)
     chosen, missing = choose_files(listing, wants)
@@ -220,7 +240,7 @@ def _cached_snapshot(
                 local_files_only=True,
             )
         )
-    except (OSError, ValueError):
+    except network_errors():
         return None
 
 
