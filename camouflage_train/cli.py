@@ -95,11 +95,18 @@ def unknown_override_keys(config_dir: str | Path, config_name: str, arguments: l
         overrides = OverridesParser.create().parse_overrides([a for a in arguments if not a.startswith("-")])
     except Exception:  # a syntax error: Hydra's message says it all
         return []
-    # Group choices and top-level values compose the config whose keys the other overrides must exist in;
-    # a top-level value that does not compose is itself checked below.
-    plain = [o for o in overrides if not o.is_add() and not o.is_delete() and "." not in o.key_or_group]
+    # Group choices and top-level values compose the config whose keys the other overrides must exist in (with
+    # Hydra's own overrides, such as hydra.searchpath, in every trial); a top-level value that does not compose is
+    # itself checked below. A group choice that does not compose is Hydra's to report (it lists the options).
+    groups = {path.name for path in Path(config_dir).iterdir() if path.is_dir()}
+    hydra_own = [o.input_line for o in overrides if o.key_or_group.split(".")[0].split("/")[0] == "hydra"]
+    plain = [
+        o
+        for o in overrides
+        if not o.is_add() and not o.is_delete() and "." not in o.key_or_group and o.input_line not in hydra_own
+    ]
     GlobalHydra.instance().clear()
-    composed, applied = None, []
+    composed, applied = None, list(hydra_own)
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
         for candidate in [None, *plain]:
             trial = applied + ([candidate.input_line] if candidate is not None else [])
@@ -112,7 +119,10 @@ def unknown_override_keys(config_dir: str | Path, config_name: str, arguments: l
         return []
     lines = []
     for override in overrides:
+        key = override.key_or_group
         if override.is_add() or override.is_delete() or override.input_line in applied:
+            continue
+        if "/" in key or "@" in key or key in groups:  # a group choice that did not compose: Hydra lists the options
             continue
         *parents, leaf = override.key_or_group.split(".")
         node: Any = composed

@@ -87,6 +87,10 @@ class StandinHub:
     repos: dict[str, Path] = field(default_factory=dict)
     served: dict[str, set[str]] = field(default_factory=dict)
     gated: set[str] = field(default_factory=set)  # repositories whose terms the user has not accepted
+    # No network: every request fails as huggingface_hub 2.x's HTTP client fails when the hub's address refuses
+    # connections (an httpx2.ConnectError, which is neither OSError nor ValueError; seen with HF_ENDPOINT pointing
+    # at a closed port, after the client's retries).
+    unreachable: bool = False
     listings: int = 0
 
     def add(self, repo_id: str, folder: Path) -> None:
@@ -95,6 +99,9 @@ class StandinHub:
     def _files(self, repo_id: str) -> list[str]:
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+        if self.unreachable:
+            request = httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}/tree/main")
+            raise httpx2.ConnectError("[Errno 111] Connection refused", request=request)
         if repo_id in self.gated:
             request = httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
             message = f"401 Client Error: Cannot access gated repo for url {request.url}"

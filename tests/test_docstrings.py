@@ -8,6 +8,7 @@ import importlib
 import inspect
 import re
 
+from tests.conftest import REPO
 from tests.test_architecture import package_modules
 
 
@@ -112,3 +113,42 @@ def test_the_check_reads_args_sections_as_written():
     assert _undocumented(half.__doc__, _parameters(half)) == ["mode"]
     assert _undocumented("Do it.", ["path"]) == ["<no Args: section>", "path"]
     assert _undocumented(None, []) == ["<no docstring>"]
+
+
+def test_the_readme_group_table_lists_every_config_group_and_option():
+    """Every Hydra group under configs/ is a row of the README's table and every option of it is named there
+    (``hydra/`` holds Hydra's own settings, ``sweep/`` W&B sweep files, ``anonymize/anonymize.yaml`` is anonymize.py's
+    own config: each is described where it is used)."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("| group | options | what it sets |", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = set(re.findall(r"`([^`]+)`", cells[1]))
+    configs = REPO / "configs"
+    groups = {
+        folder.relative_to(configs).as_posix(): {path.stem for path in folder.glob("*.yaml")}
+        for folder in configs.rglob("*")
+        if folder.is_dir() and any(folder.glob("*.yaml"))
+    }
+    groups = {
+        name: options
+        for name, options in groups.items()
+        if name.split("/")[0] not in ("hydra", "sweep") and name != "anonymize"
+    }
+    assert set(rows) == set(groups), (sorted(rows), sorted(groups))
+    missing = {name: sorted(options - rows[name]) for name, options in groups.items() if options - rows[name]}
+    assert not missing, missing
+
+
+def test_the_layout_guide_names_every_module_of_the_package():
+    layout = (REPO / "docs" / "layout.md").read_text()
+    package = REPO / "camouflage_train"
+    missing = [
+        path.relative_to(package).as_posix()
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "__init__.py" and "weights" not in path.parts and path.name not in layout
+    ]
+    assert not missing, missing

@@ -399,7 +399,9 @@ def test_the_checkpoint_format_alone(tmp_path):
     other = adapter_metadata(**{**_meta_args(tmp_path), "hyperparameters": {"lr": 2e-3}})
     assert meta["config_hash"] != other["config_hash"] and len(meta["config_hash"]) == 16
     assert read_metadata({"camouflage": meta}, "x.ckpt") is meta
-    with pytest.raises(NotALightCheckpoint, match=r"x\.ckpt is a Lightning checkpoint but not"):
+    with pytest.raises(
+        NotALightCheckpoint, match=r"x\.ckpt is a training checkpoint, but not of a CAMOUFLaGE-Light run"
+    ):
         read_metadata({"camouflage": {"kind": "controlnet"}}, "x.ckpt")
     state = {"encoder.w": torch.ones(1), "unet.conv.weight": torch.ones(1)}
     assert list(trainable_only(state, ["encoder.w"])) == ["encoder.w"]
