@@ -132,8 +132,15 @@ encoder = load_attribute_encoder(folder)
 # One list of person records per image; folder= applies the export's region masks.
 records = [[{json.dumps(_example_record(config["schema"]))}]]
 embeds, kwargs = person_inputs(
-    encoder, records, {size}, {size}, unconditional_half=True, vae_scale_factor=pipe.vae_scale_factor,
-    folder=folder, device=pipe.device, dtype=pipe.dtype,
+    encoder,
+    records,
+    {size},
+    {size},
+    unconditional_half=True,
+    vae_scale_factor=pipe.vae_scale_factor,
+    folder=folder,
+    device=pipe.device,
+    dtype=pipe.dtype,
 )
 image = pipe(
     [{json.dumps(SAMPLING.prompt)}],{negative_line}
