@@ -174,3 +174,17 @@ def test_override_typos_exit_2_with_the_projects_message_first(tmp_path):
     done = run_script("anonymize.py", "input.folder=x", "output=y", "model.checkpont=x", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 2 and "'input.folder'" not in done.stderr, done.stderr
     assert "'model.checkpont': unknown key for model" in done.stderr
+
+
+def test_warnings_about_skipped_rows_name_the_image(tmp_path, schema, caplog):
+    from camouflage_train.data.sources import FolderSource
+    from camouflage_train.data.synthetic import draw_scene
+
+    image, persons = draw_scene(0, schema, 64)
+    image.save(tmp_path / "kept.png")
+    sidecar = tmp_path / "persons.jsonl"
+    rows = [{"file": "kept.png", "persons": persons}, {"file": "gone.png", "persons": persons}]
+    sidecar.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    FolderSource(tmp_path, sidecar, schema=schema.to_config(), max_skipped_fraction=1.0)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("missing file" in m and f"{sidecar}:2 (gone.png)" in m for m in warned), warned

@@ -115,10 +115,11 @@ def screen_rows(
     dropped = list(rejected)
     for row in rows:
         problem = None
+        image = row["_where"] + (f" ({row['file']})" if isinstance(row.get("file"), str) else "")  # the image's name
         if row.get("skipped"):
-            problem = (f"annotation: {row['skipped']}", row["_where"])
+            problem = (f"annotation: {row['skipped']}", image)
         elif exists is not None and not exists(row):
-            problem = ("missing file", row["_where"])
+            problem = ("missing file", image)
         elif parsed is not None:
             try:
                 for i, person in enumerate(row["persons"]):
