@@ -10,8 +10,9 @@ file, seed, the persons found and anonymized, the settings fingerprint; or skipp
 Fail safe: an image is ``done`` only when every person found in it was anonymized. An image where no person
 was found (``on_no_person``) and one where some found persons were not anonymized (``on_persons_left``: beyond
 ``attributes.max_persons``, or partly cut off by the crop) is by default not written at all; ``blur`` writes it
-blurred beyond recognition, ``copy`` / ``keep`` write it as it is. Either way it is flagged in the manifest,
-listed by name in ``summary.json`` and named in a warning at the end. A face detector finds only the faces it
+reduced to a few average colours, ``copy`` / ``keep`` write it as the model saw it / as the model made it. Either
+way it is flagged in the manifest, listed by name in ``summary.json`` (for the whole output folder, earlier runs
+included) and named in a warning at the end. A face detector finds only the faces it
 can: a person it misses is not anonymized, so check the detector on your images (``annotate.py``'s summary).
 
 An output folder belongs to one set of settings (``run.json``: model config, checkpoint hash, resolution,
@@ -120,8 +121,8 @@ class AnonymizeConfig:
         cpu_offload: diffusers' model CPU offload (less GPU memory, slower).
         captions: how prompts are built from the persons.
         overwrite: replace results of other settings in ``output``.
-        on_no_person: an image where no person is found: ``skip`` (not written), ``blur`` (written blurred
-            beyond recognition) or ``copy`` (written as it is).
+        on_no_person: an image where no person is found: ``skip`` (not written), ``blur`` (written reduced to a
+            few average colours) or ``copy`` (written as the model saw it: resized and centre-cropped).
         on_persons_left: an image where some persons found were not anonymized: ``skip``, ``blur`` or ``keep``
             (the anonymized image, those persons as they are).
         task_name: the run folder's name under ``logs/``.
@@ -181,9 +182,10 @@ def _save(image: Any, path: Path) -> None:
         image.save(staging, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
 
 
-def blur_beyond_recognition(image: Any) -> Any:
+def blur_to_average_colours(image: Any) -> Any:
     """The whole image averaged down to :data:`BLUR_PIXELS` pixels on its shorter side and scaled back up: even a
-    face that fills the picture is a few averaged colours, no features (the colours of the scene remain).
+    face that fills the picture is a few averaged colours, no features. The coarse colours of skin, hair, clothes and
+    scene remain, and no re-identification was measured on such images: a placeholder, not an anonymization.
 
     Args:
         image: a PIL image.
@@ -200,7 +202,7 @@ def _fallback(policy: str, original: Any, anonymized: Any) -> tuple[str, Any]:
     """What an image that is not fully anonymized becomes under ``policy``: its status and the image to write
     (``None``: nothing is written)."""
     if policy == "blur":
-        return "blurred", blur_beyond_recognition(original)
+        return "blurred", blur_to_average_colours(original)
     if policy == "copy":
         return "copied", original
     if policy == "keep":
@@ -309,11 +311,18 @@ def claim_output(
     rows = _read_manifest(manifest)
     fingerprint = _fingerprint(settings)
     previous = json.loads(record.read_text()) if record.is_file() else {}
-    stale = [row for row in rows if row.get("output") and row.get("fingerprint") != fingerprint]
+    # Every row of another run's settings is stale, written or not: an input skipped under other settings (no person
+    # found by another face pack, another policy) must be tried again, not counted as done.
+    stale = bool(rows) and (
+        previous.get("fingerprint") != fingerprint
+        or any(row.get("output") and row.get("fingerprint") != fingerprint for row in rows)
+    )
     if stale and not overwrite:
+        written = sum(bool(row.get("output")) for row in rows)
         changes = settings_difference(previous.get("settings", {}), settings) or ["(earlier settings not recorded)"]
         raise OutputConflictError(
-            f"output: {output} already holds {len(stale)} image(s) made with other settings:\n  "
+            f"output: {output} already holds the results of other settings ({written} image(s) written, "
+            f"{len(rows) - written} input(s) not):\n  "
             + "\n  ".join(changes)
             + "\npass overwrite=true to replace them, or choose another output"
         )
@@ -397,9 +406,6 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
         "partly_anonymized": 0,
         "skipped": Counter(),
         "already_done": len(done),
-        "persons_anonymized": 0,
-        "no_person": {"policy": cfg.on_no_person, "images": []},
-        "persons_left": {"policy": cfg.on_persons_left, "images": {}},
         "stand_ins": stand_ins,
     }
     with (output / "manifest.jsonl").open("a", encoding="utf-8") as handle:
@@ -431,10 +437,8 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
                 found = {"persons_found": int(count + left), "persons_anonymized": int(count)}
                 status, policy = "done", None
                 if count + left == 0:
-                    summary["no_person"]["images"].append(name)
                     policy = cfg.on_no_person
                 elif left:
-                    summary["persons_left"]["images"][name] = int(left)
                     policy = cfg.on_persons_left
                 if policy is not None:
                     status, image = _fallback(policy, original, image)
@@ -455,8 +459,8 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
                 row = {"file": name, "status": status, "output": f"images/{written}", "seed": seed, **found}
                 record({**row, **({"policy": policy} if policy else {}), "fingerprint": fingerprint})
                 summary[status.replace(" ", "_")] += 1
-                summary["persons_anonymized"] += int(count) if status != "blurred" else 0
     summary["skipped"] = dict(summary["skipped"])
+    summary.update(_flagged(_read_manifest(output / "manifest.jsonl"), cfg.on_no_person, cfg.on_persons_left))
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     listed = ("no_person", "persons_left", "stand_ins")  # named in the warnings
     log.info("anonymization summary: %s", {k: v for k, v in summary.items() if k not in listed})
@@ -464,9 +468,34 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def _flagged(rows: list[dict[str, Any]], on_no_person: str, on_persons_left: str) -> dict[str, Any]:
+    """The images of the whole output folder (earlier runs' rows included) in which no person was found or some
+    were not anonymized, by name, and the persons anonymized in the written images.
+
+    Args:
+        rows: every manifest row.
+        on_no_person: the policy, for the summary.
+        on_persons_left: the policy, for the summary.
+    """
+    counted = [row for row in rows if "persons_found" in row]
+    return {
+        "persons_anonymized": sum(row["persons_anonymized"] for row in counted if row.get("output")),
+        "no_person": {"policy": on_no_person, "images": [row["file"] for row in counted if row["persons_found"] == 0]},
+        "persons_left": {
+            "policy": on_persons_left,
+            "images": {
+                row["file"]: row["persons_found"] - row["persons_anonymized"]
+                for row in counted
+                if row["persons_found"] > row["persons_anonymized"]
+                or (row["persons_found"] and not row["persons_anonymized"])
+            },
+        },
+    }
+
+
 def _warn_not_anonymized(summary: Mapping[str, Any], output: Path, shown: int = 10) -> None:
     """Name the images that are not (fully) anonymized, with what was done with them."""
-    action = {"skip": "not written", "blur": "written blurred beyond recognition", "copy": "written unchanged",
+    action = {"skip": "not written", "blur": "written reduced to a few average colours", "copy": "written unchanged",
               "keep": "written with those persons unchanged"}  # fmt: skip
     for key, what in (("no_person", "no person found"), ("persons_left", "persons found but not anonymized")):
         images, policy = summary[key]["images"], summary[key]["policy"]

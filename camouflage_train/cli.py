@@ -87,14 +87,26 @@ def unknown_override_keys(config_dir: str | Path, config_name: str, arguments: l
         config_name: the config file.
         arguments: the command line's overrides.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    if any(a.startswith(("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")) for a in arguments):
+        return []  # another primary config than the one checked here: Hydra reports its own errors
     try:
         overrides = OverridesParser.create().parse_overrides([a for a in arguments if not a.startswith("-")])
     except Exception:  # a syntax error: Hydra's message says it all
         return []
+    if any(o.is_sweep_override() for o in overrides):
+        return []  # a sweep's keys exist in some of its configs only: each job's composition reports its own
+    try:
+        return _unknown_keys(config_dir, config_name, overrides)
+    except Exception:  # a config that does not compose here (an interpolation of Hydra's run): leave it to Hydra
+        return []
+
+
+def _unknown_keys(config_dir: str | Path, config_name: str, overrides: list[Any]) -> list[str]:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
     # Group choices and top-level values compose the config whose keys the other overrides must exist in (with
     # Hydra's own overrides, such as hydra.searchpath, in every trial); a top-level value that does not compose is
     # itself checked below. A group choice that does not compose is Hydra's to report (it lists the options).
@@ -103,7 +115,9 @@ def unknown_override_keys(config_dir: str | Path, config_name: str, arguments: l
     plain = [
         o
         for o in overrides
-        if not o.is_add() and not o.is_delete() and "." not in o.key_or_group and o.input_line not in hydra_own
+        if not (o.is_add() or o.is_force_add() or o.is_delete())
+        and "." not in o.key_or_group
+        and o.input_line not in hydra_own
     ]
     GlobalHydra.instance().clear()
     composed, applied = None, list(hydra_own)
@@ -120,7 +134,7 @@ def unknown_override_keys(config_dir: str | Path, config_name: str, arguments: l
     lines = []
     for override in overrides:
         key = override.key_or_group
-        if override.is_add() or override.is_delete() or override.input_line in applied:
+        if override.is_add() or override.is_force_add() or override.is_delete() or override.input_line in applied:
             continue
         if "/" in key or "@" in key or key in groups:  # a group choice that did not compose: Hydra lists the options
             continue

@@ -43,7 +43,7 @@ from camouflage_train.utils.paths import file_sha256
 
 WEIGHT_NAME = "ip-adapter_camouflage"
 # What the model card's code takes from the anonymizer config.
-_SAMPLER_KEYS = ("scheduler", "num_inference_steps", "guidance_scale", "negative_prompt")
+_SAMPLER_KEYS = ("scheduler", "num_inference_steps", "guidance_scale", "negative_prompt", "keep_background")
 MANIFEST = "export_manifest.json"
 _TOOL = "camouflage-train export"
 
@@ -111,6 +111,12 @@ def model_card_snippet(config: dict[str, Any], folder: str | Path, sampler: Mapp
     scheduler = dict(sampler.get("scheduler") or {"name": "DDIMScheduler"})
     name = scheduler.pop("name")
     options = "".join(f", {key}={value!r}" for key, value in scheduler.items())
+    note = ""
+    if sampler.get("keep_background"):
+        note = (
+            "# This draws the whole image. anonymize.py with this config keeps the real scene outside the person\n"
+            "# regions (keep_background), which stock diffusers does not do: its steps and guidance were chosen so.\n"
+        )
     negative = sampler.get("negative_prompt")
     negative_line = f"\n    negative_prompt=[{json.dumps(negative)}]," if negative else ""
     return f"""import torch
@@ -142,7 +148,7 @@ embeds, kwargs = person_inputs(
     device=pipe.device,
     dtype=pipe.dtype,
 )
-image = pipe(
+{note}image = pipe(
     [{json.dumps(SAMPLING.prompt)}],{negative_line}
     height={size},
     width={size},
@@ -335,7 +341,13 @@ def run_export(cfg: Any) -> Path:
 
     validate_config(cfg, ExportConfig)
     anonymizer = anonymizer_config(cfg.anonymizer, Path(cfg.paths.root_dir) / "configs")
-    base_model = cfg.base_model or anonymizer.get("base_model")
+    expected = {base for base in (cfg.base_model, anonymizer.get("base_model")) if base}
+    if len(expected) > 1:
+        raise ExportError(
+            f"base_model={cfg.base_model} and anonymizer={cfg.anonymizer} (made for {anonymizer.get('base_model')}) "
+            "name different bases: drop one, or pick the anonymizer config made for that base"
+        )
+    base_model = next(iter(expected), None)
     folder = export_adapter(
         cfg.checkpoint,
         cfg.output,

@@ -14,6 +14,9 @@ What a fork cannot reproduce, and where a run therefore starts a fresh interpret
 - anything about importing itself (which modules an entry point imports, what happens without an optional
   package): those tests start interpreters of their own.
 
+And one thing every run shares: the server's string-hash seed, so sets of strings iterate in the same order in every
+run, where fresh interpreters differ; a comparison of two runs cannot catch an output that depends on set order.
+
 This module is imported in the server and in each run, so it imports nothing that has side effects.
 """
 
@@ -26,6 +29,7 @@ import runpy
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 # What every entry point imports before its own work: the fork server imports these once. Modules that only some
@@ -48,7 +52,10 @@ PRELOADED = (
 # Variables the preloaded modules read while importing (the hub's offline mode and folders, thread counts, ...): a
 # run whose values differ from the server's starts a fresh interpreter. Others (set later by tests or by imports,
 # such as Lightning's seed) reach the run through its environment, as they reach a subprocess.
-_READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_", "CUDA")
+_READ_AT_IMPORT = (
+    "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_", "OMP_", "MKL_", "CUDA", "HOME", "XDG_",
+    "PYTHON",
+)  # fmt: skip
 _server: tuple[multiprocessing.context.BaseContext, dict[str, str]] | None = None
 
 
@@ -82,14 +89,23 @@ def _run_as_main(script: str, arguments: list[str], cwd: str, environment: dict[
     sys.argv = [script, *arguments]
     # sys.path[0] as ``python script`` (the script's folder) and ``python -m module`` (the working folder) set it
     sys.path.insert(0, os.getcwd() if module else os.path.dirname(os.path.abspath(script)))
+    # A fresh interpreter's global random state: numpy's would otherwise be the server's in every run (Python's own
+    # `random` is reseeded at fork; torch's global generator is seeded by what the run does, as in an interpreter).
+    import numpy
+
+    numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
     try:
         if module:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         else:
             runpy.run_path(script, run_name="__main__")
     finally:
-        # A forked process ends with os._exit: run what an interpreter runs at exit (loggers' final flush,
-        # wandb's finish, temporary folders).
+        # A forked process ends with os._exit: do what an interpreter does at exit, in its order: wait for the
+        # threads that are not daemons, then run the exit handlers (loggers' final flush, wandb's finish, temporary
+        # folders).
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
         atexit._run_exitfuncs()
 
 

@@ -121,7 +121,7 @@ def test_an_output_of_other_settings_is_refused_then_replaced_with_overwrite(
     refused = _anonymize(mixed_folder, out, *light)
     assert_user_error(
         refused,
-        f"output: {out} already holds 5 image(s) made with other settings",
+        f"output: {out} already holds the results of other settings (5 image(s) written, 3 input(s) not)",
         'model._target_: "camouflage_train.pipelines.base.build_base" -> '
         '"camouflage_train.pipelines.light.build_light"',
         "model.checkpoint.sha256: (not set) -> ",

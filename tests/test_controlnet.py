@@ -47,10 +47,16 @@ def test_controlnet_training_lowers_its_loss_resumes_and_loads_into_base(tmp_pat
     # zero-initialised outputs: `before` is the base's own loss (same noise); measured 0.1157 -> 0.1150 at 40 steps
     assert after < before - 0.0003, (before, after)
 
+    def logged_steps() -> list[int]:
+        with open(out / "metrics.csv") as handle:
+            return [int(r["step"]) for r in csv.DictReader(handle) if r.get("train/loss_step")]
+
+    first = logged_steps()
     run_training(make_cfg(*overrides, "trainer.max_steps=50"))  # same folder: resumes from step 40
-    with open(out / "metrics.csv") as handle:
-        steps = [int(r["step"]) for r in csv.DictReader(handle) if r.get("train/loss_step")]
-    assert max(steps) >= 45 and (out / "checkpoints" / "step_0000050.ckpt").is_file()
+    steps = logged_steps()
+    # Resumed at 40, continuing the CSV: a run started over would log steps below 40 again (or start a new file).
+    assert steps[: len(first)] == first and min(steps[len(first) :]) >= 40 and max(steps) >= 45, (first, steps)
+    assert (out / "checkpoints" / "step_0000050.ckpt").is_file()
 
     base = build_base(
         backbone={"pretrained_model_name_or_path": "preset:mini", "weight_dtype": "fp32"},

@@ -266,6 +266,14 @@ def test_eval_demo_end_to_end(tmp_path, trained_checkpoint, tiny_faces_dir):
         assert (out / name).is_file(), name
     grid = Image.open(out / "samples" / "batch_000.png")
     assert grid.size[0] > 4 * 64  # original + 4 rows side by side
+    # The labelled copy: the same tiles under a strip that names each column (white, with dark text in it).
+    labelled = np.asarray(Image.open(out / "samples" / "batch_000_labelled.png").convert("RGB")).astype(int)
+    header = labelled.shape[0] - grid.size[1]
+    assert header > 0 and np.array_equal(labelled[header:], np.asarray(grid.convert("RGB")).astype(int))
+    assert (labelled[:header] < 128).any() and (labelled[:header] == 255).mean() > 0.5
+    # The stand-ins of eval_tiny (random face packs, CLIP, FID features, models) are named under the table.
+    assert "Stand-ins (the measures that use them mean nothing on real data)" in (out / "results.md").read_text()
+    assert json.loads((out / "stand_ins.json").read_text())["faces.model_name"].startswith("random weights")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         no_ckpt = compose("evaluate.yaml", overrides=["experiment=eval_tiny", f"paths.output_dir={tmp_path}"])
     with pytest.raises(ValueError, match="light_checkpoint"):

@@ -81,6 +81,13 @@ def test_no_image_with_a_person_left_is_written_as_done(scenes, tmp_path, tiny_m
     assert any("persons found but not anonymized" in m and "crowd.png (3)" in m for m in warned), warned
     # Stand-ins are named in the output too.
     assert summary["stand_ins"]["model.backbone.pretrained_model_name_or_path"].startswith("random weights")
+    # A rerun resumes: nothing is redone, and the summary still names what the first run flagged.
+    again = run_anonymization(_anonymize_cfg(folder, sidecar, out))
+    assert again["already_done"] == 5 and again["no_person"]["images"] == ["empty.png", "outside.png"]
+    # Other settings (another policy, or another face pack) are refused even where nothing was written: the
+    # skipped inputs must be tried again, not counted as done.
+    with pytest.raises(UserError, match=r"holds the results of other settings \(1 image\(s\) written, 4 input"):
+        run_anonymization(_anonymize_cfg(folder, sidecar, out, "on_no_person=blur"))
 
     blurred = tmp_path / "blurred"
     summary = run_anonymization(_anonymize_cfg(folder, sidecar, blurred, "on_no_person=blur", "on_persons_left=keep"))

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from camouflage_train.utils.images import with_column_labels
+
 # (column title, result key, format); the recogniser's keys are filled in with the first recogniser's name.
 COLUMNS = (
     ("re-ID rank-1", "reid/{rec}/rank1", "{:.3f}"),
@@ -66,7 +68,8 @@ def results_table(results: Sequence[Mapping[str, Any]], bold: Sequence[str] = ()
 def select_grid_columns(
     grid: Path, rows: Sequence[str], columns: Sequence[str], images: int, out: Path, tile: int = 64, padding: int = 2
 ) -> None:
-    """Write ``out``: the original and the ``columns`` rows of an evaluation's sample grid, first ``images`` images.
+    """Write ``out``: the original and the ``columns`` rows of an evaluation's sample grid, first ``images`` images,
+    each column named above it.
 
     Args:
         grid: ``samples/batch_NNN.png`` of an evaluation (``make_grid`` of original + each row per image).
@@ -95,6 +98,7 @@ def select_grid_columns(
                 line * step + padding + tile,
             )
             picture.paste(source.crop(box), (position * step + padding, line * step + padding))
+    picture = with_column_labels(picture, ["original", *columns], step, padding)
     out.parent.mkdir(parents=True, exist_ok=True)
     picture.save(out)
 

@@ -40,6 +40,7 @@ from camouflage_train.metrics.uncertainty import bootstrap_standard_errors
 from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.pipelines.anonymizer import Anonymizer
 from camouflage_train.utils.config_checks import ConfigError
+from camouflage_train.utils.images import with_column_labels
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,11 @@ class JointEvaluationModule(L.LightningModule):
             tiles = torch.stack(grid, dim=1).flatten(0, 1)  # per image: original, then each row
             path = self.output_dir / "samples" / f"batch_{batch_idx:03d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            TF.to_pil_image(make_grid(tiles, nrow=len(grid), padding=2)).save(path)
+            picture = TF.to_pil_image(make_grid(tiles, nrow=len(grid), padding=2))
+            picture.save(path)  # tiles only, for report.py's --grid
+            step = tiles.shape[-1] + 2
+            labelled = with_column_labels(picture, ["original", *self.rows], step, 2)
+            labelled.save(path.with_name(f"batch_{batch_idx:03d}_labelled.png"))
 
     def on_test_epoch_end(self) -> None:
         records = gather_records(self.face_records, self.rows)
