@@ -123,7 +123,7 @@ def next_steps(checkpoint: Path, backbone: str, config_dir: Path, task_name: str
     return "\n".join(
         [
             f"Training done. Checkpoint: {checkpoint}",
-            "Next (README, 'Evaluate', 'Export', 'Anonymize'):",
+            "Next (README, 'Evaluate, export, anonymize'):",
             *([f"  python evaluate.py experiment={evaluation} light_checkpoint={checkpoint}"] if evaluation else []),
             f"  python export.py checkpoint={checkpoint} output=exports/{task_name} anonymizer={anonymizer}",
             f"  python anonymize.py model={anonymizer} model.checkpoint={checkpoint}"
