@@ -272,7 +272,7 @@ def test_eval_demo_end_to_end(tmp_path, trained_checkpoint, tiny_faces_dir):
     assert header > 0 and np.array_equal(labelled[header:], np.asarray(grid.convert("RGB")).astype(int))
     assert (labelled[:header] < 128).any() and (labelled[:header] == 255).mean() > 0.5
     # The stand-ins of eval_tiny (random face packs, CLIP, FID features, models) are named under the table.
-    assert "Stand-ins (the measures that use them mean nothing on real data)" in (out / "results.md").read_text()
+    assert "Stand-ins (random test weights, or models of the synthetic mini world)" in (out / "results.md").read_text()
     assert json.loads((out / "stand_ins.json").read_text())["faces.model_name"].startswith("random weights")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         no_ckpt = compose("evaluate.yaml", overrides=["experiment=eval_tiny", f"paths.output_dir={tmp_path}"])
