@@ -127,9 +127,9 @@ def test_a_checkpoint_of_another_base_is_refused_before_anything_is_written(trai
 
 
 @pytest.mark.slow
-def test_the_demo_exports_model_card_runs_as_printed(make_cfg, tmp_path):
-    """The README's path: a demo checkpoint (the mini base, whose text encoder is stored in fp16), export.py with
-    the demo's anonymizer config, then the card's code exactly as printed."""
+def test_the_demo_exports_model_card_runs_as_printed(make_cfg, tmp_path, capsys):
+    """The README's path: a demo checkpoint (the mini base, whose text encoder is stored in fp16), the commands the
+    run prints at its end, export.py with the demo's anonymizer config, then the card's code exactly as printed."""
     from camouflage_train.training import run_training
 
     run_training(
@@ -140,6 +140,10 @@ def test_the_demo_exports_model_card_runs_as_printed(make_cfg, tmp_path):
         )
     )  # fmt: skip
     checkpoint, export = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "export"
+    printed = capsys.readouterr().out
+    assert f"Training done. Checkpoint: {checkpoint}" in printed
+    assert f"python export.py checkpoint={checkpoint} output=exports/demo anonymizer=light_mini" in printed
+    assert "faces=mini resolution=64 input.folder=examples/mini_scenes" in printed
     refused = run_script("export.py", f"checkpoint={checkpoint}", f"output={export}", "anonymizer=light_tiny")
     assert_user_error(refused, "trained on the frozen base 'preset:mini', not 'preset:tiny'")
     done = run_script("export.py", f"checkpoint={checkpoint}", f"output={export}", "anonymizer=light_mini")
@@ -195,3 +199,35 @@ def test_warnings_about_skipped_rows_name_the_image(tmp_path, schema, caplog):
     FolderSource(tmp_path, sidecar, schema=schema.to_config(), max_skipped_fraction=1.0)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("missing file" in m and f"{sidecar}:2 (gone.png)" in m for m in warned), warned
+
+
+def test_the_sample_scenes_are_what_their_command_writes(tmp_path):
+    from camouflage_train.miniworld.scenes import write_example_scenes
+
+    for path in write_example_scenes(tmp_path):
+        shipped = REPO / "examples" / "mini_scenes" / path.name
+        assert np.array_equal(np.asarray(Image.open(shipped)), np.asarray(Image.open(path))), path.name
+    assert len(list((REPO / "examples" / "mini_scenes").iterdir())) == len(list(tmp_path.iterdir()))
+
+
+def test_a_dataset_the_hub_cannot_serve_offline_is_one_message_with_the_download_command():
+    from camouflage_train.data.sources import HFDatasetSource
+
+    with pytest.raises(UserError) as caught:  # the suite runs with HF_HUB_OFFLINE=1
+        HFDatasetSource("someone/not-cached-dataset", split="validation")
+    message = str(caught.value)
+    assert "dataset 'someone/not-cached-dataset' is not in the datasets cache" in message, message
+    assert "hf download someone/not-cached-dataset --repo-type dataset --local-dir <folder>" in message
+
+
+def test_evaluation_names_light_checkpoint_for_a_checkpoint_of_another_kind(tmp_path):
+    import torch
+
+    from camouflage_train.evaluation import run_evaluation
+
+    other = tmp_path / "controlnet.ckpt"  # a Lightning checkpoint without the Light adapter's description
+    torch.save({"state_dict": {}, "global_step": 1, "loops": {}, "optimizer_states": []}, other)
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("evaluate.yaml", overrides=["experiment=eval_tiny", f"light_checkpoint={other}"])
+    with pytest.raises(UserError, match=r"light_checkpoint: .*controlnet\.ckpt is a training checkpoint, but not of a"):
+        run_evaluation(cfg)
