@@ -234,7 +234,10 @@ def output_settings(cfg: DictConfig) -> dict[str, Any]:
     plain = lambda node: _without(OmegaConf.to_container(node, resolve=True), _NOT_SETTINGS)  # noqa: E731
     model = plain(cfg.model)
     if model.get("checkpoint"):
-        model["checkpoint"] = {"path": str(model["checkpoint"]), "sha256": file_sha256(model["checkpoint"])}
+        model["checkpoint"] = {
+            "path": str(Path(model["checkpoint"]).resolve()),
+            "sha256": file_sha256(model["checkpoint"]),
+        }
     persons = {"sidecar": str(Path(cfg.persons).resolve())} if cfg.get("persons") else {"annotated": plain(cfg.faces)}
     return {
         "model": model,
@@ -310,10 +313,13 @@ def claim_output(
     manifest, record = output / "manifest.jsonl", output / "run.json"
     rows = _read_manifest(manifest)
     fingerprint = _fingerprint(settings)
-    previous = json.loads(record.read_text()) if record.is_file() else {}
+    previous = _read_record(record)
     # Every row of another run's settings is stale, written or not: an input skipped under other settings (no person
     # found by another face pack, another policy) must be tried again, not counted as done.
-    stale = bool(rows) and (
+    # The person records this run would resume from were written under the earlier settings too (another face pack,
+    # another max_persons): an earlier run killed before its first manifest row leaves only them.
+    annotated = annotated_here and (output / "persons.jsonl").is_file()
+    stale = bool(rows or annotated) and (
         previous.get("fingerprint") != fingerprint
         or any(row.get("output") and row.get("fingerprint") != fingerprint for row in rows)
     )
@@ -326,7 +332,7 @@ def claim_output(
             + "\n  ".join(changes)
             + "\npass overwrite=true to replace them, or choose another output"
         )
-    if rows and (stale or overwrite):
+    if (rows or annotated) and (stale or overwrite):
         for row in rows:
             if row.get("output"):
                 (output / row["output"]).unlink(missing_ok=True)
@@ -339,8 +345,18 @@ def claim_output(
         log.warning("overwrite=true: removed %d earlier result(s) from %s", len(rows), output)
         rows = []
     output.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=2))
+    with atomic_file(record) as staging:
+        Path(staging).write_text(json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=2))
     return rows, fingerprint
+
+
+def _read_record(record: Path) -> dict[str, Any]:
+    """An earlier run's ``run.json``; ``{}`` when absent or unreadable (then any earlier rows count as stale)."""
+    try:
+        previous = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return {}
+    return previous if isinstance(previous, dict) else {}
 
 
 def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
@@ -408,7 +424,11 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
         "already_done": len(done),
         "stand_ins": stand_ins,
     }
-    with (output / "manifest.jsonl").open("a", encoding="utf-8") as handle:
+    manifest = output / "manifest.jsonl"
+    torn = manifest.is_file() and manifest.stat().st_size > 0 and not manifest.read_bytes().endswith(b"\n")
+    with manifest.open("a", encoding="utf-8") as handle:
+        if torn:  # a line cut by a killed run: the next row starts on a line of its own
+            handle.write("\n")
 
         def record(row: dict[str, Any]) -> None:
             handle.write(json.dumps(row) + "\n")
@@ -479,7 +499,9 @@ def _flagged(rows: list[dict[str, Any]], on_no_person: str, on_persons_left: str
     """
     counted = [row for row in rows if "persons_found" in row]
     return {
-        "persons_anonymized": sum(row["persons_anonymized"] for row in counted if row.get("output")),
+        "persons_anonymized": sum(
+            row["persons_anonymized"] for row in counted if row.get("output") and row["status"] != "blurred"
+        ),
         "no_person": {"policy": on_no_person, "images": [row["file"] for row in counted if row["persons_found"] == 0]},
         "persons_left": {
             "policy": on_persons_left,

@@ -129,8 +129,9 @@ def _unknown_keys(config_dir: str | Path, config_name: str, overrides: list[Any]
             except Exception:
                 continue
             applied = trial
-    if composed is None:
-        return []
+    failed = [o for o in plain if o.input_line not in applied]
+    if composed is None or any("/" in o.key_or_group or o.key_or_group in composed for o in failed):
+        return []  # a group choice (or a value) that does not compose: Hydra's own message names it
     lines = []
     for override in overrides:
         key = override.key_or_group

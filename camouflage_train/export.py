@@ -59,7 +59,7 @@ class ExportConfig:
     Args:
         checkpoint: the Light training checkpoint.
         output: the export folder.
-        base_model: refuse unless the adapter was trained on this base (``None``: any).
+        base_model: refuse unless the adapter was trained on this base (``None``: the anonymizer config's, if any).
         overwrite: replace an earlier export in ``output``.
         dataset: the training data's name, for the model card.
         anonymizer: the Light anonymizer config (a name in ``configs/anonymize/model/``, or a ``.yaml`` file) whose
@@ -181,7 +181,8 @@ datasets:
 
 An IP-Adapter-style attribute adapter for `{base}`, trained with camouflage-train. It is conditioned on the
 attributes of every person in a scene ({", ".join(["box", *_attribute_names(config["schema"])])}),
-never on identity, so generated images show different people with the same attributes and layout.
+never on identity, so the people it draws are new people with the same attributes and layout; whatever of the
+scene an application keeps (clothes, body, background) is kept as it was and can still identify someone.
 Up to {config["max_persons"]} persons, {config["tokens_per_person"]} tokens per person, trained at
 {config.get("resolution")} px (training config hash `{config["config_hash"]}`).
 
@@ -251,8 +252,8 @@ def export_adapter(
         overwrite: replace an earlier export (only a folder this exporter wrote).
         dataset: the training data's name, for the model card.
         sampler: the anonymizer config whose sampler settings the model card's code uses (``scheduler``,
-            ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``; ``None``: DDIM and the project's
-            sampling defaults).
+            ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``keep_background``; ``None``: DDIM and
+            the project's sampling defaults).
     """
     output = Path(output)
     _check_replaceable(output, overwrite)
@@ -319,7 +320,8 @@ def anonymizer_config(name: str, config_dir: Path) -> Any:
 
 
 def sampler_settings(anonymizer: Any) -> dict[str, Any]:
-    """What the model card's code takes from an anonymizer config: its sampler, steps, guidance, negative prompt.
+    """What the model card's code takes from an anonymizer config: its sampler, steps, guidance, negative prompt,
+    and whether it keeps the scene outside the persons (said in a comment: stock diffusers cannot).
 
     Args:
         anonymizer: :func:`anonymizer_config`'s result.

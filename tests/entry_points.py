@@ -100,12 +100,10 @@ def _run_as_main(script: str, arguments: list[str], cwd: str, environment: dict[
         else:
             runpy.run_path(script, run_name="__main__")
     finally:
-        # A forked process ends with os._exit: do what an interpreter does at exit, in its order: wait for the
-        # threads that are not daemons, then run the exit handlers (loggers' final flush, wandb's finish, temporary
-        # folders).
-        for thread in threading.enumerate():
-            if thread is not threading.main_thread() and not thread.daemon:
-                thread.join()
+        # A forked process ends with os._exit: do what an interpreter does at exit, in its order: threading's own
+        # exit handlers (which stop executor workers) and the wait for threads that are not daemons, then the exit
+        # handlers (loggers' final flush, wandb's finish, temporary folders).
+        threading._shutdown()
         atexit._run_exitfuncs()
 
 

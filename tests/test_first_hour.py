@@ -231,3 +231,25 @@ def test_evaluation_names_light_checkpoint_for_a_checkpoint_of_another_kind(tmp_
         cfg = compose("evaluate.yaml", overrides=["experiment=eval_tiny", f"light_checkpoint={other}"])
     with pytest.raises(UserError, match=r"light_checkpoint: .*controlnet\.ckpt is a training checkpoint, but not of a"):
         run_evaluation(cfg)
+
+
+def test_person_records_of_other_settings_are_never_reused(tmp_path, tiny_model_dir):
+    """A run killed after annotating, before its first manifest row, leaves only persons.jsonl; a run with another
+    face pack or max_persons must not pick those records up as its own."""
+    out = tmp_path / "out"
+
+    def cfg(*overrides):
+        with initialize_config_dir(config_dir=str(REPO / "configs" / "anonymize"), version_base="1.3"):
+            return compose(
+                "anonymize.yaml",
+                overrides=[
+                    "model=base_tiny", "faces=mini", "resolution=64", "num_workers=0",
+                    f"input.folder={REPO / 'examples' / 'mini_scenes'}", f"output={out}", *overrides,
+                ],
+            )  # fmt: skip
+
+    run_anonymization(cfg())
+    (out / "manifest.jsonl").unlink()  # as if killed right after annotating
+    with pytest.raises(UserError, match="already holds the results of other settings"):
+        run_anonymization(cfg("attributes.max_persons=1"))
+    assert run_anonymization(cfg())["done"] == 6  # the same settings resume from the records
