@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from hydra.utils import instantiate
@@ -48,7 +48,7 @@ from camouflage_train.errors import UserError
 from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.pipelines.light import check_checkpoint_base
 from camouflage_train.pipelines.stand_ins import find_stand_ins, warn_stand_ins
-from camouflage_train.utils.atomic import atomic_file
+from camouflage_train.utils.atomic import atomic_file, cut_torn_tail
 from camouflage_train.utils.config_checks import validate_config
 from camouflage_train.utils.paths import UnsafePathError, check_input_paths, file_sha256, inside
 
@@ -65,13 +65,9 @@ class OutputConflictError(UserError, ValueError):
     """The output folder holds results made with other settings."""
 
 
-class PolicyError(UserError, ValueError):
-    """``on_no_person`` or ``on_persons_left`` names no policy."""
-
-
-# What is written for an image the anonymizer could not fully anonymize (the first: the default).
-ON_NO_PERSON = ("skip", "blur", "copy")
-ON_PERSONS_LEFT = ("skip", "blur", "keep")
+# What is written for an image the anonymizer could not fully anonymize (checked with the config's other types).
+OnNoPerson = Literal["skip", "blur", "copy"]
+OnPersonsLeft = Literal["skip", "blur", "keep"]
 # A blurred image keeps this many averaged pixels on its shorter side: no face detail, only coarse colours.
 BLUR_PIXELS = 4
 
@@ -143,8 +139,8 @@ class AnonymizeConfig:
     cpu_offload: bool = False
     captions: CaptionSettings = field(default_factory=CaptionSettings)
     overwrite: bool = False
-    on_no_person: str = ON_NO_PERSON[0]
-    on_persons_left: str = ON_PERSONS_LEFT[0]
+    on_no_person: OnNoPerson = "skip"
+    on_persons_left: OnPersonsLeft = "skip"
     task_name: str = "anonymize"
     attributes: Any = None
     faces: Any = None
@@ -208,12 +204,6 @@ def _fallback(policy: str, original: Any, anonymized: Any) -> tuple[str, Any]:
     if policy == "keep":
         return "partly anonymized", anonymized
     return "skipped", None
-
-
-def _check_policies(cfg: DictConfig) -> None:
-    for key, choices in (("on_no_person", ON_NO_PERSON), ("on_persons_left", ON_PERSONS_LEFT)):
-        if cfg.get(key) not in choices:
-            raise PolicyError(f"{key}: {cfg.get(key)!r} is not one of {' | '.join(choices)}")
 
 
 def _without(node: Any, drop: set[str]) -> Any:
@@ -311,6 +301,7 @@ def claim_output(
         annotated_here: the persons are annotated by this run (recorded in ``run.json``).
     """
     manifest, record = output / "manifest.jsonl", output / "run.json"
+    cut_torn_tail(manifest)  # a row cut by a killed run: that image is redone, and the next row starts a line
     rows = _read_manifest(manifest)
     fingerprint = _fingerprint(settings)
     previous = _read_record(record)
@@ -366,7 +357,6 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
         cfg: the composed ``configs/anonymize/anonymize.yaml``.
     """
     validate_config(cfg, AnonymizeConfig)
-    _check_policies(cfg)
     checkpoint = OmegaConf.select(cfg, "model.checkpoint", default=None)
     check_input_paths(
         {
@@ -378,8 +368,7 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
     if checkpoint and str(cfg.model.get("_target_", "")).endswith("build_light"):  # before anything is written
         check_checkpoint_base(checkpoint, cfg.model.get("base_model"), key="model.checkpoint")
     output = Path(cfg.output)
-    models = {"model": cfg.model, **({} if cfg.get("persons") else {"faces": cfg.faces})}
-    stand_ins = find_stand_ins({key: OmegaConf.to_container(node, resolve=True) for key, node in models.items()})
+    stand_ins = find_stand_ins({"model": cfg.model, **({} if cfg.get("persons") else {"faces": cfg.faces})})
     warn_stand_ins(stand_ins)
     settings = output_settings(cfg)
     schema = AttributeSchema.from_config(cfg.attributes)
@@ -424,11 +413,7 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
         "already_done": len(done),
         "stand_ins": stand_ins,
     }
-    manifest = output / "manifest.jsonl"
-    torn = manifest.is_file() and manifest.stat().st_size > 0 and not manifest.read_bytes().endswith(b"\n")
-    with manifest.open("a", encoding="utf-8") as handle:
-        if torn:  # a line cut by a killed run: the next row starts on a line of its own
-            handle.write("\n")
+    with (output / "manifest.jsonl").open("a", encoding="utf-8") as handle:
 
         def record(row: dict[str, Any]) -> None:
             handle.write(json.dumps(row) + "\n")
@@ -509,7 +494,6 @@ def _flagged(rows: list[dict[str, Any]], on_no_person: str, on_persons_left: str
                 row["file"]: row["persons_found"] - row["persons_anonymized"]
                 for row in counted
                 if row["persons_found"] > row["persons_anonymized"]
-                or (row["persons_found"] and not row["persons_anonymized"])
             },
         },
     }

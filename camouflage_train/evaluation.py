@@ -143,17 +143,11 @@ def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
     check_sidecars(cfg.data, sources)
     datamodule = instantiate(cfg.data, train_source=None) if cfg.data.get("val_source") else instantiate(cfg.data)
     L.seed_everything(cfg.seed, workers=True)
-    plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
     methods: dict[str, Any] = {}  # one entry per anonymizer: the rows of a sweep (base@guidance=0.4, ...) share models
     for row in cfg.rows:
-        methods.setdefault(row.split(SWEEP_SEPARATOR)[0], plain(cfg.anonymizers[row]))
+        methods.setdefault(row.split(SWEEP_SEPARATOR)[0], cfg.anonymizers[row])
     stand_ins = find_stand_ins(
-        {
-            "anonymizers": methods,
-            "faces": plain(cfg.faces),
-            "recognisers": plain(cfg.recognisers),
-            "metrics": plain(cfg.metrics),
-        }
+        {"anonymizers": methods, "faces": cfg.faces, "recognisers": cfg.recognisers, "metrics": cfg.metrics}
     )
     warn_stand_ins(stand_ins)
     anonymizers = instantiate_named(cfg.anonymizers, list(cfg.rows), "rows")

@@ -326,11 +326,8 @@ def sampler_settings(anonymizer: Any) -> dict[str, Any]:
     Args:
         anonymizer: :func:`anonymizer_config`'s result.
     """
-    return {
-        key: OmegaConf.to_container(OmegaConf.create({"v": anonymizer[key]}))["v"]
-        for key in _SAMPLER_KEYS
-        if key in anonymizer
-    }
+    plain = OmegaConf.to_container(anonymizer)  # unresolved: its ${paths...} are not needed here
+    return {key: plain[key] for key in _SAMPLER_KEYS if key in plain}
 
 
 def run_export(cfg: Any) -> Path:

@@ -101,11 +101,12 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     last = checkpoint_folder(trainer, output_dir / "checkpoints") / "last.ckpt"
     backbone = OmegaConf.select(cfg, "model.backbone.pretrained_model_name_or_path")
     if trainer.is_global_zero and last.is_file() and backbone and "adapter" in cfg.model:
-        print(next_steps(last, str(backbone), Path(cfg.paths.root_dir) / "configs", cfg.get("task_name", "run")))
+        configs, resolution = Path(cfg.paths.root_dir) / "configs", cfg.data.resolution
+        print(next_steps(last, str(backbone), configs, cfg.get("task_name", "run"), resolution))
     return metrics
 
 
-def next_steps(checkpoint: Path, backbone: str, config_dir: Path, task_name: str) -> str:
+def next_steps(checkpoint: Path, backbone: str, config_dir: Path, task_name: str, resolution: int) -> str:
     """What to run on a Light run's checkpoint: evaluate, export, anonymize, with the anonymizer config made for
     its base (the one whose ``base_model`` is ``backbone``; ``light`` when none is).
 
@@ -114,11 +115,12 @@ def next_steps(checkpoint: Path, backbone: str, config_dir: Path, task_name: str
         backbone: the base it was trained on, as configured.
         config_dir: the project's ``configs/``.
         task_name: the run's task name (``demo``, ``light_celebahq``, ...).
+        resolution: the training resolution (what anonymize.py should resize to).
     """
     configs = sorted((config_dir / "anonymize" / "model").glob("light*.yaml"))
     anonymizer = next((p.stem for p in configs if OmegaConf.load(p).get("base_model") == backbone), "light")
     evaluation = f"eval_{task_name}" if (config_dir / "experiment" / f"eval_{task_name}.yaml").is_file() else None
-    mini = backbone == "preset:mini"  # the mini world's own face pack, resolution and sample scenes
+    mini = backbone == "preset:mini"  # the mini world's own face pack and sample scenes
     images = "examples/mini_scenes" if mini else "<images>"
     return "\n".join(
         [
@@ -127,8 +129,8 @@ def next_steps(checkpoint: Path, backbone: str, config_dir: Path, task_name: str
             *([f"  python evaluate.py experiment={evaluation} light_checkpoint={checkpoint}"] if evaluation else []),
             f"  python export.py checkpoint={checkpoint} output=exports/{task_name} anonymizer={anonymizer}",
             f"  python anonymize.py model={anonymizer} model.checkpoint={checkpoint}"
-            + (" faces=mini resolution=64" if mini else "")
-            + f" input.folder={images} output=outputs/{task_name}_anonymized",
+            + (" faces=mini" if mini else "")
+            + f" resolution={resolution} input.folder={images} output=outputs/{task_name}_anonymized",
         ]
     )
 

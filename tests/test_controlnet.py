@@ -104,6 +104,8 @@ def test_the_committed_controlnets_follow_their_condition():
                               for o, x in zip(outputs, originals, strict=True)]))  # fmt: skip
 
     trained, random = edges_kept("preset:mini-canny"), edges_kept("preset:mini-controlnet-1")
-    assert trained > random + 0.1, (trained, random)  # measured 0.28 vs 0.11 (5 steps; 0.32 vs 0.11 at 10)
+    print(f"edge IoU: committed Canny ControlNet {trained:.3f}, random {random:.3f}")  # the report quotes these
+    assert trained > random + 0.1, (trained, random)
     trained, random = pixel_error("preset:mini-recon"), pixel_error("preset:mini-controlnet-3")
-    assert trained < random - 0.07, (trained, random)  # mean |output - input|, measured 0.118 vs 0.211 (5 steps)
+    print(f"mean |output - input|: committed reconstruction ControlNet {trained:.3f}, random {random:.3f}")
+    assert trained < random - 0.07, (trained, random)

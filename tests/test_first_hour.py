@@ -100,9 +100,11 @@ def test_no_image_with_a_person_left_is_written_as_done(scenes, tmp_path, tiny_m
     copied = tmp_path / "copied"
     run_anonymization(_anonymize_cfg(folder, sidecar, copied, "on_no_person=copy"))
     assert _rows(copied)["empty.png"]["status"] == "copied"
+    # Exact on any CPU: a 64-pixel image at resolution 64 is not resized (torchvision returns it as is), and the
+    # 8-bit -> [-1, 1] -> 8-bit round trip is elementwise IEEE arithmetic with rounding (no BLAS, no reduction).
     assert np.array_equal(np.asarray(Image.open(copied / "images" / "empty.png")), np.asarray(original))
 
-    with pytest.raises(UserError, match=r"on_no_person: 'maybe' is not one of skip \| blur \| copy"):
+    with pytest.raises(UserError, match=r"on_no_person: 'maybe' is not a valid choice \(one of skip \| blur \| copy\)"):
         run_anonymization(_anonymize_cfg(folder, sidecar, tmp_path / "x", "on_no_person=maybe"))
 
 
@@ -204,9 +206,12 @@ def test_warnings_about_skipped_rows_name_the_image(tmp_path, schema, caplog):
 def test_the_sample_scenes_are_what_their_command_writes(tmp_path):
     from camouflage_train.miniworld.scenes import write_example_scenes
 
+    # Drawn here with libm's sin/cos, whose last bit may differ between CPUs (glibc picks FMA code paths at run time):
+    # a rotated feature may then cover a pixel more or less. Allowed: under 1 % of the values differ (0 measured).
     for path in write_example_scenes(tmp_path):
         shipped = REPO / "examples" / "mini_scenes" / path.name
-        assert np.array_equal(np.asarray(Image.open(shipped)), np.asarray(Image.open(path))), path.name
+        gap = np.asarray(Image.open(shipped)).astype(int) != np.asarray(Image.open(path)).astype(int)
+        assert gap.mean() < 0.01, (path.name, gap.mean())
     assert len(list((REPO / "examples" / "mini_scenes").iterdir())) == len(list(tmp_path.iterdir()))
 
 

@@ -33,6 +33,7 @@ from camouflage_train.annotation.faces import RECORD_SCHEMA_VERSION
 from camouflage_train.data.images import BadSampleError, load_rgb
 from camouflage_train.data.schema import keep_largest
 from camouflage_train.errors import DataError, InputError
+from camouflage_train.utils.atomic import cut_torn_tail
 from camouflage_train.utils.config_checks import validate_config
 
 log = logging.getLogger(__name__)
@@ -172,16 +173,8 @@ class AnnotationSummary:
 
 def _done_keys(path: Path, key_field: str) -> set[Any]:
     """Keys already in the sidecar; a torn last line (killed mid-write) is cut off."""
-    if not path.is_file():
-        return set()
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - end)
-        with path.open("r+b") as handle:
-            handle.truncate(end)
     done = set()
-    for number, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(cut_torn_tail(path).decode("utf-8").splitlines(), start=1):
         if line.strip():
             try:
                 done.add(json.loads(line)[key_field])

@@ -26,7 +26,7 @@ from camouflage_train.data.images import load_rgb
 from camouflage_train.data.schema import AttributeSchema, InvalidRecordError, as_schema
 from camouflage_train.data.synthetic import FACE_SIZE, WORLD_VERSION, check_face_size, draw_scene
 from camouflage_train.errors import DataError, InputError
-from camouflage_train.utils.hub import transport_errors
+from camouflage_train.utils.hub import download_hint, first_line, transport_errors
 from camouflage_train.utils.paths import file_sha256
 
 log = logging.getLogger(__name__)
@@ -115,11 +115,10 @@ def screen_rows(
     dropped = list(rejected)
     for row in rows:
         problem = None
-        image = row["_where"] + (f" ({row['file']})" if isinstance(row.get("file"), str) else "")  # the image's name
         if row.get("skipped"):
-            problem = (f"annotation: {row['skipped']}", image)
+            problem = (f"annotation: {row['skipped']}", _where_and_file(row))
         elif exists is not None and not exists(row):
-            problem = ("missing file", image)
+            problem = ("missing file", _where_and_file(row))
         elif parsed is not None:
             try:
                 for i, person in enumerate(row["persons"]):
@@ -227,6 +226,11 @@ def _count(value: Any) -> int:
 
 def _file_of(row: dict[str, Any]) -> str | None:
     return row["file"] if isinstance(row.get("file"), str) else None
+
+
+def _where_and_file(row: dict[str, Any]) -> str:
+    """``sidecar:line (image)``: a row as errors and warnings name it."""
+    return row["_where"] + (f" ({_file_of(row)})" if _file_of(row) else "")
 
 
 class SyntheticSource:
@@ -365,7 +369,7 @@ class FolderSource:
             image=load_rgb(self.root / row["file"], self.min_image_size),
             persons=list(row["persons"]),
             caption=row.get(self.caption_field),
-            key=f"{row['_where']} ({row['file']})",
+            key=_where_and_file(row),
             name=row["file"],
             persons_not_recorded=_count(row.get("faces_dropped")),
         )
@@ -413,10 +417,7 @@ class HFDatasetSource:
             except (ConnectionError, *transport_errors()) as error:  # a wrong name or split: datasets' own message
                 raise InputError(
                     f"dataset '{path}' is not in the datasets cache and the hub cannot be reached "
-                    f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). On a machine with "
-                    f"internet run `hf download {path} --repo-type dataset"
-                    f"{f' --revision {revision}' if revision else ''} --local-dir <folder>`, then pass that folder "
-                    "as this source's path (or point HF_HOME at a cache that has it)"
+                    f"({first_line(error)}). {download_hint(path, revision, 'dataset', [], '')}"
                 ) from error
         self.name = f"{path}[{split}]"
         columns = set(self.dataset.column_names)

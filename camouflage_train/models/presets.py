@@ -13,7 +13,6 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -126,7 +125,8 @@ _STAND_IN_TARGETS = {"camouflage_train.stand_ins.": RANDOM_WEIGHTS, "camouflage_
 
 def stand_in_kind(value: str) -> str | None:
     """:data:`RANDOM_WEIGHTS` or :data:`MINI_WORLD` when ``value`` (a model id or a ``_target_``) names one of the
-    project's stand-ins; ``None`` for anything else (a hub id, a folder, a real model).
+    project's stand-ins; ``None`` for anything else (a hub id, a folder, a real model). Which keys of a run's config
+    name one: :func:`camouflage_train.pipelines.stand_ins.find_stand_ins`.
 
     Args:
         value: a config value.
@@ -135,29 +135,6 @@ def stand_in_kind(value: str) -> str | None:
         name = value.removeprefix(PRESET_PREFIX)
         return MINI_WORLD if name in TRAINED_PRESETS else RANDOM_WEIGHTS
     return next((kind for prefix, kind in _STAND_IN_TARGETS.items() if value.startswith(prefix)), None)
-
-
-def stand_ins_in(node: Any, key: str = "") -> dict[str, str]:
-    """Every key of a plain config (dicts and lists) whose model is a stand-in: ``{key: what it is}``. An
-    open_clip model without ``pretrained`` weights counts as random weights.
-
-    Args:
-        node: the config, as plain containers.
-        key: the key of ``node``, for the names.
-    """
-    found: dict[str, str] = {}
-    if isinstance(node, dict):
-        if "model_name" in node and "pretrained" in node and not node["pretrained"]:
-            found[key] = RANDOM_WEIGHTS
-        for name, value in node.items():
-            if name != "base_model":  # which base a config is for, not a model it loads
-                found.update(stand_ins_in(value, f"{key}.{name}" if key else str(name)))
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            found.update(stand_ins_in(value, f"{key}[{index}]"))
-    elif isinstance(node, str) and (kind := stand_in_kind(node)) is not None:
-        found[key.removesuffix("._target_")] = kind
-    return found
 
 
 def mini_weights_folder(part: str) -> Path:

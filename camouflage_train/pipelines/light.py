@@ -462,7 +462,8 @@ def checkpoint_base_model(path: str | Path, key: str = "checkpoint") -> str:
         key: the config key that names it, for errors.
     """
     try:
-        return str(read_metadata(read_checkpoint(path, key=key), path, key)["backbone"])
+        # mapped, not read: the checks before a run and the stand-in report only need the metadata
+        return str(read_metadata(read_checkpoint(path, key=key, mmap=True), path, key)["backbone"])
     except NotALightCheckpoint as error:
         raise UserError(str(error)) from None
 

@@ -11,40 +11,40 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
 from camouflage_train.errors import UserError
-from camouflage_train.models.presets import stand_in_kind, stand_ins_in
+from camouflage_train.models.presets import RANDOM_WEIGHTS, stand_in_kind
 from camouflage_train.pipelines.light import checkpoint_base_model
+from camouflage_train.utils.config_checks import walk_config
 
 log = logging.getLogger(__name__)
 
 
-def _checkpoints(node: Any, key: str = "") -> dict[str, str]:
-    if isinstance(node, dict):
-        found: dict[str, str] = {}
-        for name, value in node.items():
-            found.update(_checkpoints(value, f"{key}.{name}" if key else str(name)))
-        return found
-    if key.split(".")[-1].endswith("checkpoint") and isinstance(node, str) and Path(node).is_file():
-        return {key: node}
-    return {}
-
-
 def find_stand_ins(config: Mapping[str, Any]) -> dict[str, str]:
-    """``{config key: what the stand-in is}`` for every stand-in the plain ``config`` names, a Light training
-    checkpoint trained on one included.
+    """``{config key: what the stand-in is}`` for every stand-in the ``config`` names: a model id or ``_target_``
+    (:func:`~camouflage_train.models.presets.stand_in_kind`), an open_clip model without ``pretrained`` weights, a
+    Light training checkpoint trained on a stand-in base.
 
     Args:
-        config: the parts of a run's config that name models, as plain containers (``{"model": ..., "faces": ...}``).
+        config: the parts of a run's config that name models (``{"model": cfg.model, "faces": cfg.faces}``).
     """
-    found = stand_ins_in(dict(config))
-    for key, path in _checkpoints(dict(config)).items():
-        try:
-            base = checkpoint_base_model(path)
-        except UserError:  # not a Light checkpoint: whoever loads it says so
+    found: dict[str, str] = {}
+    for key, value in walk_config(dict(config)):
+        name = key.rsplit(".", 1)[-1]
+        if name == "base_model":  # which base a config is for, not a model it loads
             continue
-        kind = stand_in_kind(base)
-        if kind is not None:
-            found[key] = f"trained on {base}, {kind}"
+        if isinstance(value, DictConfig | Mapping) and "model_name" in value and not value.get("pretrained", True):
+            found[key] = RANDOM_WEIGHTS
+        elif isinstance(value, str) and name.endswith("checkpoint") and Path(value).is_file():
+            try:
+                base = checkpoint_base_model(value)
+            except UserError:  # not a Light checkpoint: whoever loads it says so
+                continue
+            if (kind := stand_in_kind(base)) is not None:
+                found[key] = f"trained on {base}, {kind}"
+        elif isinstance(value, str) and (kind := stand_in_kind(value)) is not None:
+            found[key.removesuffix("._target_")] = kind
     return found
 
 

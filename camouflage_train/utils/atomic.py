@@ -1,9 +1,12 @@
 """Write a file or a folder all at once: build it under a hidden temporary name beside the target, rename it
 into place when complete. A process killed meanwhile leaves the previous target intact, never a torn one
-(checkpoints, anonymized images, exports, caches, presets all go through here)."""
+(checkpoints, anonymized images, exports, caches, presets all go through here). Append-only JSON-lines files
+(sidecars, manifests) are the exception: they grow one flushed line at a time, and :func:`cut_torn_tail` removes
+the partial last line a killed writer can leave."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -11,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 STAGING_MARK = ".tmp-"  # staging names: .<name>.tmp-<pid> (a later run removes those of dead writers)
 
 
@@ -91,3 +95,22 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def cut_torn_tail(path: str | Path) -> bytes:
+    """Cut a torn last line (a writer killed mid-line) off the append-only lines file ``path``, logging it; return
+    the complete lines' bytes (empty when the file does not exist).
+
+    Args:
+        path: a JSON-lines file written one flushed line at a time.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return b""
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - end)
+        with path.open("r+b") as handle:
+            handle.truncate(end)
+    return data[:end]

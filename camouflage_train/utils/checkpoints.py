@@ -32,7 +32,7 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used; the message names the file and why."""
 
 
-def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]:
+def read_checkpoint(path: str | Path, key: str = "checkpoint", mmap: bool = False) -> dict[str, Any]:
     """Load a training checkpoint on the CPU with ``weights_only=True`` and check it is complete.
 
     The error never repeats torch's hint to retry with ``weights_only=False``: a file that only loads that way
@@ -41,12 +41,14 @@ def read_checkpoint(path: str | Path, key: str = "checkpoint") -> dict[str, Any]
     Args:
         path: the checkpoint file.
         key: the config key that names it, for errors.
+        mmap: map the tensors instead of reading them (for a look at the metadata: the weights are read only if
+            they are touched).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{key}: '{path}' does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         what = (
             "it holds pickled Python objects, which are never loaded (they could run code)"

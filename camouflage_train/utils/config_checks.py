@@ -38,12 +38,18 @@ class ConfigError(UserError, ValueError):
     """A config value is unknown, of the wrong type, or a secret; the message names key and source."""
 
 
-def _walk(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    """Every node with its dotted path; values that do not resolve here (missing, env) are skipped."""
+def walk_config(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every node of a config (``DictConfig``/``ListConfig`` or plain dicts and lists) with its dotted path, the
+    node itself first; values that do not resolve here (missing, env) are skipped.
+
+    Args:
+        node: the config or one of its nodes.
+        path: the node's own path.
+    """
     yield path, node
-    if isinstance(node, DictConfig):
+    if isinstance(node, DictConfig | Mapping):
         items = [(str(key), key) for key in node]
-    elif isinstance(node, ListConfig):
+    elif isinstance(node, ListConfig | list):
         items = [(f"[{index}]", index) for index in range(len(node))]
     else:
         return
@@ -52,7 +58,9 @@ def _walk(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
             value = node[key]
         except Exception:
             continue
-        yield from _walk(value, name if not path else f"{path}{name}" if name.startswith("[") else f"{path}.{name}")
+        yield from walk_config(
+            value, name if not path else f"{path}{name}" if name.startswith("[") else f"{path}.{name}"
+        )
 
 
 def _matches(value: Any, annotation: Any) -> bool:
@@ -163,7 +171,7 @@ def unknown_key_message(key: str, accepted: Collection[str], owner: str) -> str:
 def _problems(cfg: DictConfig, settings: type | None) -> Iterator[tuple[str, str]]:
     if settings is not None:
         yield from _dataclass_problems(cfg, settings, "")
-    for path, node in _walk(cfg):
+    for path, node in walk_config(cfg):
         if not isinstance(node, DictConfig):
             continue
         for key in node:
@@ -189,6 +197,8 @@ def _problems(cfg: DictConfig, settings: type | None) -> Iterator[tuple[str, str
 
 
 def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:  # the choices, as a user writes them
+        return "choice (one of " + " | ".join(str(choice) for choice in typing.get_args(annotation)) + ")"
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 

@@ -145,8 +145,8 @@ class HubPlan:
             )
         except network_errors() as err:
             raise HubError(
-                f"{self.what} '{self.repo_id}': downloading {self.files} failed ({_first_line(err)}); "
-                f"{_download_hint(self.repo_id, self.revision, self.repo_type, self.files, self.config_key)}"
+                f"{self.what} '{self.repo_id}': downloading {self.files} failed ({first_line(err)}); "
+                f"{download_hint(self.repo_id, self.revision, self.repo_type, self.files, self.config_key)}"
             ) from err
 
 
@@ -198,18 +198,18 @@ def plan_files(
         ) from err
     except network_errors() as err:  # offline, no network, hub down: use the cache if it has the files
         local = _cached_snapshot(repo_id, revision, repo_type, cache, every)
-        hint = _download_hint(repo_id, revision, repo_type, preferred, config_key)
+        hint = download_hint(repo_id, revision, repo_type, preferred, config_key)
         if local is None:
             raise error(
                 f"Cannot load {what} '{repo_id}' (revision={revision}): it is not in the Hugging Face cache and "
-                f"its file list could not be read ({_first_line(err)}). {hint}"
+                f"its file list could not be read ({first_line(err)}). {hint}"
             ) from err
         cached = [str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()]
         chosen, missing = choose_files(cached, wants)
         if missing:
             raise error(
                 f"{what} '{repo_id}': the cached copy in '{local}' lacks {_describe(missing)} and the hub cannot "
-                f"be reached ({_first_line(err)}). {hint}"
+                f"be reached ({first_line(err)}). {hint}"
             ) from err
         return HubPlan(repo_id, chosen, revision, repo_type, cache, local, what, config_key)
     chosen, missing = choose_files(listing, wants)
@@ -248,17 +248,31 @@ def _describe(missing: Sequence[Want]) -> str:
     return "; no ".join(" or ".join(want.candidates) for want in missing)
 
 
-def _download_hint(repo_id: str, revision: str | None, repo_type: str, patterns: Sequence[str], config_key: str) -> str:
-    include = " ".join(f"'{pattern}'" for pattern in patterns)
+def download_hint(repo_id: str, revision: str | None, repo_type: str, patterns: Sequence[str], config_key: str) -> str:
+    """The sentence that says how to fetch ``repo_id`` on a machine with internet and use it here.
+
+    Args:
+        repo_id: the repository.
+        revision: branch, tag or commit (``None``: the default branch).
+        repo_type: ``model`` or ``dataset``.
+        patterns: the files to fetch (empty: all of them).
+        config_key: the config key to point at the downloaded folder (empty: no key named).
+    """
+    include = " --include " + " ".join(f"'{pattern}'" for pattern in patterns) if patterns else ""
     kind = f" --repo-type {repo_type}" if repo_type != "model" else ""
     rev = f" --revision {revision}" if revision else ""
     use = f"pass {config_key}=<folder>" if config_key else "pass that folder"
     return (
-        f"On a machine with internet run `hf download {repo_id}{kind}{rev} --include {include} --local-dir "
+        f"On a machine with internet run `hf download {repo_id}{kind}{rev}{include} --local-dir "
         f"<folder>`, then {use} (or point HF_HOME at a cache that has it)."
     )
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """``Type: first line of the message``, for one-line errors.
+
+    Args:
+        err: the exception.
+    """
     text = str(err).splitlines()[0] if str(err) else ""
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
