@@ -203,7 +203,9 @@ def _fallback(policy: str, original: Any, anonymized: Any) -> tuple[str, Any]:
         return "copied", original
     if policy == "keep":
         return "partly anonymized", anonymized
-    return "skipped", None
+    if policy == "skip":
+        return "skipped", None
+    raise ValueError(f"unknown policy {policy!r}")  # validate_config refuses it first; fail closed all the same
 
 
 def _without(node: Any, drop: set[str]) -> Any:
@@ -301,8 +303,7 @@ def claim_output(
         annotated_here: the persons are annotated by this run (recorded in ``run.json``).
     """
     manifest, record = output / "manifest.jsonl", output / "run.json"
-    cut_torn_tail(manifest)  # a row cut by a killed run: that image is redone, and the next row starts a line
-    rows = _read_manifest(manifest)
+    rows = _read_manifest(manifest)  # a row cut by a killed run is left out: that image is redone
     fingerprint = _fingerprint(settings)
     previous = _read_record(record)
     # Every row of another run's settings is stale, written or not: an input skipped under other settings (no person
@@ -336,6 +337,7 @@ def claim_output(
         log.warning("overwrite=true: removed %d earlier result(s) from %s", len(rows), output)
         rows = []
     output.mkdir(parents=True, exist_ok=True)
+    cut_torn_tail(manifest)  # only now that the folder is this run's: the next row starts a line of its own
     with atomic_file(record) as staging:
         Path(staging).write_text(json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=2))
     return rows, fingerprint
@@ -441,11 +443,8 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
             ):
                 found = {"persons_found": int(count + left), "persons_anonymized": int(count)}
                 status, policy = "done", None
-                if count + left == 0:
-                    policy = cfg.on_no_person
-                elif left:
-                    policy = cfg.on_persons_left
-                if policy is not None:
+                if count + left == 0 or left:  # not every person found was anonymized: the policy decides
+                    policy = cfg.on_no_person if count + left == 0 else cfg.on_persons_left
                     status, image = _fallback(policy, original, image)
                 if image is None:
                     skip(name, "no person found" if count + left == 0 else "persons left", **found)

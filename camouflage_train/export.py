@@ -326,8 +326,8 @@ def sampler_settings(anonymizer: Any) -> dict[str, Any]:
     Args:
         anonymizer: :func:`anonymizer_config`'s result.
     """
-    plain = OmegaConf.to_container(anonymizer)  # unresolved: its ${paths...} are not needed here
-    return {key: plain[key] for key in _SAMPLER_KEYS if key in plain}
+    sampler = OmegaConf.masked_copy(anonymizer, [key for key in _SAMPLER_KEYS if key in anonymizer])
+    return OmegaConf.to_container(sampler, resolve=True)  # its own interpolations resolved, the other keys left out
 
 
 def run_export(cfg: Any) -> Path:

@@ -106,6 +106,9 @@ def test_no_image_with_a_person_left_is_written_as_done(scenes, tmp_path, tiny_m
 
     with pytest.raises(UserError, match=r"on_no_person: 'maybe' is not a valid choice \(one of skip \| blur \| copy\)"):
         run_anonymization(_anonymize_cfg(folder, sidecar, tmp_path / "x", "on_no_person=maybe"))
+    with pytest.raises(UserError, match=r"on_persons_left: None is not a valid choice"):  # null is no policy either
+        run_anonymization(_anonymize_cfg(folder, sidecar, tmp_path / "x", "on_persons_left=null"))
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_checkpoint_of_another_base_is_refused_before_anything_is_written(trained_checkpoint, tmp_path):
@@ -207,11 +210,12 @@ def test_the_sample_scenes_are_what_their_command_writes(tmp_path):
     from camouflage_train.miniworld.scenes import write_example_scenes
 
     # Drawn here with libm's sin/cos, whose last bit may differ between CPUs (glibc picks FMA code paths at run time):
-    # a rotated feature may then cover a pixel more or less. Allowed: under 1 % of the values differ (0 measured).
+    # a rotated feature's edge may then cover a pixel more or less. Allowed: a few edge pixels, under 0.1 % of the
+    # values (0 measured); an eye or a mouth drawn differently is more.
     for path in write_example_scenes(tmp_path):
         shipped = REPO / "examples" / "mini_scenes" / path.name
         gap = np.asarray(Image.open(shipped)).astype(int) != np.asarray(Image.open(path)).astype(int)
-        assert gap.mean() < 0.01, (path.name, gap.mean())
+        assert gap.mean() < 0.001, (path.name, gap.mean())
     assert len(list((REPO / "examples" / "mini_scenes").iterdir())) == len(list(tmp_path.iterdir()))
 
 

@@ -417,7 +417,8 @@ class HFDatasetSource:
             except (ConnectionError, *transport_errors()) as error:  # a wrong name or split: datasets' own message
                 raise InputError(
                     f"dataset '{path}' is not in the datasets cache and the hub cannot be reached "
-                    f"({first_line(error)}). {download_hint(path, revision, 'dataset', [], '')}"
+                    f"({first_line(error)}). {download_hint(path, revision, 'dataset', [], '')} The folder goes in "
+                    "this source's path."
                 ) from error
         self.name = f"{path}[{split}]"
         columns = set(self.dataset.column_names)

@@ -32,6 +32,10 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used; the message names the file and why."""
 
 
+def _load(path: Path, mmap: bool) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)  # the package's one torch.load
+
+
 def read_checkpoint(path: str | Path, key: str = "checkpoint", mmap: bool = False) -> dict[str, Any]:
     """Load a training checkpoint on the CPU with ``weights_only=True`` and check it is complete.
 
@@ -48,7 +52,12 @@ def read_checkpoint(path: str | Path, key: str = "checkpoint", mmap: bool = Fals
     if not path.is_file():
         raise CheckpointError(f"{key}: '{path}' does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        try:
+            checkpoint = _load(path, mmap)
+        except RuntimeError as error:  # torch maps only the zip format; an older file is read in full
+            if not (mmap and "mmap" in str(error)):
+                raise
+            checkpoint = _load(path, False)
     except pickle.UnpicklingError as error:
         what = (
             "it holds pickled Python objects, which are never loaded (they could run code)"

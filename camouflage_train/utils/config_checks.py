@@ -131,7 +131,9 @@ def _field_problems(
             value = node[key]
         except Exception:
             continue
-        if value is not None and key in hints and not _matches(value, hints[key]):  # null: "not set here"
+        # null means "not set here", except for a Literal: its choices are all the values it takes
+        checked = value is not None or typing.get_origin(hints.get(key)) is typing.Literal
+        if checked and key in hints and not _matches(value, hints[key]):
             yield where, f"{value!r} is not a valid {_type_name(hints[key])} for {owner}"
         schema = _dataclass_in(hints.get(key))
         if schema is not None and isinstance(value, DictConfig):
