@@ -279,10 +279,13 @@ def settings_difference(before: Mapping[str, Any], now: Mapping[str, Any], limit
 
 
 def _read_manifest(manifest: Path) -> list[dict[str, Any]]:
+    """The manifest's complete rows: a last line without its newline (a killed run) is not one, even if it parses,
+    since :func:`cut_torn_tail` removes it before this run appends."""
     if not manifest.is_file():
         return []
+    data = manifest.read_bytes()
     rows = []
-    for line in manifest.read_text(encoding="utf-8").splitlines():
+    for line in data[: data.rfind(b"\n") + 1].decode("utf-8").splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:  # a line torn by a killed run: that image is redone

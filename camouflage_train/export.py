@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import save_file
 
 from camouflage_train.errors import UserError
@@ -326,8 +327,16 @@ def sampler_settings(anonymizer: Any) -> dict[str, Any]:
     Args:
         anonymizer: :func:`anonymizer_config`'s result.
     """
-    sampler = OmegaConf.masked_copy(anonymizer, [key for key in _SAMPLER_KEYS if key in anonymizer])
-    return OmegaConf.to_container(sampler, resolve=True)  # its own interpolations resolved, the other keys left out
+    settings = {}
+    for key in _SAMPLER_KEYS:
+        if key not in anonymizer:
+            continue
+        try:  # resolved against the whole config: a key may point at another one
+            value = anonymizer[key]
+            settings[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except OmegaConfBaseException as error:
+            raise ExportError(f"anonymizer: its {key} does not resolve ({error})") from None
+    return settings
 
 
 def run_export(cfg: Any) -> Path:

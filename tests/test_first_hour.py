@@ -262,3 +262,15 @@ def test_person_records_of_other_settings_are_never_reused(tmp_path, tiny_model_
     with pytest.raises(UserError, match="already holds the results of other settings"):
         run_anonymization(cfg("attributes.max_persons=1"))
     assert run_anonymization(cfg())["done"] == 6  # the same settings resume from the records
+
+
+def test_a_row_cut_before_its_newline_is_redone_and_the_next_row_starts_a_line(tmp_path):
+    from camouflage_train.anonymization import claim_output
+
+    settings = {"model": "m"}
+    claim_output(tmp_path, settings, overwrite=False, annotated_here=False)  # writes run.json
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"file": "a.png", "status": "skipped"}\n{"file": "b.png", "status": "skipped"}')  # killed
+    rows, _ = claim_output(tmp_path, settings, overwrite=False, annotated_here=False)
+    assert [row["file"] for row in rows] == ["a.png"]  # b.png is redone ...
+    assert manifest.read_text().endswith("\n") and "b.png" not in manifest.read_text()  # ... on a line of its own
