@@ -239,6 +239,29 @@ def draw_scene(
         max_persons: the most persons (default the schema's).
         face_size: the range of face widths, as fractions of the image width.
     """
+    image, persons, _ = draw_scene_identities(seed, schema, resolution, min_persons, max_persons, face_size)
+    return image, persons
+
+
+def draw_scene_identities(
+    seed: int,
+    schema: AttributeSchema,
+    resolution: int,
+    min_persons: int = 1,
+    max_persons: int | None = None,
+    face_size: tuple[float, float] = FACE_SIZE,
+) -> tuple[Image.Image, list[dict[str, Any]], list[Appearance]]:
+    """:func:`draw_scene`, plus each person's identity (its :class:`Appearance`, in record order): the same
+    pixels and records, so another view of any person can be drawn (:func:`draw_other_view`).
+
+    Args:
+        seed: the scene's seed.
+        schema: the attribute schema.
+        resolution: the image size in pixels.
+        min_persons: the fewest persons.
+        max_persons: the most persons (default the schema's).
+        face_size: the range of face widths, as fractions of the image width.
+    """
     face_size = check_face_size(face_size)
     rng = np.random.default_rng(seed)
     upper = schema.max_persons if max_persons is None else max_persons
@@ -248,7 +271,48 @@ def draw_scene(
     persons: list[dict[str, Any]] = []
     for _ in range(count):
         persons.append(sample_person(rng, schema, [p["box"] for p in persons], face_size))
+    appearances: list[Appearance | None] = [None] * count
     # Far persons (higher up) first, so nearer ones overlap them.
-    for person in sorted(persons, key=lambda p: p["box"][3]):
-        draw_person(draw, person, (resolution, resolution), sample_appearance(rng, float(person.get("age", 40.0))))
-    return image, persons
+    for index in sorted(range(count), key=lambda i: persons[i]["box"][3]):
+        appearances[index] = sample_appearance(rng, float(persons[index].get("age", 40.0)))
+        draw_person(draw, persons[index], (resolution, resolution), appearances[index])
+    return image, persons, [a for a in appearances if a is not None]
+
+
+# The attributes a person keeps from one photo to the next (the rest, box and head pose, are drawn anew).
+IDENTITY_ATTRIBUTES = ("age", "gender")
+
+
+def draw_other_view(
+    person: dict[str, Any],
+    appearance: Appearance,
+    rng: np.random.Generator,
+    schema: AttributeSchema,
+    resolution: int,
+    face_size: tuple[float, float] = FACE_SIZE,
+    max_strangers: int = 2,
+) -> tuple[Image.Image, dict[str, Any]]:
+    """The same identity in another photo: its appearance and identity-bound attributes (age, gender) at a new
+    place, size and head pose, on a new background, with up to ``max_strangers`` other (new) people behind it.
+    Returns the image and the person's record there.
+
+    Args:
+        person: the person's record in the first scene (its identity-bound attributes carry over).
+        appearance: its identity.
+        rng: this view's random numbers.
+        schema: the attribute schema.
+        resolution: the image size in pixels.
+        face_size: the range of face widths, as fractions of the image width.
+        max_strangers: the most other people in the view.
+    """
+    image = draw_background(rng, resolution)
+    draw = ImageDraw.Draw(image)
+    strangers: list[dict[str, Any]] = []
+    for _ in range(int(rng.integers(0, max_strangers + 1))):
+        strangers.append(sample_person(rng, schema, [p["box"] for p in strangers], face_size))
+    placed = sample_person(rng, schema, [p["box"] for p in strangers], face_size)
+    placed.update({key: person[key] for key in IDENTITY_ATTRIBUTES if key in person})
+    for stranger in strangers:
+        draw_person(draw, stranger, image.size, sample_appearance(rng, float(stranger.get("age", 40.0))))
+    draw_person(draw, placed, image.size, appearance)  # on top: the view shows the whole person
+    return image, placed

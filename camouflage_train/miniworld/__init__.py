@@ -11,7 +11,14 @@ from camouflage_train.models.presets import MINI_BUILD_COMMAND as BUILD_COMMAND
 from camouflage_train.models.presets import MINI_WEIGHTS as WEIGHTS
 from camouflage_train.models.presets import mini_weights_folder as weights_folder
 
-__all__ = ["BUILD_COMMAND", "WEIGHTS", "mini_face_pack", "mini_scene_features", "weights_folder"]
+__all__ = [
+    "BUILD_COMMAND",
+    "WEIGHTS",
+    "mini_face_pack",
+    "mini_person_features",
+    "mini_scene_features",
+    "weights_folder",
+]
 
 
 def mini_face_pack(file: str | None = None) -> str:
@@ -29,3 +36,10 @@ def mini_scene_features():  # -> SceneFeatures (imported lazily: torch)
     from camouflage_train.stand_ins.scene_features import SceneFeatures
 
     return SceneFeatures.from_pretrained(weights_folder("features"))
+
+
+def mini_person_features():  # -> SceneFeatures (imported lazily: torch)
+    """The person encoder trained in the miniature world (the ``context`` attacker of ``attackers=mini``)."""
+    from camouflage_train.stand_ins.scene_features import SceneFeatures
+
+    return SceneFeatures.from_pretrained(weights_folder("person"))

@@ -19,7 +19,7 @@ from camouflage_train.miniworld import WEIGHTS
 from camouflage_train.utils.atomic import atomic_folder
 
 # In build order: the ControlNets are trained on the base.
-PARTS = ["base", "faces", "features", "controlnet_canny", "controlnet_recon"]
+PARTS = ["base", "faces", "features", "person", "controlnet_canny", "controlnet_recon"]
 
 
 def _scaled(cfg, scale: float):
@@ -63,11 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     from camouflage_train.miniworld.base_model import BaseBuildConfig, build_mini_base
     from camouflage_train.miniworld.controlnets import ControlNetBuildConfig, build_mini_controlnet
     from camouflage_train.miniworld.face_pack import FaceBuildConfig, build_mini_face_pack, build_scene_features
+    from camouflage_train.miniworld.person_features import PersonBuildConfig, build_person_features
 
     parts = {
         "base": (BaseBuildConfig, build_mini_base),
         "faces": (FaceBuildConfig, build_mini_face_pack),
         "features": (FaceBuildConfig, build_scene_features),
+        "person": (PersonBuildConfig, build_person_features),
         **{
             name: (ControlNetBuildConfig, functools.partial(build_mini_controlnet, part=name))
             for name in ("controlnet_canny", "controlnet_recon")
