@@ -12,6 +12,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from camouflage_train.data.identities import read_identities
 from camouflage_train.data.sources import check_sidecars
 from camouflage_train.metrics.clip import ClipScorer
 from camouflage_train.metrics.faces import FaceAnalyzer
@@ -42,6 +43,9 @@ class EvaluateConfig:
         data: the data group (its validation split is evaluated).
         faces: the face pack (detection, gender, age).
         recognisers: the re-identification recognisers.
+        attackers: the re-identification attackers (``configs/attackers/``; ``None``: the face recognisers only).
+        other_views: other photos of each evaluated person, for the other-view protocol
+            (:mod:`camouflage_train.data.identities`; ``None``: the same-image protocol only).
         logger: the loggers group.
         paths: the paths group.
     """
@@ -59,6 +63,8 @@ class EvaluateConfig:
     data: Any = None
     faces: Any = None
     recognisers: Any = None
+    attackers: Any = None
+    other_views: Any = None
     logger: Any = None
     paths: Any = None
 
@@ -141,13 +147,21 @@ def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
     # Evaluation reads only the validation images: with a val_source the training split is never loaded.
     sources = ["val_source"] if cfg.data.get("val_source") else ["train_source"]
     check_sidecars(cfg.data, sources)
+    if cfg.get("other_views") and cfg.other_views.get("identities"):  # the identity sidecar, before any image loads
+        read_identities(cfg.other_views.identities)
     datamodule = instantiate(cfg.data, train_source=None) if cfg.data.get("val_source") else instantiate(cfg.data)
     L.seed_everything(cfg.seed, workers=True)
     methods: dict[str, Any] = {}  # one entry per anonymizer: the rows of a sweep (base@guidance=0.4, ...) share models
     for row in cfg.rows:
         methods.setdefault(row.split(SWEEP_SEPARATOR)[0], cfg.anonymizers[row])
     stand_ins = find_stand_ins(
-        {"anonymizers": methods, "faces": cfg.faces, "recognisers": cfg.recognisers, "metrics": cfg.metrics}
+        {
+            "anonymizers": methods,
+            "faces": cfg.faces,
+            "recognisers": cfg.recognisers,
+            "metrics": cfg.metrics,
+            "attackers": cfg.get("attackers"),
+        }
     )
     warn_stand_ins(stand_ins)
     anonymizers = instantiate_named(cfg.anonymizers, list(cfg.rows), "rows")
@@ -157,6 +171,10 @@ def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
     faces = FaceAnalyzer(instantiate(cfg.faces), instantiate(cfg.recognisers))
     feature = cfg.metrics.fid.feature
     fid_feature = instantiate(feature) if isinstance(feature, DictConfig) else int(feature)
+    attacks = None
+    if cfg.get("attackers"):
+        other_views = instantiate(cfg.other_views, _convert_="all") if cfg.get("other_views") else None
+        attacks = instantiate(cfg.attackers, other_views=other_views, _convert_="all")
     module = JointEvaluationModule(
         anonymizers,
         faces,
@@ -166,6 +184,7 @@ def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
         str(output_dir),
         cfg.grid_batches,
         cfg.seed,
+        attacks,
     )
     trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")))
     trainer.test(module, datamodule=datamodule)

@@ -257,12 +257,37 @@ def test_eval_demo_end_to_end(tmp_path, trained_checkpoint, tiny_faces_dir):
     assert all(math.isfinite(r["fid"]) for r in results)
     assert rows["base"]["fid"] > 0 and rows["reconstruction"]["fid"] > 0
     assert all(0.0 <= r["attr/box_iou"] <= 1.0 for r in results)  # synthetic scenes always request boxes
+    # Every row under every attacker and protocol; the worst case is the strongest attacker of the row.
+    for row in results:
+        for protocol in ("same_image", "other_view"):
+            attackers = {k.split("/")[1]: v for k, v in row.items() if k.endswith(f"/{protocol}/rank1")}
+            assert {"appearance", "context", "context_no_face", "adaptive", "tiny_arcface", "floor", "worst"} <= {
+                a.removeprefix("face:") for a in attackers
+            }, sorted(attackers)
+            # The worst case is no weaker than any attacker (a gallery size of the adaptive one included).
+            measured = [
+                v for k, v in row.items()
+                if k.startswith("attack/") and k.split("/")[2] == protocol and k.split("/")[1] not in ("floor", "worst")
+                and (k.endswith("/rank1") or "/rank1@" in k) and not k.endswith("_se") and math.isfinite(v)
+            ]  # fmt: skip
+            assert attackers["worst"] == max(measured)
+            assert row[f"attack/appearance/{protocol}/n"] == row[f"attack/context/{protocol}/n"] > 8
+    # The identity row keeps every pixel: the crop attackers find every person in its own original.
+    assert identity["attack/appearance/same_image/rank1"] == 1.0 and identity["attack/context/same_image/rank1"] == 1.0
+    # Per person, beside faces.jsonl: each attacker's hit; their mean over a row and protocol is the table's rank-1.
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "attacks.jsonl").read_text().splitlines()]
+    blur = [line for line in lines if line["row"] == "blur" and line["protocol"] == "other_view"]
+    assert len(blur) == rows["blur"]["attack/context/other_view/n"]
+    for attacker in ("context", "adaptive"):
+        mean = np.mean([line["rank1"][attacker] for line in blur])
+        assert mean == pytest.approx(rows["blur"][f"attack/{attacker}/other_view/rank1"], abs=1e-12)
     # Generation time per image, from the second batch on (8 scenes, batch 4): the diffusion rows take longest.
     times = {name: row["time/seconds_per_image"] for name, row in rows.items()}
     assert all(math.isfinite(t) and t >= 0 for t in times.values()), times
     assert min(times["base"], times["light"]) > max(times["identity"], times["blur"]), times
     out = tmp_path / "eval"
-    for name in ("results.md", "results.csv", "results.json", "config.yaml", "faces.jsonl", "samples/batch_000.png"):
+    for name in ("results.md", "results.csv", "results.json", "config.yaml", "faces.jsonl", "samples/batch_000.png",
+                 "attack_readings.pkl", "attacks.jsonl"):  # fmt: skip
         assert (out / name).is_file(), name
     grid = Image.open(out / "samples" / "batch_000.png")
     assert grid.size[0] > 4 * 64  # original + 4 rows side by side
@@ -306,7 +331,10 @@ def test_two_process_evaluation_equals_one_process(tmp_path, tiny_faces_dir, tin
         for key, value in a.items():
             if key == "model" or key.startswith(("kid", "time/")):  # KID: random subsets; time: the machine's
                 continue
-            assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-4), (a["model"], key)
+            if isinstance(value, str):  # the worst-case attacker's name
+                assert b[key] == value, (a["model"], key)
+                continue
+            assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-4, nan_ok=True), (a["model"], key)
 
 
 @pytest.mark.slow
@@ -391,5 +419,6 @@ def test_the_report_table_shows_errors_time_and_missing_values():
     header, _, identity, light = ([cell.strip() for cell in line.strip("|").split("|")] for line in
                                   results_table(rows, bold=["light"]).splitlines())  # fmt: skip
     assert identity[header.index("box IoU")] == "0.611 ± 0.023"
-    assert light[:2] == ["**light**", "0.009"]
+    assert light[0] == "**light**" and light[header.index("face re-ID rank-1")] == "0.009"
+    assert light[header.index("worst-case rank-1, other view")] == "n/a"  # an evaluation without attackers
     assert light[header.index("s / image")] == "n/a" and light[header.index("FID")] == "n/a"

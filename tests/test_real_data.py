@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from camouflage_train.errors import InputError
+from camouflage_train.errors import DataError, InputError
 from camouflage_train.evaluation import run_evaluation
 from camouflage_train.training import run_training
 from tests.celebahq_standin import build_celebahq_standin
@@ -25,6 +25,7 @@ TINY_EVALUATION = [
     "metrics.fid.feature={_target_: camouflage_train.stand_ins.features.RandomConvFeatures, num_features: 16}",
     "metrics.clip.model_name=tiny-clip",
     "metrics.clip.pretrained=null",
+    "attackers/context=tiny",
     "trainer.accelerator=cpu",
 ]
 
@@ -71,6 +72,13 @@ def test_evaluation_reads_only_the_validation_split(celebahq, tmp_path):
     ]
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("evaluate.yaml", overrides=overrides)
+    # Who is who is read before any image or model loads: a missing identity sidecar is named with its fix.
+    with pytest.raises(DataError, match=r"identities.jsonl does not exist.*identities celebahq"):
+        run_evaluation(cfg)
+    assert not (tmp_path / "eval" / "results.json").exists()
+    overrides.append("other_views=null")  # the same-image protocol only: this test is about the splits
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("evaluate.yaml", overrides=overrides)
     assert not (tmp_path / "celebahq" / "persons_train.jsonl").exists()
     results = run_evaluation(cfg)
     assert [row["model"] for row in results] == ["identity"]
@@ -104,6 +112,11 @@ STANDIN_ARGS = {
 }
 
 
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 @pytest.mark.slow
 def test_the_walkthrough_runs_end_to_end_on_the_celebahq_layout(celebahq, tmp_path):
     """Annotate both splits -> train -> evaluate -> export, the README's commands, on the stand-in dataset."""
@@ -114,6 +127,17 @@ def test_the_walkthrough_runs_end_to_end_on_the_celebahq_layout(celebahq, tmp_pa
         "DATA_DIR": str(tmp_path / "data"),
         "RUN": str(tmp_path / "run"),
         "EXPORT": str(tmp_path / "export"),
+        # CelebA's files in their published layout: validation rows 0-1 and 2-3 are one identity each.
+        "CELEBA_IDS": str(
+            _write(tmp_path / "identity_CelebA.txt", "".join(f"{i:06d}.jpg {i // 2}\n" for i in range(4)))
+        ),
+        "HQ_MAPPING": str(
+            _write(
+                tmp_path / "CelebA-HQ-to-CelebA-mapping.txt",
+                "idx orig_idx orig_file\n" + "".join(f"{i} {i} {i:06d}.jpg\n" for i in range(4)),
+            )
+        ),
+        "VAL_FIRST": "0",
         **STANDIN_ARGS,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
@@ -122,6 +146,11 @@ def test_the_walkthrough_runs_end_to_end_on_the_celebahq_layout(celebahq, tmp_pa
     for split in ("train", "validation"):
         assert (tmp_path / "data" / "celebahq" / f"persons_{split}.jsonl").stat().st_size > 0
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
-    rows = [row["model"] for row in json.loads((tmp_path / "run" / "eval" / "results.json").read_text())]
-    assert rows == ["identity", "reconstruction", "blur", "base", "light"]
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert [row["model"] for row in results] == ["identity", "reconstruction", "blur", "base", "light"]
+    # Both protocols and every attacker ran on the real-data path (the tiny stand-ins measure nothing).
+    for row in results:
+        for protocol in ("same_image", "other_view"):
+            assert {f"attack/{a}/{protocol}/rank1" for a in ("context", "appearance", "worst")} <= set(row)
+        assert row["attack/context/other_view/n"] == 4.0
     assert (tmp_path / "export" / "ip-adapter_camouflage.safetensors").is_file()

@@ -26,6 +26,10 @@ from camouflage_train.data.sampling import Draw, SampleKey, generator_for, split
 from camouflage_train.data.schema import BOX_KEY, AttributeSchema, InvalidRecordError, keep_largest
 from camouflage_train.data.sources import SampleSource
 
+# Each kept person's index in its image's records, carried through the crop to the batch's ``person_index``
+# (-1 on padding): what the person is called in records keyed by image and person (identities, other views).
+RECORD_INDEX_KEY = "_record_index"
+
 log = logging.getLogger(__name__)
 
 
@@ -184,12 +188,13 @@ class PersonImageDataset(Dataset):
             full_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
             boxes = TF.clamp_bounding_boxes(TF.crop(boxes, top, left, res, res))
             visible = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
-            for person, box, seen, full in zip(sample.persons, boxes / res, visible, full_area, strict=True):
+            rows = zip(sample.persons, boxes / res, visible, full_area, strict=True)
+            for index, (person, box, seen, full) in enumerate(rows):
                 if seen < self.min_visible * full or not (box[0] < box[2] and box[1] < box[3]):
                     dropped += 1
                     cut_off += not seen > 0  # wholly outside the crop: not in the image any more
                     continue
-                persons.append({**person, BOX_KEY: box.clamp(0.0, 1.0).tolist()})
+                persons.append({**person, BOX_KEY: box.clamp(0.0, 1.0).tolist(), RECORD_INDEX_KEY: index})
         kept = keep_largest(persons, self.schema.max_persons)
         dropped += len(persons) - len(kept)
         return image, kept, (dropped, dropped - cut_off + getattr(sample, "persons_not_recorded", 0)), sample
@@ -197,10 +202,14 @@ class PersonImageDataset(Dataset):
     def _finish(
         self, image: torch.Tensor, kept: list[dict[str, Any]], dropped: tuple[int, int], sample: Any, flip: bool
     ) -> dict[str, Any]:
+        record_index = [int(p[RECORD_INDEX_KEY]) for p in kept]
+        kept = [{k: v for k, v in p.items() if k != RECORD_INDEX_KEY} for p in kept]
         if flip:
             image = TF.horizontal_flip(image)
             kept = [self.schema.mirror(p) for p in kept]
         arrays = self.schema.to_arrays(kept, sample.key)
+        person_index = torch.full((self.schema.max_persons,), -1, dtype=torch.long)
+        person_index[: len(record_index)] = torch.tensor(record_index, dtype=torch.long)
         return {
             "pixel_values": TF.to_dtype(image, torch.float32, scale=True) * 2.0 - 1.0,
             "caption": self.captions(sample.caption, kept),
@@ -208,6 +217,7 @@ class PersonImageDataset(Dataset):
             "continuous": torch.from_numpy(arrays.continuous),
             "categorical": torch.from_numpy(arrays.categorical),
             "person_mask": torch.from_numpy(arrays.mask),
+            "person_index": person_index,
             "persons_dropped": dropped[0],
             "persons_left": dropped[1],
             "key": sample.key,

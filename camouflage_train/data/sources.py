@@ -463,6 +463,14 @@ class HFDatasetSource:
     def __len__(self) -> int:
         return len(self.rows) if self.rows is not None else len(self.dataset)
 
+    def name_of(self, index: int) -> str:
+        """Sample ``index``'s name (its dataset row, ``00000012.png``), without reading the image.
+
+        Args:
+            index: the sample.
+        """
+        return f"{int(self.rows[index]['index']) if self.rows is not None else index:08d}.png"
+
     def __getitem__(self, index: int) -> RawSample:
         if self.rows is not None:
             row = self.rows[index]

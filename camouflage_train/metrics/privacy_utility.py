@@ -18,9 +18,16 @@ UTILITY_AXES = (
     ("struct/edge_iou", "edge IoU (structure kept)"),
     ("time/seconds_per_image", "generation s / image (warm; lower is cheaper)"),
 )
-# One row of panels per privacy measure: rank-1 (the headline number) and the mean cosine similarity between each
-# output face and its original (graded: it still moves when rank-1 is already at its floor).
-PRIVACY_AXES = (("rank1", "re-ID rank-1"), ("cosine", "identity cosine"))
+# One row of panels per privacy measure, those the results have, in this order: the worst-case attacker's rank-1 over
+# all persons (the headline: other view, then same image; modules/privacy_attacks.py), then the face recogniser's
+# rank-1 beside it ({recogniser}: the first recogniser in the results, or the one asked for): over all persons when
+# the attackers ran, else the detector-matched measure of reid/.
+PRIVACY_AXES = (
+    ("attack/worst/other_view/rank1", "worst-case attacker rank-1, other view"),
+    ("attack/worst/same_image/rank1", "worst-case attacker rank-1, same image"),
+    ("attack/face:{recogniser}/same_image/rank1", "face recogniser rank-1, same image, all persons ({recogniser})"),
+    ("reid/{recogniser}/rank1", "face recogniser rank-1, matched faces ({recogniser})"),
+)
 # Between a swept row's name and its setting: `evaluate.py row_sweep=...` names rows `base@guidance=0.5`.
 SWEEP_SEPARATOR = "@"
 
@@ -42,15 +49,15 @@ def _value(row: Mapping[str, Any], key: str) -> float | None:
 
 
 def plot_privacy_utility(results: Sequence[Mapping[str, Any]], path: str | Path, recogniser: str | None = None):
-    """Write the figure to ``path`` (PNG) and return it as a PIL image; ``recogniser``: whose rank-1 and cosine are
-    the privacy axes (default: the first one in the results). Rows without a finite value on an axis are left off
-    it. A sweep's rows share one colour, are joined in sweep order and labelled by their value; measures with a
-    standard error in the results (``<key>_se``) get error bars.
+    """Write the figure to ``path`` (PNG) and return it as a PIL image: one row of panels per privacy measure of
+    :data:`PRIVACY_AXES` the results have (the worst-case attacker first, the face recogniser's rank-1 beside it).
+    Rows without a finite value on an axis are left off it. A sweep's rows share one colour, are joined in sweep order
+    and labelled by their value; measures with a standard error in the results (``<key>_se``) get error bars.
 
     Args:
         results: the results rows (``results.json``).
         path: the PNG to write.
-        recogniser: whose rank-1 and cosine are the privacy axes (default: the first in the results).
+        recogniser: whose face rank-1 is drawn (default: the first in the results).
     """
     import matplotlib
 
@@ -68,10 +75,17 @@ def plot_privacy_utility(results: Sequence[Mapping[str, Any]], path: str | Path,
         groups.setdefault(method, []).append(row)
         settings[method] = setting
     colours = {name: f"C{i % 10}" for i, name in enumerate(groups)}
-    n_rows, n_cols = len(PRIVACY_AXES), len(UTILITY_AXES)
+    privacy_axes = [
+        (key.format(recogniser=recogniser), label.format(recogniser=recogniser)) for key, label in PRIVACY_AXES
+    ]
+    privacy_axes = [(key, label) for key, label in privacy_axes if results and key in results[0]]
+    if any(key.startswith("attack/face:") for key, _ in privacy_axes):  # one face panel: the all-persons one
+        privacy_axes = [(key, label) for key, label in privacy_axes if not key.startswith("reid/")]
+    if not privacy_axes:
+        raise ValueError(f"the results have none of the privacy measures {[k for k, _ in PRIVACY_AXES]}")
+    n_rows, n_cols = len(privacy_axes), len(UTILITY_AXES)
     figure, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.6 * n_rows), dpi=100, squeeze=False)
-    for (measure, measure_label), axis_row in zip(PRIVACY_AXES, axes, strict=True):
-        privacy = f"reid/{recogniser}/{measure}"
+    for (privacy, measure_label), axis_row in zip(privacy_axes, axes, strict=True):
         for axis, (key, label) in zip(axis_row, UTILITY_AXES, strict=True):
             for name, rows in groups.items():
                 points = [(row, _value(row, key), _value(row, privacy)) for row in rows]
@@ -98,7 +112,7 @@ def plot_privacy_utility(results: Sequence[Mapping[str, Any]], path: str | Path,
             if key == "fid":  # a blur's FID is 10-30x a generator's: linear up to 1, logarithmic beyond
                 axis.set_xscale("symlog", linthresh=1.0)
             axis.set_xlabel(label)
-            axis.set_ylabel(f"{measure_label} ({recogniser}; lower = more private)", fontsize=8)
+            axis.set_ylabel(f"{measure_label}\n(lower = more private)", fontsize=8)
             axis.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     labels = [f"{name} ({settings[name]})" if settings.get(name) else name for name in labels]

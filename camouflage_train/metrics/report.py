@@ -21,7 +21,9 @@ from camouflage_train.utils.images import with_column_labels
 
 # (column title, result key, format); the recogniser's keys are filled in with the first recogniser's name.
 COLUMNS = (
-    ("re-ID rank-1", "reid/{rec}/rank1", "{:.3f}"),
+    ("worst-case rank-1, other view", "attack/worst/other_view/rank1", "{:.3f}"),
+    ("worst-case rank-1, same image", "attack/worst/same_image/rank1", "{:.3f}"),
+    ("face re-ID rank-1", "reid/{rec}/rank1", "{:.3f}"),
     ("verification", "reid/{rec}/verification", "{:.3f}"),
     ("identity cosine", "reid/{rec}/cosine", "{:.3f}"),
     ("detection", "reid/{rec}/detection_rate", "{:.3f}"),
@@ -62,6 +64,31 @@ def results_table(results: Sequence[Mapping[str, Any]], bold: Sequence[str] = ()
         name = f"**{row['model']}**" if row["model"] in bold else str(row["model"])
         cells = [_cell(row, key.format(rec=recogniser), fmt) for _, key, fmt in COLUMNS]
         lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def privacy_table(results: Sequence[Mapping[str, Any]], protocol: str) -> str:
+    """The Markdown table of every row under every attacker of one protocol (rank-1 ± standard error, over all
+    persons), with the attribute floor and which attacker is the worst case.
+
+    Args:
+        results: the evaluation's rows.
+        protocol: ``same_image`` or ``other_view``.
+    """
+    suffix = f"/{protocol}/rank1"
+    attackers = [
+        key.removeprefix("attack/").removesuffix(suffix)
+        for key in (results[0] if results else {})
+        if key.startswith("attack/") and key.endswith(suffix) and key.split("/")[1] not in ("floor", "worst")
+    ]
+    header = ["row", *attackers, "worst case", "floor"]
+    lines = [f"{protocol.replace('_', ' ')}:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in results:
+        cells = [_cell(row, f"attack/{a}{suffix}", "{:.3f}") for a in attackers]
+        worst = f"{_cell(row, f'attack/worst{suffix}', '{:.3f}')} ({row.get(f'attack/worst/{protocol}/attacker', '-')})"
+        lines.append(
+            "| " + " | ".join([str(row["model"]), *cells, worst, _cell(row, f"attack/floor{suffix}", "{:.3f}")]) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -116,9 +143,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--columns", nargs="*", default=(), help="the rows to keep in the picture")
     parser.add_argument("--images", type=int, default=8, help="images (lines) in the picture")
     parser.add_argument("--out", type=Path, help="where to write the picture")
+    parser.add_argument("--attackers", action="store_true", help="also every row under every attacker, per protocol")
     args = parser.parse_args(argv)
     results = json.loads(args.results.read_text())
     print(results_table(results, args.bold))
+    if args.attackers:
+        for protocol in ("other_view", "same_image"):
+            if results and f"attack/worst/{protocol}/rank1" in results[0]:
+                print("\n" + privacy_table(results, protocol))
     if args.grid:
         if args.out is None:
             parser.error("--grid needs --out")

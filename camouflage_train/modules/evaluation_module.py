@@ -38,6 +38,7 @@ from camouflage_train.metrics.reid import ReIdentification, box_iou, match_faces
 from camouflage_train.metrics.structure import edge_iou
 from camouflage_train.metrics.uncertainty import bootstrap_standard_errors
 from camouflage_train.models.conditioning import PersonBatch
+from camouflage_train.modules.privacy_attacks import PrivacyAttacks
 from camouflage_train.pipelines.anonymizer import Anonymizer
 from camouflage_train.utils.config_checks import ConfigError
 from camouflage_train.utils.images import with_column_labels
@@ -71,6 +72,8 @@ class JointEvaluationModule(L.LightningModule):
         output_dir: where results and sample grids go (rank 0 writes).
         grid_batches: how many batches get a sample grid (original | each row).
         seed: image seeds derive from it and the image names; the bootstrap's too.
+        attacks: the re-identification attackers beyond the face recognisers (``None``: none); their
+            ``attack/...`` measures join each row's results.
     """
 
     def __init__(
@@ -83,8 +86,10 @@ class JointEvaluationModule(L.LightningModule):
         output_dir: str = ".",
         grid_batches: int = 2,
         seed: int = 0,
+        attacks: PrivacyAttacks | None = None,
     ) -> None:
         super().__init__()
+        self.attacks = attacks
         self.anonymizers = dict(anonymizers)
         self.rows = list(self.anonymizers)
         # Module names cannot hold "." (sweep rows like base@guidance=0.5 do): metrics are kept under indices.
@@ -125,6 +130,9 @@ class JointEvaluationModule(L.LightningModule):
         for anonymizer in self.anonymizers.values():
             anonymizer.to(self.device)
         self.clip.to(self.device)
+        if self.attacks is not None:
+            self.attacks.reset()
+            self.attacks.to(self.device)
 
     def _check_kid_subset_size(self) -> None:
         """KID draws subsets of ``kid_subset_size`` images; with fewer images torchmetrics fails only in
@@ -187,6 +195,21 @@ class JointEvaluationModule(L.LightningModule):
             boxes.cpu().double().numpy()[mask.cpu().numpy()] * scale
             for boxes, mask in zip(persons.boxes, persons.mask, strict=True)
         ]
+        names = list(batch["name"])
+        if self.attacks is not None and self.attacks.other_views is not None and "person_index" not in batch:
+            raise ConfigError(
+                "other_views needs each person's record index in the batch ('person_index', from "
+                "PersonImageDataset): a batch without it cannot say which person is which; set other_views=null"
+            )
+        person_boxes = [
+            b.cpu().double().numpy()[m.cpu().numpy()] for b, m in zip(persons.boxes, persons.mask, strict=True)
+        ]
+        person_index = [  # each person's index in its image's records (the identities' key)
+            index.cpu().numpy()[m.cpu().numpy()] if index is not None else np.flatnonzero(m.cpu().numpy())
+            for index, m in zip(batch.get("person_index", [None] * len(names)), persons.mask, strict=True)
+        ]
+        if self.attacks is not None:
+            self.attacks.observe_originals(names, originals, person_boxes, person_index, original_faces, self.faces)
         grid = [real_uint8.cpu()]
         for row, anonymize in self.anonymizers.items():
             start = time.perf_counter()
@@ -199,7 +222,9 @@ class JointEvaluationModule(L.LightningModule):
             outputs = [image.convert("RGB").resize(originals[0].size) for image in made]
             fake_uint8 = torch.stack([TF.pil_to_tensor(image) for image in outputs]).to(self.device)
             output_faces = [self.faces(image) for image in outputs]
-            self._update_faces(row, list(batch["name"]), original_faces, output_faces, requested)
+            self._update_faces(row, names, original_faces, output_faces, requested)
+            if self.attacks is not None:
+                self.attacks.observe_row(row, names, outputs, person_boxes, person_index, output_faces)
             self.fid[self.key[row]].update(real_uint8, real=True)
             self.fid[self.key[row]].update(fake_uint8, real=False)
             self.kid[self.key[row]].update(real_uint8, real=True)
@@ -222,6 +247,10 @@ class JointEvaluationModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         records = gather_records(self.face_records, self.rows)
         errors = bootstrap_standard_errors(records, list(self.faces.thresholds), seed=self.seed)
+        attacks: dict[str, dict[str, Any]] = {}
+        if self.attacks is not None:
+            self.attacks.gather()
+            attacks = self.attacks.results(self.rows)
         self.results = []
         for row in self.rows:
             result: dict[str, Any] = {"model": row}
@@ -243,11 +272,15 @@ class JointEvaluationModule(L.LightningModule):
                 float(self.seconds[self.key[row]].compute()) / images if images else math.nan
             )
             result.update({f"{key}_se": value for key, value in errors.get(row, {}).items()})
+            result.update(attacks.get(row, {}))
             self.results.append(result)
-        flat = {f"{r['model']}/{k}": v for r in self.results for k, v in r.items() if k != "model"}
+        flat = {f"{r['model']}/{k}": v for r in self.results for k, v in r.items() if isinstance(v, (int, float))}
         self.log_dict({k: float(v) for k, v in flat.items()}, sync_dist=False, rank_zero_only=True)
         if self.trainer.is_global_zero:
             write_face_records(records, self.output_dir)
+            if self.attacks is not None:
+                self.attacks.save(self.output_dir / "attack_readings.pkl")
+                self.attacks.write_records(self.output_dir / "attacks.jsonl", self.rows)
             write_results(self.results, self.output_dir)
             figure = plot_privacy_utility(self.results, self.output_dir / "privacy_utility.png")
             for logger in self.loggers:
