@@ -324,3 +324,15 @@ def test_other_view_streams_never_repeat_a_scenes_numbers():
             for view in range(3):
                 draw = tuple(np.random.default_rng(other_view_key(scene, person, view)).integers(0, 2**62, size=2))
                 assert draw not in scenes
+
+
+def test_the_contrastive_loss_is_clips():
+    from camouflage_train.models.losses import symmetric_info_nce
+
+    # Nothing told apart: each row and column picks its pair among B at chance, log B; pairs far apart: about 0.
+    assert float(symmetric_info_nce(torch.zeros(5, 5))) == pytest.approx(np.log(5), rel=1e-6)
+    assert float(symmetric_info_nce(20.0 * torch.eye(5))) < 1e-6
+    # A negative set very low (another pair of the same identity) is no competitor: the loss of 2 pairs, not 3.
+    logits = torch.zeros(3, 3)
+    logits[0, 1] = logits[1, 0] = -1e4
+    assert float(symmetric_info_nce(logits)) == pytest.approx((2 * np.log(2) + np.log(3)) / 3, rel=1e-5)

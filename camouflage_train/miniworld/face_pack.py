@@ -38,6 +38,7 @@ from camouflage_train.data.synthetic import (
 )
 from camouflage_train.miniworld.face_nets import DET_STRIDE, SCRFD_STRIDES, CropNet, GridDetector
 from camouflage_train.miniworld.scenes import face_schema
+from camouflage_train.models.losses import symmetric_info_nce
 from camouflage_train.stand_ins.face_pack import export_onnx
 
 DETECTOR, GENDERAGE, RECOGNISER = "det_mini.onnx", "genderage_mini.onnx", "w600k_mini.onnx"
@@ -347,9 +348,7 @@ def build_mini_face_pack(folder: Path, cfg: FaceBuildConfig, log: Log = print) -
         index = torch.randint(len(views), (b,), generator=g).numpy()
         pair = normalise(views[index].reshape(-1, 112, 112, 3), 127.5, 127.5)
         z = F.normalize(recogniser(pair), dim=-1).reshape(b, 2, -1)
-        logits = z[:, 0] @ z[:, 1].T / cfg.temperature
-        labels = torch.arange(b)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        return symmetric_info_nce(z[:, 0] @ z[:, 1].T / cfg.temperature)
 
     metrics: dict[str, Any] = {"config": asdict(cfg)}
     detector, metrics["detector_loss"] = _train(detector, cfg.detector_steps, cfg.lr, detector_loss, log, "detector")

@@ -24,6 +24,7 @@ from camouflage_train.data.synthetic import draw_other_view, draw_scene_identiti
 from camouflage_train.metrics.attacks import DEFAULT_EXTENT, person_crop
 from camouflage_train.miniworld.face_pack import Log, _train, degrade, vae_round_trip
 from camouflage_train.miniworld.scenes import face_schema
+from camouflage_train.models.losses import symmetric_info_nce
 from camouflage_train.stand_ins.scene_features import SceneFeatures
 
 
@@ -111,9 +112,7 @@ def build_person_features(folder: Path, cfg: PersonBuildConfig, log: Log = print
         pairs[flip] = pairs[flip].flip(-1)
         a = F.normalize(model(pairs[:, 0]), dim=-1)
         b = F.normalize(model(pairs[:, 1]), dim=-1)
-        logits = a @ b.T / cfg.temperature
-        target = torch.arange(len(index))
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return symmetric_info_nce(a @ b.T / cfg.temperature)
 
     _, loss = _train(model, cfg.encoder_steps, cfg.lr, loss_fn, log, "person encoder")
     model.requires_grad_(False).eval().save_pretrained(folder)

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from camouflage_train.models.losses import symmetric_info_nce
+
 
 @dataclass(frozen=True)
 class AdaptiveAttackerConfig:
@@ -77,8 +79,7 @@ class AdaptiveReidModule(L.LightningModule):
         logits = self.scores(probe @ gallery.transpose(1, 2)) / self.cfg.temperature
         same = groups[:, None] == groups[None, :]  # another pair of the same identity is no negative
         logits = logits.masked_fill(same & ~torch.eye(len(groups), dtype=torch.bool, device=logits.device), -1e4)
-        target = torch.arange(len(groups), device=logits.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return symmetric_info_nce(logits)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.cfg.lr)
