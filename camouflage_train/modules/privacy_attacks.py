@@ -371,10 +371,12 @@ class PrivacyAttacks:
         own = own_columns(own_keys, columns)
         if protocol == "other_view":
             for i, person in enumerate(people):
+                if own[i] < 0:  # its identity has no other photo: no column to score
+                    continue
                 views = _stack([v.features[name] for v in person.views], dim)
                 mine, seen = templates(views, [person.identity] * len(views), references)
                 with np.errstate(invalid="ignore"):
-                    scores[i, own[i]] = float(probe[i] @ mine[0]) if seen and own[i] >= 0 else np.nan
+                    scores[i, own[i]] = float(probe[i] @ mine[0]) if seen else np.nan
         return scores, own
 
     def _floor(
@@ -389,6 +391,8 @@ class PrivacyAttacks:
         own = own_columns(own_keys, columns)
         if protocol == "other_view":  # its own column: its own other views (never the photo it came from)
             for i, person in enumerate(people):
+                if own[i] < 0:  # its identity has no other photo: no column to score
+                    continue
                 mine, _ = attribute_scores(probe[i : i + 1], np.stack([v.attributes for v in person.views]),
                                            [person.identity] * len(person.views))  # fmt: skip
                 scores[i, own[i]] = mine[0, 0]
