@@ -336,3 +336,26 @@ def test_the_contrastive_loss_is_clips():
     logits = torch.zeros(3, 3)
     logits[0, 1] = logits[1, 0] = -1e4
     assert float(symmetric_info_nce(logits)) == pytest.approx((2 * np.log(2) + np.log(3)) / 3, rel=1e-5)
+
+
+def test_the_floor_guesses_where_the_face_pack_reads_nothing():
+    """Four identities told apart by age; the first one's other photo shows no readable face: its person can only
+    guess (1/4), the others are found. An unread probe guesses too, never hits or misses for sure."""
+    people = []
+    for i in range(4):
+        attributes = np.array([30.0 + 10 * i, 1.0])
+        original = _Reading({"context": np.eye(4)[i]}, attributes)
+        view = _Reading({"context": np.eye(4)[i]}, attributes if i else np.full(2, np.nan))
+        person = _Person(f"{i:08d}.png", 0, f"id{i}", original, views=[view])
+        person.outputs["row"] = original
+        people.append(person)
+    attacks = PrivacyAttacks(adaptive=None)
+    attacks.persons = {(p.image, 0): p for p in people}
+    assert attacks.results(["row"])["row"]["attack/floor/other_view/rank1"] == pytest.approx((0.25 + 3) / 4)
+    people[1].original.attributes = np.full(2, np.nan)  # now the second person's own age is not read either
+    assert attacks.results(["row"])["row"]["attack/floor/other_view/rank1"] == pytest.approx((0.25 + 0.25 + 2) / 4)
+
+
+def test_the_adaptive_attacker_refuses_parts_some_persons_lack():
+    with pytest.raises(ValueError, match="face recogniser reads nothing"):
+        PrivacyAttacks(adaptive=AdaptiveAttackerConfig(parts=("context", "face:buffalo_l")))

@@ -21,7 +21,9 @@ The ``floor`` is the rank-1 of an attacker that knows only the attributes the an
 shows of an identity (age and gender, read by the face pack), so a reader sees how much leaks beyond the promise.
 
 Every measure is over **all** evaluated persons; rank-1 counts a tie among the top identities as a fraction (a random
-pick among them), so an attacker that sees nothing scores the chance level 1/identities.
+pick among them), so an attacker that sees nothing scores the chance level 1/identities. A gallery identity the
+attacker could not read at all (a face recogniser that found no face in any of its photos) does not compete, which
+errs towards more re-identification, the same for every row.
 """
 
 from __future__ import annotations

@@ -104,6 +104,12 @@ class PrivacyAttacks:
             adaptive = AdaptiveAttackerConfig(
                 **{**adaptive, **({"parts": tuple(adaptive["parts"])} if "parts" in adaptive else {})}
             )
+        if adaptive is not None and any(part.startswith("face:") for part in adaptive.parts):
+            raise ValueError(
+                f"attackers.adaptive.parts={list(adaptive.parts)}: a face recogniser reads nothing where no face is "
+                "found, and an unread part cannot be weighed: use parts every person has (context, context_no_face, "
+                "appearance)"
+            )
         self.adaptive = adaptive
         self.references = dict(references if references is not None else {"single": 1, "few": 2})
         self.seed = seed
@@ -396,8 +402,11 @@ class PrivacyAttacks:
                 mine, _ = attribute_scores(probe[i : i + 1], np.stack([v.attributes for v in person.views]),
                                            [person.identity] * len(person.views))  # fmt: skip
                 scores[i, own[i]] = mine[0, 0]
-        unread = -10.0  # below any read score (at least -2)
-        return summarize(rank1_hits(np.nan_to_num(scores, nan=unread), own), images, seed=self.seed)
+        unread = -10.0  # below any read score (at least -2): an identity it cannot read ranks after those it can
+        hits = rank1_hits(np.nan_to_num(scores, nan=unread), own)
+        guessed = (own >= 0) & ~np.isfinite(scores[np.arange(len(own)), np.maximum(own, 0)])
+        hits[guessed] = 1.0 / max(scores.shape[1], 1)  # its own identity unread: a random pick among all
+        return summarize(hits, images, seed=self.seed)
 
     def _adaptive(
         self, row: str, protocol: str, people: list[_Person], readings: list[_Reading], identities: list[str],

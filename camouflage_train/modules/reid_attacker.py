@@ -153,10 +153,10 @@ def train_attacker(
         [F.pad(torch.as_tensor(np.nan_to_num(p), dtype=torch.float32), (0, width - p.shape[1])) for p in parts]
     )
     # The evaluation calls this from its test loop (inference mode): the attacker's weights and data are made outside.
-    with torch.inference_mode(False), torch.enable_grad(), _quiet_lightning():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            module = AdaptiveReidModule(len(probe), cfg)
+    # fork_rng: the loader draws its base seed from torch's global generator, which the evaluation does not lend.
+    with torch.inference_mode(False), torch.enable_grad(), _quiet_lightning(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = AdaptiveReidModule(len(probe), cfg)
         batch = (pad(probe).clone(), pad(gallery).clone(), torch.as_tensor(groups, dtype=torch.long).clone())
         loader = DataLoader(_Repeat(batch, cfg.steps), batch_size=None)  # full batch: every step sees every pair
         trainer = L.Trainer(
