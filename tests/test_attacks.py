@@ -44,6 +44,7 @@ def test_an_attacker_that_sees_nothing_scores_chance():
     # A probe whose identity is not in the gallery, or whose own score is unknown, is a miss, not dropped.
     scores = np.eye(3)
     scores[1, 1] = np.nan
+    # Exact: hits are 1, 1/k or 0 by definition, no arithmetic on the scores.
     np.testing.assert_array_equal(rank1_hits(scores, np.array([0, 1, -1])), [1.0, 0.0, 0.0])
 
 
@@ -131,7 +132,7 @@ def test_other_views_show_the_same_identity_elsewhere():
     # The identity's colours are the ones it had in the scene: its clothes colour is in the view.
     clothes = np.array(appearances[0].clothes)
     pixels = np.asarray(drawn[0].image).reshape(-1, 3).astype(int)
-    assert (np.abs(pixels - clothes).sum(axis=1) == 0).any()
+    assert (np.abs(pixels - clothes).sum(axis=1) == 0).any()  # PIL fills with the exact colour (integers)
 
 
 def test_scene_identities_do_not_change_the_scene():
@@ -146,7 +147,7 @@ def test_attribute_attacker_puts_gender_before_age():
     gallery = np.array([[31.0, 0.0], [60.0, 1.0], [np.nan, np.nan]])  # nearer age, other gender; far age, same gender
     scores, names = attribute_scores(probe, gallery, ["x", "y", "z"])
     assert names == ["x", "y", "z"] and scores[0, 1] > scores[0, 0] and np.isnan(scores[0, 2])
-    assert rank1_hits(scores, own_columns(["y"], names))[0] == 1.0
+    assert rank1_hits(scores, own_columns(["y"], names))[0] == 1.0  # a unique top: exactly one hit
 
 
 def _people(n: int, dim: int, rng: np.random.Generator) -> list[_Person]:

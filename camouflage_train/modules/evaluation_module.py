@@ -191,19 +191,16 @@ class JointEvaluationModule(L.LightningModule):
         persons = PersonBatch.from_batch(batch)
         width, height = originals[0].size
         scale = np.array([width, height, width, height], dtype=np.float64)
-        requested = [  # the person boxes the outputs should show faces in, in pixels
-            boxes.cpu().double().numpy()[mask.cpu().numpy()] * scale
-            for boxes, mask in zip(persons.boxes, persons.mask, strict=True)
+        person_boxes = [  # each image's persons, xyxy in [0, 1]
+            b.cpu().double().numpy()[m.cpu().numpy()] for b, m in zip(persons.boxes, persons.mask, strict=True)
         ]
+        requested = [boxes * scale for boxes in person_boxes]  # where the outputs should show faces, in pixels
         names = list(batch["name"])
         if self.attacks is not None and self.attacks.other_views is not None and "person_index" not in batch:
             raise ConfigError(
                 "other_views needs each person's record index in the batch ('person_index', from "
                 "PersonImageDataset): a batch without it cannot say which person is which; set other_views=null"
             )
-        person_boxes = [
-            b.cpu().double().numpy()[m.cpu().numpy()] for b, m in zip(persons.boxes, persons.mask, strict=True)
-        ]
         person_index = [  # each person's index in its image's records (the identities' key)
             index.cpu().numpy()[m.cpu().numpy()] if index is not None else np.flatnonzero(m.cpu().numpy())
             for index, m in zip(batch.get("person_index", [None] * len(names)), persons.mask, strict=True)

@@ -330,9 +330,10 @@ class PrivacyAttacks:
                     scores, own = self._scores(name, probes, readings, identities, own_keys, protocol, people)
                     hits = rank1_hits(scores, own)
                     self._record(row, protocol, people, name, hits)
-                    measures = summarize(hits, images, genuine_scores(scores, own), calibration[name], self.seed)
+                    genuine = genuine_scores(scores, own)
+                    measures = summarize(hits, images, genuine, calibration[name], self.seed)
                     if name.startswith("face:"):  # persons whose face was found in the output and the gallery
-                        seen = np.isfinite(genuine_scores(scores, own))
+                        seen = np.isfinite(genuine)
                         measures["rank1_matched"] = float(hits[seen].mean()) if seen.any() else float("nan")
                         measures["matched"] = float(seen.mean())
                     result.update({f"attack/{name}/{protocol}/{k}": v for k, v in measures.items()})
