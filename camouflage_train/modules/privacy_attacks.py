@@ -325,6 +325,9 @@ class PrivacyAttacks:
             for row in rows:
                 result = out[row]
                 result.update({f"attack/{FLOOR}/{protocol}/{k}": v for k, v in floor.items() if k != "n"})
+                # Every attacker's rank-1 over all persons and its error, the adaptive one's gallery sizes included
+                # (adaptive@few: two references per identity): the worst case is the highest.
+                candidates: dict[str, tuple[float, float]] = {}
                 for name in names:
                     probes = [p.outputs[row] for p in people]
                     scores, own = self._scores(name, probes, readings, identities, own_keys, protocol, people)
@@ -337,19 +340,16 @@ class PrivacyAttacks:
                         measures["rank1_matched"] = float(hits[seen].mean()) if seen.any() else float("nan")
                         measures["matched"] = float(seen.mean())
                     result.update({f"attack/{name}/{protocol}/{k}": v for k, v in measures.items()})
+                    candidates[name] = (measures["rank1"], measures["rank1_se"])
                 if self.adaptive is not None and set(self.adaptive.parts) <= set(names):
                     adaptive = self._adaptive(row, protocol, people, readings, identities, own_keys, images)
                     result.update({f"attack/adaptive/{protocol}/{k}": v for k, v in adaptive.items()})
-                # Every attacker's rank-1 over all persons, gallery sizes included (adaptive@few: the adaptive
-                # attacker with two references per identity).
-                candidates = {}
-                for key, value in result.items():
-                    parts = key.split("/")
-                    measure = parts[3] if len(parts) == 4 and parts[2] == protocol else ""
-                    is_rank1 = measure == "rank1" or (measure.startswith("rank1@") and not measure.endswith("_se"))
-                    if is_rank1 and parts[1] not in (FLOOR, WORST):
-                        name = parts[1] + measure.removeprefix("rank1")
-                        candidates[name] = (value, result.get(f"{key}_se", float("nan")))
+                    for gallery in ("", *(f"@{k}" for k in self.references)):
+                        if f"rank1{gallery}" in adaptive:
+                            candidates[f"adaptive{gallery}"] = (
+                                adaptive[f"rank1{gallery}"],
+                                adaptive[f"rank1{gallery}_se"],
+                            )
                 finite = {name: v for name, v in candidates.items() if np.isfinite(v[0])}
                 worst = max(finite, key=lambda name: (finite[name][0], name)) if finite else None
                 value, error = finite[worst] if worst is not None else (float("nan"), float("nan"))
