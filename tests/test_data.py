@@ -252,3 +252,45 @@ def test_datamodule_split_and_batches(schema):
     assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
     assert batch["boxes"].shape == (4, 3, 4) and batch["person_mask"].dtype == torch.bool
     assert len(batch["caption"]) == 4 and batch["persons_dropped"].shape == (4,)
+
+
+def test_the_recorded_body_bounds_everything_drawn_for_the_person(schema):
+    """The generator's body box is the person's drawn extent: every pixel drawn for it lies inside, and the drawing
+    reaches each side of the box (to a pixel)."""
+    from camouflage_train.data.synthetic import sample_person
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        record = sample_person(rng, schema, [])
+        canvas = Image.new("RGB", (64, 64), (0, 0, 0))
+        draw_person(ImageDraw.Draw(canvas), record, (64, 64), sample_appearance(rng, float(record["age"])))
+        ys, xs = np.nonzero(np.asarray(canvas).any(axis=-1))
+        x0, y0, x1, y1 = (v * 64 for v in record["body"])
+        assert xs.min() >= x0 - 1 and xs.max() <= x1 and ys.min() >= y0 - 1 and ys.max() <= y1
+        assert xs.min() <= x0 + 1 and xs.max() >= x1 - 2 and ys.min() <= y0 + 1 and ys.max() >= y1 - 2
+        schema.validate(record, "drawn")
+
+
+@pytest.mark.parametrize("flip_prob", [0.0, 1.0])
+def test_crops_and_flips_move_the_body_with_its_pixels(tmp_path, schema, flip_prob):
+    """A body painted into a wide image: after the resize, centre crop and (mirroring) flip, the batch's extent
+    bounds the painted pixels to a pixel; a person without a body box gets its face grown by the schema."""
+    image = Image.new("RGB", (128, 64))
+    draw = ImageDraw.Draw(image)
+    body, face = [0.3, 0.1, 0.55, 0.9], [0.375, 0.15, 0.47, 0.35]  # x 38..70 px, in the crop 6..38
+    draw.rectangle([body[0] * 128, body[1] * 64, body[2] * 128 - 1, body[3] * 64 - 1], fill=(0, 255, 0))
+    records = [{**person(face), "body": body}, person([0.6, 0.2, 0.66, 0.3])]
+    source = _folder(tmp_path, {"w.png": image}, [{"file": "w.png", "persons": records}])
+    item = PersonImageDataset(source, schema, 64, flip_prob=flip_prob)[0]
+    pixels = item["pixel_values"].numpy()
+    ys, xs = np.nonzero(pixels[1] > 0.5)  # the painted green
+    x0, y0, x1, y1 = (item["extents"][0] * 64).tolist()
+    assert abs(xs.min() - x0) <= 1 and abs(xs.max() + 1 - x1) <= 1 and abs(ys.min() - y0) <= 1
+    assert abs(ys.max() + 1 - y1) <= 1
+    fx0, fy0, fx1, fy1 = item["boxes"][0].tolist()
+    assert x0 / 64 <= fx0 and fx1 <= x1 / 64 and y0 / 64 <= fy0 and fy1 <= y1 / 64
+    fx0, fy0, fx1, fy1 = item["boxes"][1].tolist()
+    left, top, right, bottom = schema.body.from_face
+    w, h = fx1 - fx0, fy1 - fy0
+    grown = [fx0 - left * w, fy0 - top * h, fx1 + right * w, fy1 + bottom * h]
+    torch.testing.assert_close(item["extents"][1], torch.tensor(grown).clamp(0, 1), atol=1e-5, rtol=0)

@@ -184,8 +184,9 @@ def test_light_from_training_checkpoint(scenes, trained_checkpoint):
 
 
 def test_light_keeps_the_scene_outside_the_person_regions_with_a_few_step_solver(scenes, make_cfg, tiny_model_dir):
-    """keep_background: outside the (grown) person boxes the output is the real scene; inside, new content drawn in
-    its context. The DPM-Solver++ sampler is chosen by name."""
+    """keep_background: outside the persons' (grown) extents, their whole drawn bodies, the output is the real scene;
+    inside, new content drawn in its context, the body as well as the face. The DPM-Solver++ sampler is chosen by
+    name."""
     from camouflage_train.models.ip_adapter import person_region_masks
 
     images, batch = scenes
@@ -197,12 +198,15 @@ def test_light_keeps_the_scene_outside_the_person_regions_with_a_few_step_solver
     )  # fmt: skip
     assert type(light.pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
     out, real = _arrays(light(images, persons, [7, 8], list(batch["caption"]))), _arrays(images)
-    regions = person_region_masks(persons.boxes, persons.mask, (64, 64), module.adapter_config.region_expand)
+    regions = person_region_masks(persons.extents, persons.mask, (64, 64), module.adapter_config.region_expand)
     inside = regions.amax(dim=1).numpy() > 0
-    assert inside.any() and (~inside).any()
+    faces = person_region_masks(persons.boxes, persons.mask, (64, 64), 1.0).amax(dim=1).numpy() > 0
+    body_only = inside & ~faces  # clothes and hair, outside every face box
+    assert inside.any() and (~inside).any() and body_only.sum() > faces.sum()
     # Exact on any CPU: outside the regions the output's pixels are copied from the input image, not computed.
     assert np.array_equal(out[~inside], real[~inside])
     assert np.abs(out - real)[inside].mean() > 10.0  # the persons are drawn anew
+    assert np.abs(out - real)[body_only].mean() > 10.0  # their bodies too, not only their faces
     plain = CamouflageLight(
         _backbone_of(module), module.encoder, module.adapter_config, guidance_scale=3.0, num_inference_steps=4,
         scheduler={"name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++"},
@@ -215,7 +219,7 @@ def test_a_feathered_paste_blends_only_across_the_region_border():
     of the two along the border; without one, a hard border."""
     from PIL import Image
 
-    from camouflage_train.pipelines.light import paste_outside
+    from camouflage_train.pipelines.regions import paste_outside
 
     original = Image.new("RGB", (64, 64), (0, 0, 0))
     generated = Image.new("RGB", (64, 64), (200, 200, 200))

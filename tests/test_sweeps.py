@@ -140,6 +140,38 @@ def test_the_operating_point_is_the_largest_feasible_privacy_fall_and_the_weakes
     assert main([str(sweep), "--max-structure-fall", "0.01"]) is None
 
 
+def test_a_privacy_bound_over_the_floor_and_utility_limits_make_candidates_infeasible(tmp_path):
+    """The worst-case attacker's rank-1 must stay within the margin over the row's floor; a utility limit is a hard
+    bound; with the reference included, a reference inside every bound can win."""
+    from camouflage_train.metrics.operating_point import main
+
+    def row(model, worst, floor, iou, edge=0.5):
+        return {**_row(model, 0.0, edge), "attack/worst/other_view/rank1": worst,
+                "attack/floor/other_view/rank1": floor, "attr/box_iou": iou}  # fmt: skip
+
+    sweep = tmp_path / "sweep"
+    _fake_evaluation_multirun(
+        sweep,
+        {
+            "steps=4": [
+                row("light@cfg=2", 0.05, 0.03, 0.6),  # reference: inside the bound (0.05 <= 0.03 + 0.03)
+                row("light@cfg=3", 0.04, 0.03, 0.4),  # the most private, but boxes lost
+                row("light@cfg=6", 0.07, 0.03, 0.7),  # above the floor by 0.04
+            ]
+        },
+    )
+    flags = ["--privacy", "attack/worst/other_view/rank1", "--floor", "attack/floor/other_view/rank1"]
+    flags += ["--max-above-floor", "0.03", "--limit", "attr/box_iou>=0.5", "--tie", "0", "--absolute"]
+    assert main([str(sweep), *flags]) is None  # without the reference, no candidate passes
+    chosen = main([str(sweep), *flags, "--include-reference"])
+    assert chosen.row == "light@cfg=2" and chosen.privacy == pytest.approx(0.05)
+    why = {c["row"]: c["infeasible"] for c in json.loads((sweep / "operating_point.json").read_text())["candidates"]}
+    assert "attr/box_iou 0.400 not >= 0.5" in why["light@cfg=3"]
+    assert "0.070 > floor 0.030 + 0.03" in why["light@cfg=6"]
+    with pytest.raises(ValueError, match="expected KEY>=NUMBER"):
+        main([str(sweep), "--limit", "attr/box_iou>0.5"])
+
+
 RUN_DIR = """
 import camouflage_train.cli  # registers the resolvers, as every entry point does
 from hydra import compose, initialize_config_dir

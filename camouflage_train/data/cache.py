@@ -27,14 +27,13 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from camouflage_train.data.dataset import PersonImageDataset, Skipped
+from camouflage_train.data.dataset import PERSON_ARRAY_KEYS, PersonImageDataset, Skipped
 from camouflage_train.data.sampling import Draw, SampleKey, generator_for, split_key
 from camouflage_train.utils.atomic import atomic_folder
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # 2: meta.json records every array's byte size
-_PERSON_KEYS = ("boxes", "continuous", "categorical", "person_mask")
+CACHE_FORMAT = 3  # 2: meta.json records every array's byte size; 3: persons' extents
 _NP_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
 
@@ -105,6 +104,7 @@ def build_cache(
         array("latent_std", (n, v, channels, latent_hw, latent_hw), np_dtype)
         array("text", (n, v, tokenizer.model_max_length, text_dim), np_dtype)
         array("boxes", (n, v, p, 4), np.float32)
+        array("extents", (n, v, p, 4), np.float32)
         array("continuous", (n, v, p, dataset.schema.num_continuous), np.float32)
         array("categorical", (n, v, p, dataset.schema.num_categorical), np.int64)
         array("person_mask", (n, v, p), bool)
@@ -131,7 +131,7 @@ def build_cache(
                 arrays["latent_std"][index] = dist.std[rows].float().cpu().numpy()
                 arrays["text"][index] = text[rows].float().cpu().numpy()
                 for k, item in enumerate(variants):
-                    for key in _PERSON_KEYS:
+                    for key in PERSON_ARRAY_KEYS:
                         arrays[key][index, k] = item[key].numpy()
                     arrays["persons_dropped"][index, k] = item["persons_dropped"]
                 valid[index] = True
@@ -206,7 +206,7 @@ class CachedLatentDataset(Dataset):
 
     def _open(self) -> dict[str, np.ndarray]:
         if self._arrays is None:  # opened lazily, once per worker process
-            names = ("latent_mean", "latent_std", "text", *_PERSON_KEYS, "persons_dropped", "valid")
+            names = ("latent_mean", "latent_std", "text", *PERSON_ARRAY_KEYS, "persons_dropped", "valid")
             self._arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in names}
         return self._arrays
 
@@ -235,7 +235,7 @@ class CachedLatentDataset(Dataset):
             "latent_std": torch.from_numpy(np.array(arrays["latent_std"][index, variant], np.float32)),
             "text_embeds": torch.from_numpy(np.array(arrays["text"][index, variant], np.float32)),
         }
-        for key in _PERSON_KEYS:
+        for key in PERSON_ARRAY_KEYS:
             item[key] = torch.from_numpy(np.array(arrays[key][index, variant]))
         item["persons_dropped"] = int(arrays["persons_dropped"][index, variant])
         return item

@@ -23,12 +23,14 @@ from torchvision.transforms.v2 import functional as TF
 
 from camouflage_train.data.images import BadSampleError
 from camouflage_train.data.sampling import Draw, SampleKey, generator_for, split_key
-from camouflage_train.data.schema import BOX_KEY, AttributeSchema, InvalidRecordError, keep_largest
+from camouflage_train.data.schema import BODY_KEY, BOX_KEY, AttributeSchema, InvalidRecordError, keep_largest
 from camouflage_train.data.sources import SampleSource
 
 # Each kept person's index in its image's records, carried through the crop to the batch's ``person_index``
 # (-1 on padding): what the person is called in records keyed by image and person (identities, other views).
 RECORD_INDEX_KEY = "_record_index"
+# The batch keys of the padded person arrays (:class:`~camouflage_train.data.schema.PersonArrays`).
+PERSON_ARRAY_KEYS = ("boxes", "extents", "continuous", "categorical", "person_mask")
 
 log = logging.getLogger(__name__)
 
@@ -179,22 +181,27 @@ class PersonImageDataset(Dataset):
         persons, dropped, cut_off = [], 0, 0
         if sample.persons:
             px = torch.tensor([[width, height, width, height]], dtype=torch.float32)
+            count = len(sample.persons)
+            # Face boxes, then each person's body box (its face box where it has none): one geometry for both.
+            given = [p[BOX_KEY] for p in sample.persons] + [p.get(BODY_KEY) or p[BOX_KEY] for p in sample.persons]
             boxes = tv_tensors.BoundingBoxes(
-                torch.tensor([p[BOX_KEY] for p in sample.persons], dtype=torch.float32) * px,
-                format="XYXY",
-                canvas_size=(height, width),
+                torch.tensor(given, dtype=torch.float32) * px, format="XYXY", canvas_size=(height, width)
             )
             boxes = TF.resize(boxes, [new_h, new_w])
-            full_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            full_area = (boxes[:count, 2] - boxes[:count, 0]) * (boxes[:count, 3] - boxes[:count, 1])
             boxes = TF.clamp_bounding_boxes(TF.crop(boxes, top, left, res, res))
-            visible = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
-            rows = zip(sample.persons, boxes / res, visible, full_area, strict=True)
-            for index, (person, box, seen, full) in enumerate(rows):
+            faces, bodies = boxes[:count], boxes[count:]
+            visible = (faces[:, 2] - faces[:, 0]).clamp(min=0) * (faces[:, 3] - faces[:, 1]).clamp(min=0)
+            rows = zip(sample.persons, faces / res, bodies / res, visible, full_area, strict=True)
+            for index, (person, box, body, seen, full) in enumerate(rows):
                 if seen < self.min_visible * full or not (box[0] < box[2] and box[1] < box[3]):
                     dropped += 1
                     cut_off += not seen > 0  # wholly outside the crop: not in the image any more
                     continue
-                persons.append({**person, BOX_KEY: box.clamp(0.0, 1.0).tolist(), RECORD_INDEX_KEY: index})
+                moved = {**person, BOX_KEY: box.clamp(0.0, 1.0).tolist(), RECORD_INDEX_KEY: index}
+                if person.get(BODY_KEY) is not None:
+                    moved[BODY_KEY] = body.clamp(0.0, 1.0).tolist()
+                persons.append(moved)
         kept = keep_largest(persons, self.schema.max_persons)
         dropped += len(persons) - len(kept)
         return image, kept, (dropped, dropped - cut_off + getattr(sample, "persons_not_recorded", 0)), sample
@@ -214,6 +221,7 @@ class PersonImageDataset(Dataset):
             "pixel_values": TF.to_dtype(image, torch.float32, scale=True) * 2.0 - 1.0,
             "caption": self.captions(sample.caption, kept),
             "boxes": torch.from_numpy(arrays.boxes),
+            "extents": torch.from_numpy(arrays.extents),
             "continuous": torch.from_numpy(arrays.continuous),
             "categorical": torch.from_numpy(arrays.categorical),
             "person_mask": torch.from_numpy(arrays.mask),

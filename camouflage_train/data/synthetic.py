@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from camouflage_train.data.schema import AttributeSchema
+from camouflage_train.data.schema import BODY_KEY, AttributeSchema
 
 
 def _rotate(
@@ -30,7 +30,7 @@ def _rotate(
 
 
 # Bumped whenever a seed draws different pixels or records; part of every synthetic cache key.
-WORLD_VERSION = 2
+WORLD_VERSION = 3  # 3: records carry each person's body box
 
 # Face box width as a fraction of the image width: the miniature world's scenes (19-32 px faces at 64², large
 # enough for the shape of a face to survive the autoencoder; 10-22 px faces re-identify at half the rate).
@@ -47,6 +47,27 @@ def check_face_size(face_size: Sequence[float]) -> tuple[float, float]:
     if len(values) != 2 or not 0.0 < values[0] <= values[1] < 1.0:
         raise ValueError(f"face_size: [low, high] with 0 < low <= high < 1 (fractions of the width), got {values}")
     return values[0], values[1]
+
+
+# A drawn person's extent around its face box, in face widths and heights: clothes 0.9 face widths either side of
+# the face's centre down to 2.5 face heights below the chin, hair from 0.1 face heights above the face.
+_BODY_HALF_WIDTH, _HAIR_ABOVE, _CLOTHES_TOP, _CLOTHES_BELOW = 0.9, 0.1, 0.05, 2.5
+
+
+def body_box(face: Sequence[float]) -> list[float]:
+    """The box of everything :func:`draw_person` draws for a face box (hair, face, clothes), clipped to the image.
+
+    Args:
+        face: the normalized face box.
+    """
+    x0, y0, x1, y1 = (float(v) for v in face)
+    cx, fw, fh = (x0 + x1) / 2, x1 - x0, y1 - y0
+    return [
+        max(0.0, cx - _BODY_HALF_WIDTH * fw),
+        max(0.0, y0 - _HAIR_ABOVE * fh),
+        min(1.0, cx + _BODY_HALF_WIDTH * fw),
+        min(1.0, y1 + _CLOTHES_BELOW * fh),
+    ]
 
 
 def sample_person(
@@ -72,7 +93,8 @@ def sample_person(
         box = [x0, y0, x0 + w, y0 + h]
         if all(box[2] <= o[0] or box[0] >= o[2] or box[3] <= o[1] or box[1] >= o[3] for o in occupied):
             break
-    person: dict[str, Any] = {"box": [round(v, 4) for v in box]}
+    face = [round(v, 4) for v in box]
+    person: dict[str, Any] = {"box": face, BODY_KEY: [round(v, 4) for v in body_box(face)]}
     for attr in schema.continuous:
         person[attr.name] = float(round(rng.uniform(attr.low, attr.high), 2))
     for cat in schema.categorical:
@@ -194,9 +216,15 @@ def draw_person(
     cx, cy = g["center"]
     long_hair = person.get("gender") in ("female", 0)
     # Body below the face, then hair, then the face on top.
-    draw.rectangle([cx - 0.9 * fw, y1 + 0.05 * fh, cx + 0.9 * fw, min(size[1], y1 + 2.5 * fh)], fill=appearance.clothes)
+    clothes = [
+        cx - _BODY_HALF_WIDTH * fw,
+        y1 + _CLOTHES_TOP * fh,
+        cx + _BODY_HALF_WIDTH * fw,
+        min(size[1], y1 + _CLOTHES_BELOW * fh),
+    ]
+    draw.rectangle(clothes, fill=appearance.clothes)
     hair_bottom = y1 + 0.4 * fh if long_hair else cy
-    draw.rectangle([x0 - 0.08 * fw, y0 - 0.1 * fh, x1 + 0.08 * fw, hair_bottom], fill=appearance.hair)
+    draw.rectangle([x0 - 0.08 * fw, y0 - _HAIR_ABOVE * fh, x1 + 0.08 * fw, hair_bottom], fill=appearance.hair)
     draw.ellipse([x0, y0 + 0.1 * fh, x1, y1], fill=appearance.skin)
     # The identity's shape: eyes spread about their midpoint, the nose grows from its tip, the mouth from its centre.
     eyes, mouth = g["eyes"], g["mouth"]

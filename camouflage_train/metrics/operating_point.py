@@ -6,7 +6,10 @@ sweep is its reference, e.g. no guidance); several runs differ in another settin
 structure falls by at most ``max_structure_fall``, faces are still detected (``min_detection``) and the reference
 itself keeps the scene (``min_reference``). The choice is the feasible candidate with the largest fall of
 re-identification; candidates within ``tie`` of that fall count as equal, and the one with the smallest swept value
-(the weakest setting) wins. Run it on scenes that no reported number uses::
+(the weakest setting) wins. A privacy bound (``--floor``, ``--max-above-floor``: the privacy measure at most that
+far above the row's attribute floor, e.g. the worst-case attacker's) and utility limits (``--limit
+attr/box_iou>=0.5``) make more candidates infeasible; ``--include-reference`` makes each sweep's reference a
+candidate too (a sweep of a setting with no natural "off"). Run it on scenes that no reported number uses::
 
     python evaluate.py -m experiment=eval_demo rows=[base] data.val_source.seed=6000000 \\
         'row_sweep=[{row: base, key: anonymization.scale, name: guidance, values: [0, 0.8, 1.2, 1.6, 2.4]}]' \\
@@ -38,6 +41,7 @@ class Candidate:
         row: the swept row, e.g. ``base@guidance=1.2``.
         reference: its sweep's first row, e.g. ``base@guidance=0``.
         value: the swept value.
+        privacy: this row's privacy measure (lower: more private).
         privacy_fall: the reference's privacy measure minus this row's.
         structure_fall: the reference's structure measure minus this row's.
         detection: this row's face detection rate.
@@ -50,6 +54,7 @@ class Candidate:
     row: str  # e.g. base@guidance=1.2
     reference: str  # e.g. base@guidance=0
     value: float  # the swept value
+    privacy: float
     privacy_fall: float
     structure_fall: float
     detection: float
@@ -72,6 +77,12 @@ class Rule:
         reference_key: a measure the reference row must reach (the sweep is usable at all).
         min_reference: the lowest value of ``reference_key`` allowed.
         tie: privacy falls within this of the best count as ties (the smallest value wins).
+        floor: the key of the privacy measure's floor (what attributes alone reach); empty: no privacy bound.
+        max_above_floor: the most the privacy measure may exceed ``floor`` (with ``floor``).
+        limits: utility limits, ``key>=value`` or ``key<=value`` (``attr/box_iou>=0.5``).
+        include_reference: each sweep's reference row is a candidate too (its falls are 0).
+        absolute: rank by the privacy measure itself (the lowest wins, ``tie`` around it) instead of its fall from
+            the sweep's reference, so candidates of different runs compare on one scale.
     """
 
     privacy: str = "reid/*/rank1"  # a results key or fnmatch pattern (* is the recogniser: the first one found)
@@ -82,6 +93,28 @@ class Rule:
     reference_key: str = "struct/ssim"
     min_reference: float = 0.6
     tie: float = 0.01
+    floor: str = ""
+    max_above_floor: float = math.inf
+    limits: tuple[str, ...] = ()
+    include_reference: bool = False
+    absolute: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "limits", tuple(self.limits))
+        for limit in self.limits:
+            _parse_limit(limit)
+
+
+def _parse_limit(limit: str) -> tuple[str, str, float]:
+    """``key>=value`` / ``key<=value`` -> ``(key, op, value)``, or a ValueError naming the limit."""
+    for op in (">=", "<="):
+        key, found, value = limit.partition(op)
+        if found and key:
+            try:
+                return key.strip(), op, float(value)
+            except ValueError:
+                break
+    raise ValueError(f"limit '{limit}': expected KEY>=NUMBER or KEY<=NUMBER (e.g. attr/box_iou>=0.5)")
 
 
 def _resolve(key: str, row: Mapping[str, Any]) -> str:
@@ -123,7 +156,7 @@ def candidates(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], rule: Ru
             keys = {name: _resolve(getattr(rule, name), reference) for name in ("privacy", "structure", "detection")}
             ref_structure = _number(reference, rule.reference_key)
             ref_detection = _number(reference, keys["detection"])
-            for row in others:
+            for row in [reference, *others] if rule.include_reference else others:
                 structure_fall = _number(reference, keys["structure"]) - _number(row, keys["structure"])
                 detection = _number(row, keys["detection"])
                 reasons = []
@@ -135,12 +168,22 @@ def candidates(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], rule: Ru
                     reasons.append(f"reference {rule.reference_key} {ref_structure:.3f} < {rule.min_reference}")
                 if not ref_detection >= rule.min_detection:
                     reasons.append(f"reference detection {ref_detection:.3f} < {rule.min_detection}")
+                if rule.floor:
+                    privacy, floor = _number(row, keys["privacy"]), _number(row, _resolve(rule.floor, row))
+                    if not privacy <= floor + rule.max_above_floor:
+                        reasons.append(f"{keys['privacy']} {privacy:.3f} > floor {floor:.3f} + {rule.max_above_floor}")
+                for limit in rule.limits:
+                    key, op, bound = _parse_limit(limit)
+                    value = _number(row, _resolve(key, row))
+                    if not (value >= bound if op == ">=" else value <= bound):
+                        reasons.append(f"{key} {value:.3f} not {op} {bound}")
                 found.append(
                     Candidate(
                         run=run,
                         row=str(row["model"]),
                         reference=str(reference["model"]),
                         value=_swept_value(row["model"]),
+                        privacy=_number(row, keys["privacy"]),
                         privacy_fall=_number(reference, keys["privacy"]) - _number(row, keys["privacy"]),
                         structure_fall=structure_fall,
                         detection=detection,
@@ -152,19 +195,25 @@ def candidates(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], rule: Ru
     return found
 
 
-def choose(found: Sequence[Candidate], tie: float) -> Candidate | None:
-    """The feasible candidate with the largest privacy fall; within ``tie`` of it, the smallest swept value.
+def choose(found: Sequence[Candidate], tie: float, absolute: bool = False) -> Candidate | None:
+    """The feasible candidate with the largest privacy fall (``absolute``: the lowest privacy measure); within
+    ``tie`` of it, the smallest swept value, then the most private.
 
     Args:
         found: the candidates.
-        tie: privacy falls within this of the best are ties.
+        tie: privacy falls (measures) within this of the best are ties.
+        absolute: rank by the privacy measure, not its fall.
     """
-    feasible = [c for c in found if not c.infeasible and math.isfinite(c.privacy_fall)]
+
+    def score(c: Candidate) -> float:
+        return -c.privacy if absolute else c.privacy_fall
+
+    feasible = [c for c in found if not c.infeasible and math.isfinite(score(c))]
     if not feasible:
         return None
-    best = max(c.privacy_fall for c in feasible)
-    tied = [c for c in feasible if c.privacy_fall >= best - tie]
-    return min(tied, key=lambda c: (c.value if math.isfinite(c.value) else math.inf, -c.privacy_fall))
+    best = max(score(c) for c in feasible)
+    tied = [c for c in feasible if score(c) >= best - tie]
+    return min(tied, key=lambda c: (c.value if math.isfinite(c.value) else math.inf, -score(c)))
 
 
 def load_runs(folders: Sequence[Path]) -> list[tuple[str, list[dict[str, Any]]]]:
@@ -194,15 +243,15 @@ def table(found: Sequence[Candidate], chosen: Candidate | None) -> str:
         chosen: the chosen one, if any.
     """
     lines = [
-        "| run | row | privacy fall | structure fall | detection | feasible |",
-        "|---|---|---:|---:|---:|---|",
+        "| run | row | privacy | privacy fall | structure fall | detection | feasible (or why not) |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for c in found:
         mark = " **chosen**" if c == chosen else ""
         feasible = c.infeasible or "yes"
         lines.append(
-            f"| {c.run} | {c.row}{mark} | {c.privacy_fall:.3f} | {c.structure_fall:.3f} | {c.detection:.3f} | "
-            f"{feasible} |"
+            f"| {c.run} | {c.row}{mark} | {c.privacy:.3f} | {c.privacy_fall:.3f} | {c.structure_fall:.3f} | "
+            f"{c.detection:.3f} | {feasible} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -217,12 +266,18 @@ def main(argv: Sequence[str] | None = None) -> Candidate | None:
     parser.add_argument("folders", type=Path, nargs="+", help="a multirun folder, or evaluation run folders")
     defaults = Rule()
     for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true")
+        elif isinstance(value, tuple):
+            parser.add_argument(flag.removesuffix("s"), dest=name, action="append", default=[], metavar="KEY>=VALUE")
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
     parser.add_argument("--out", type=Path, default=None, help="write operating_point.md/.json here")
     args = parser.parse_args(argv)
     rule = Rule(**{name: getattr(args, name) for name in asdict(defaults)})
     found = candidates(load_runs(args.folders), rule)
-    chosen = choose(found, rule.tie)
+    chosen = choose(found, rule.tie, rule.absolute)
     text = table(found, chosen)
     text += f"\nrule: {json.dumps(asdict(rule))}\nchosen: " + (
         f"{chosen.run} {chosen.row}" if chosen else "none (no feasible candidate)"

@@ -28,6 +28,7 @@ FACE_ATTRIBUTES: dict[str, Any] = {
         "roll": {"low": -90, "high": 90, "mirror": True},
     },
     "categorical": {"gender": ["female", "male"]},
+    "body": {"from_face": [1.0, 0.3, 1.0, 3.0]},
 }
 
 

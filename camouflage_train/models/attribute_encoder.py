@@ -5,7 +5,8 @@ pipeline receives as ``ip_adapter_image_embeds`` (shape ``[batch, persons, embed
 projection to cross-attention tokens lives in the UNet (diffusers' FaceID projection layout), so this
 encoder is the only piece a downstream user needs beside stock diffusers.
 
-Continuous values and box coordinates go through fixed Fourier features (so small differences in
+Continuous values and box coordinates (the face box, and the person's extent under a schema with ``body``) go
+through fixed Fourier features (so small differences in
 age, pose or position stay distinguishable); categories get learned embeddings; an MLP mixes them.
 """
 
@@ -73,9 +74,11 @@ class AttributeEncoder(ModelMixin, ConfigMixin):
             raise ValueError(f"encoder depth, width and embed_dim must be >= 1, got {depth}, {width}, {embed_dim}")
         parsed = AttributeSchema.from_config(schema)
         self.num_continuous, self.num_categorical = parsed.num_continuous, parsed.num_categorical
+        self.uses_extents = parsed.body is not None  # the extent is an input only where the schema has bodies
         self.fourier = FourierFeatures(fourier_freqs)
         self.categories = nn.ModuleList(nn.Embedding(len(c.classes), category_dim) for c in parsed.categorical)
-        in_dim = (4 + parsed.num_continuous) * self.fourier.multiplier + parsed.num_categorical * category_dim
+        boxes = 8 if self.uses_extents else 4
+        in_dim = (boxes + parsed.num_continuous) * self.fourier.multiplier + parsed.num_categorical * category_dim
         layers: list[nn.Module] = [nn.Linear(in_dim, width), nn.SiLU()]
         for _ in range(depth - 1):
             layers += [nn.Linear(width, width), nn.SiLU()]
@@ -99,14 +102,33 @@ class AttributeEncoder(ModelMixin, ConfigMixin):
             category_dim=config.category_dim,
         )
 
-    def forward(self, boxes: torch.Tensor, continuous: torch.Tensor, categorical: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        boxes: torch.Tensor,
+        continuous: torch.Tensor,
+        categorical: torch.Tensor,
+        extents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[B, P, embed_dim]`` from the face boxes, attributes and (under a schema with ``body``) extents.
+
+        Args:
+            boxes: ``[B, P, 4]`` normalised face boxes.
+            continuous: ``[B, P, C]`` attributes in ``[0, 1]``.
+            categorical: ``[B, P, K]`` class indices.
+            extents: ``[B, P, 4]`` the persons' extents; needed (and only read) under a schema with ``body``.
+        """
         if continuous.shape[-1] != self.num_continuous or categorical.shape[-1] != self.num_categorical:
             raise ValueError(
                 f"expected {self.num_continuous} continuous and {self.num_categorical} categorical attributes, "
                 f"got {continuous.shape[-1]} and {categorical.shape[-1]}"
             )
         dtype = self.mlp[0].weight.dtype
-        scalars = torch.cat([boxes, continuous], dim=-1).to(dtype)
+        places = [boxes]
+        if self.uses_extents:
+            if extents is None:
+                raise ValueError("this encoder's schema has bodies: pass the persons' extents (PersonBatch.extents)")
+            places.append(extents)
+        scalars = torch.cat([*places, continuous], dim=-1).to(dtype)
         parts = [self.fourier(scalars)] + [emb(categorical[..., i]) for i, emb in enumerate(self.categories)]
         return self.mlp(torch.cat(parts, dim=-1))
 

@@ -28,25 +28,36 @@ class PersonBatch:
     """Padded person arrays for a batch of images (see :class:`~camouflage_train.data.schema.PersonArrays`).
 
     Args:
-        boxes: ``[B, P, 4]`` normalised ``x0, y0, x1, y1``.
+        boxes: ``[B, P, 4]`` normalised face boxes ``x0, y0, x1, y1``.
         continuous: ``[B, P, C]`` attributes in ``[0, 1]``.
         categorical: ``[B, P, K]`` class indices.
         mask: ``[B, P]`` bool, true for real persons.
+        extents: ``[B, P, 4]`` each person's extent (its body, :meth:`AttributeSchema.extent`): the region the
+            anonymizers redraw and, under a schema with ``body``, a conditioning input; ``None``: the face boxes.
     """
 
     boxes: torch.Tensor  # [B, P, 4]
     continuous: torch.Tensor  # [B, P, C]
     categorical: torch.Tensor  # [B, P, K]
     mask: torch.Tensor  # [B, P] bool
+    extents: torch.Tensor = None  # type: ignore[assignment]  # [B, P, 4]; None -> the face boxes
+
+    def __post_init__(self) -> None:
+        if self.extents is None:
+            object.__setattr__(self, "extents", self.boxes)
+        elif self.extents.shape != self.boxes.shape:
+            raise ValueError(f"extents {tuple(self.extents.shape)} must match boxes {tuple(self.boxes.shape)}")
 
     @classmethod
-    def from_batch(cls, batch: Mapping[str, Any]) -> PersonBatch:
-        """From a data-module batch (``boxes``, ``continuous``, ``categorical``, ``person_mask``).
+    def from_batch(cls, batch: Mapping[str, Any], mask: torch.Tensor | None = None) -> PersonBatch:
+        """From a data-module batch (``boxes``, ``extents``, ``continuous``, ``categorical``, ``person_mask``).
 
         Args:
             batch: a collated training batch.
+            mask: the persons to keep, instead of the batch's ``person_mask``.
         """
-        return cls(batch["boxes"], batch["continuous"], batch["categorical"], batch["person_mask"])
+        mask = batch["person_mask"] if mask is None else mask
+        return cls(batch["boxes"], batch["continuous"], batch["categorical"], mask, batch.get("extents"))
 
     @classmethod
     def from_records(cls, schema: AttributeSchema, records: Sequence[Sequence[Mapping[str, Any]]]) -> PersonBatch:
@@ -58,7 +69,7 @@ class PersonBatch:
         """
         arrays = [schema.to_arrays(list(persons), f"image {i}") for i, persons in enumerate(records)]
         stack = lambda name: torch.from_numpy(np.stack([getattr(a, name) for a in arrays]))  # noqa: E731
-        return cls(stack("boxes"), stack("continuous"), stack("categorical"), stack("mask"))
+        return cls(stack("boxes"), stack("continuous"), stack("categorical"), stack("mask"), stack("extents"))
 
     def to(self, device: torch.device | str) -> PersonBatch:
         """The same persons on ``device``.
@@ -66,10 +77,21 @@ class PersonBatch:
         Args:
             device: the target device.
         """
-        return PersonBatch(*(t.to(device) for t in (self.boxes, self.continuous, self.categorical, self.mask)))
+        tensors = (self.boxes, self.continuous, self.categorical, self.mask, self.extents)
+        return PersonBatch(*(t.to(device) for t in tensors))
 
     def __getitem__(self, index: slice) -> PersonBatch:
-        return PersonBatch(self.boxes[index], self.continuous[index], self.categorical[index], self.mask[index])
+        tensors = (self.boxes, self.continuous, self.categorical, self.mask, self.extents)
+        return PersonBatch(*(t[index] for t in tensors))
+
+    def region_masks(self, size: tuple[int, int], expand: float | None) -> torch.Tensor:
+        """``[B, P, H, W]``: each person's region, its extent grown ``expand`` times (``None``: the whole image).
+
+        Args:
+            size: ``(H, W)`` of the masks.
+            expand: the growth of each extent.
+        """
+        return person_region_masks(self.extents, self.mask, size, expand)
 
 
 def conditioning_inputs(
@@ -86,16 +108,16 @@ def conditioning_inputs(
         encoder: the attribute encoder.
         persons: the images' persons (padded slots masked off).
         latent_size: ``(h, w)`` of the latents.
-        region_expand: each person acts inside its box grown that much; ``None``: on the whole image.
+        region_expand: each person acts inside its extent grown that much; ``None``: on the whole image.
         unconditional_half: for classifier-free guidance: an unconditional half with no persons comes first,
             ``[2B, ...]``, the order diffusers' pipelines expect.
         region_overlap: ``sum`` (overlapping regions both act) or ``nearest`` (each position to one person,
             :func:`~camouflage_train.models.ip_adapter.split_overlapping_regions`).
     """
-    embeds = encoder(persons.boxes, persons.continuous, persons.categorical)
-    masks = person_region_masks(persons.boxes, persons.mask, latent_size, region_expand)
+    embeds = encoder(persons.boxes, persons.continuous, persons.categorical, persons.extents)
+    masks = persons.region_masks(latent_size, region_expand)
     if region_overlap == "nearest" and region_expand is not None:
-        masks = split_overlapping_regions(masks, persons.boxes)
+        masks = split_overlapping_regions(masks, persons.extents)
     return with_unconditional_half(embeds, masks) if unconditional_half else (embeds, masks)
 
 

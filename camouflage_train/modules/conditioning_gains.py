@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-PERSON_KEYS = ("boxes", "continuous", "categorical", "person_mask")
+from camouflage_train.data.dataset import PERSON_ARRAY_KEYS
 
 
 def persons_of_the_next_image(batch: dict[str, Any]) -> dict[str, Any] | None:
@@ -27,7 +27,7 @@ def persons_of_the_next_image(batch: dict[str, Any]) -> dict[str, Any] | None:
     """
     if batch["person_mask"].shape[0] < 2:
         return None
-    return {**batch, **{k: batch[k].roll(1, dims=0) for k in PERSON_KEYS}}
+    return {**batch, **{k: batch[k].roll(1, dims=0) for k in PERSON_ARRAY_KEYS}}
 
 
 def attributes_of_the_next_person(batch: dict[str, Any]) -> dict[str, Any] | None:

@@ -331,7 +331,7 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         drop_text = draw.drop_text if training else torch.zeros_like(draw.drop_text)
         if training:
             person_mask = person_mask & ~draw.drop_persons.to(person_mask.device)[:, None]
-        persons = PersonBatch(batch["boxes"], batch["continuous"], batch["categorical"], person_mask)
+        persons = PersonBatch.from_batch(batch, person_mask)
         with torch.no_grad(), self._frozen_compute():
             if cached:
                 mean = batch["latent_mean"].to(self.device, torch.float32)

@@ -70,10 +70,11 @@ class Identity:
 
 
 class Blur:
-    """Gaussian-blur each person's box grown ``expand`` times, radius ``sigma`` x the box's longer side.
+    """Gaussian-blur each person's extent (its body under a schema with ``body``, else its face box) grown
+    ``expand`` times, radius ``sigma`` x the extent's longer side.
 
     Args:
-        expand: each box grown this much around its centre.
+        expand: each extent grown this much around its centre.
         sigma: the blur radius, as a share of the box's longer side.
     """
 
@@ -85,7 +86,7 @@ class Blur:
     ) -> list[Image.Image]:
         return [
             self._blur(image, boxes.tolist(), mask.tolist())
-            for image, boxes, mask in zip(images, persons.boxes, persons.mask, strict=True)
+            for image, boxes, mask in zip(images, persons.extents, persons.mask, strict=True)
         ]
 
     def _blur(self, image: Image.Image, boxes: list[list[float]], mask: list[bool]) -> Image.Image:

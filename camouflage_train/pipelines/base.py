@@ -13,6 +13,11 @@ with ``s`` the guidance scale, ``w`` the reconstruction scale (``anonymization.s
 person-region mask, applied only for the step fraction ``[anonymization.start, anonymization.end]``.
 It runs as one extra ControlNet pass (negative half of the batch) per step inside the stock diffusers
 ControlNet pipeline: with the branch disabled the output is exactly the stock pipeline's.
+
+With ``keep_background`` only the persons' regions (their extents: the whole person under a schema with
+``body``) are redrawn and the real scene is kept outside them (:mod:`camouflage_train.pipelines.regions`), so
+the sampling can start from noise (``strength`` ``None``) without losing the scene: nothing of a person's
+colours then survives but what the structure ControlNets carry.
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ from camouflage_train.models.backbone import (
     parse_dtype,
 )
 from camouflage_train.models.conditioning import PersonBatch
-from camouflage_train.models.ip_adapter import DEFAULT_REGION_EXPAND, person_region_masks
+from camouflage_train.models.ip_adapter import DEFAULT_REGION_EXPAND
 from camouflage_train.pipelines.controls import Preprocessor
+from camouflage_train.pipelines.regions import background_keeper, paste_outside
 from camouflage_train.pipelines.sampling import SAMPLING
 
 
@@ -226,8 +232,11 @@ class CamouflageBase:
         prompt: the prompt of images whose own prompt is empty.
         negative_prompt: the negative branch's prompt.
         cache_dir: where hub downloads go.
-        region_expand: with ``anonymization.person_regions``, the guidance acts inside each person's box grown
-            this much.
+        region_expand: the persons' regions are their extents grown this much (``anonymization.person_regions``,
+            ``keep_background``).
+        keep_background: redraw only the persons' regions, keeping the real scene outside them.
+        paste_feather: with ``keep_background``, blend the redrawn regions into the real scene over this share of
+            the image's shorter side (0: hard borders).
     """
 
     def __init__(
@@ -242,9 +251,11 @@ class CamouflageBase:
         negative_prompt: str = SAMPLING.negative_prompt,
         cache_dir: str | None = None,
         region_expand: float = DEFAULT_REGION_EXPAND,
+        keep_background: bool = False,
+        paste_feather: float = 0.0,
     ) -> None:
         self.backbone, self.controls = backbone, list(controls)
-        self.region_expand = region_expand
+        self.region_expand, self.keep_background, self.paste_feather = region_expand, keep_background, paste_feather
         self.anonymization = dict(anonymization or {})
         self.guidance_scale, self.num_inference_steps, self.strength = guidance_scale, num_inference_steps, strength
         self.prompt, self.negative_prompt = prompt, negative_prompt
@@ -297,18 +308,22 @@ class CamouflageBase:
         self, images: Sequence[Image.Image], persons: PersonBatch, seeds: Sequence[int], prompts: Sequence[str]
     ) -> list[Image.Image]:
         """Anonymize ``images`` (all of one size); with ``anonymization.person_regions`` the guidance acts only in
-        the persons' regions."""
+        the persons' regions, with ``keep_background`` only they are redrawn."""
         width, height = images[0].size
         if self.reconstruction is not None:
             regions = None
             if self.anonymization.get("person_regions"):
                 latent = (height // self.pipe.vae_scale_factor, width // self.pipe.vae_scale_factor)
-                masks = person_region_masks(persons.boxes, persons.mask, latent, self.region_expand)
+                masks = persons.region_masks(latent, self.region_expand)
                 # The negative half of the CFG batch is the first B entries, which these masks describe.
                 regions = masks.amax(dim=1, keepdim=True).to(execution_device(self.pipe))
             self.reconstruction.region_mask = regions
         prompts = [prompt or self.prompt for prompt in prompts]
-        return self.pipe(
+        kwargs = self.pipeline_kwargs(images)
+        if self.keep_background:
+            keeper = background_keeper(self.pipe, images, persons, seeds, self.region_expand)
+            kwargs.update(callback_on_step_end=keeper, callback_on_step_end_tensor_inputs=["latents"])
+        generated = self.pipe(
             prompt=prompts,
             negative_prompt=[self.negative_prompt] * len(images),
             height=height,
@@ -317,8 +332,11 @@ class CamouflageBase:
             guidance_scale=self.guidance_scale,
             generator=generator_list(seeds, execution_device(self.pipe)),
             output_type="pil",
-            **self.pipeline_kwargs(images),
+            **kwargs,
         ).images
+        if self.keep_background:
+            return paste_outside(images, generated, persons, self.region_expand, feather=self.paste_feather)
+        return generated
 
 
 def check_sources(
@@ -356,6 +374,8 @@ def build_base(
     prompt: str = SAMPLING.prompt,
     negative_prompt: str = SAMPLING.negative_prompt,
     region_expand: float = DEFAULT_REGION_EXPAND,
+    keep_background: bool = False,
+    paste_feather: float = 0.0,
 ) -> CamouflageBase:
     """``configs/anonymize/model/base*.yaml``: the frozen SD, the structure ControlNets and the reconstruction
     ControlNet.
@@ -373,7 +393,9 @@ def build_base(
         strength: ``None``: from noise; else img2img strength.
         prompt: the prompt of images without one.
         negative_prompt: the negative branch's prompt.
-        region_expand: the person regions' growth (``anonymization.person_regions``).
+        region_expand: the person regions' growth (``anonymization.person_regions``, ``keep_background``).
+        keep_background: redraw only the persons' regions, keeping the real scene outside them.
+        paste_feather: the width of the blend into the real scene (a share of the image's shorter side).
     """
     check_sources(backbone, controlnets, anonymization)
     frozen = load_frozen_backbone(**backbone)
@@ -389,4 +411,6 @@ def build_base(
         negative_prompt=negative_prompt,
         cache_dir=backbone.get("cache_dir"),
         region_expand=region_expand,
+        keep_background=keep_background,
+        paste_feather=paste_feather,
     )

@@ -15,23 +15,22 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
-from PIL import Image, ImageFilter
-from torchvision.transforms.v2 import functional as TF
+from PIL import Image
 
 from camouflage_train.compat.diffusers_internals import execution_device
 from camouflage_train.errors import UserError
 from camouflage_train.models.adapter_checkpoint import NotALightCheckpoint, read_metadata
 from camouflage_train.models.attribute_encoder import AttributeEncoder, encoder_state_dict
-from camouflage_train.models.backbone import FrozenBackbone, add_noise_fp32, load_frozen_backbone
+from camouflage_train.models.backbone import FrozenBackbone, load_frozen_backbone
 from camouflage_train.models.conditioning import PersonBatch, conditioning_inputs
 from camouflage_train.models.ip_adapter import (
     AdapterConfig,
     adapter_modules,
     checkpoint_state_dict,
     install_ip_adapter,
-    person_region_masks,
 )
 from camouflage_train.pipelines.base import build_controls, control_kwargs, stock_controlnet_pipeline
+from camouflage_train.pipelines.regions import background_keeper, paste_outside
 from camouflage_train.pipelines.sampling import SAMPLING
 from camouflage_train.utils.checkpoints import read_checkpoint
 
@@ -155,97 +154,6 @@ def build_pipeline(
     return pipe
 
 
-class KeepBackground:
-    """Keep the real scene outside the person regions: a ``callback_on_step_end`` for diffusers' pipelines.
-
-    After every denoising step the latents outside the persons' regions are replaced by the real image's latents
-    noised to the step's next timestep (the same noise throughout, from the image's seed), and after the last
-    step by the real latents themselves, so the persons are drawn in the real scene's context. Inside the regions
-    each person is drawn from noise, from its attributes only: nothing of the original face reaches them but what
-    crosses the region's border through the network's receptive field (measured by re-identification). The VAE
-    decoder mixes pixels across the border too, so :func:`paste_outside` then puts the original pixels back
-    outside the regions. It costs one VAE encode per image, no extra UNet pass.
-
-    Args:
-        latents: the real images' latents (``[B, C, h, w]``, already scaled).
-        regions: ``[B, 1, h, w]`` in ``[0, 1]``, 1 inside a person's region.
-        noise: ``[B, C, h, w]`` noise for the outside (from the images' seeds).
-    """
-
-    def __init__(self, latents: torch.Tensor, regions: torch.Tensor, noise: torch.Tensor) -> None:
-        self.latents, self.regions, self.noise = latents, regions, noise
-
-    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        timesteps = pipe.scheduler.timesteps
-        current = tensors["latents"]
-        if step + 1 < len(timesteps):
-            following = timesteps[step + 1 : step + 2].to(self.latents.device)
-            outside = add_noise_fp32(pipe.scheduler, self.latents, self.noise, following)
-        else:
-            outside = self.latents
-        regions = self.regions.to(current.dtype)
-        tensors["latents"] = regions * current + (1 - regions) * outside.to(current.dtype)
-        return tensors
-
-
-def background_keeper(
-    pipe: StableDiffusionPipeline,
-    images: Sequence[Image.Image],
-    persons: PersonBatch,
-    seeds: Sequence[int],
-    region_expand: float,
-) -> KeepBackground:
-    """:class:`KeepBackground` for ``images``: their VAE latents, the union of the persons' regions (boxes grown
-    ``region_expand`` times) and per-image noise from ``seeds``.
-
-    Args:
-        pipe: the Light pipeline.
-        images: the real images.
-        persons: their persons.
-        seeds: one seed per image.
-        region_expand: the person regions' growth.
-    """
-    device, dtype = execution_device(pipe), pipe.vae.dtype
-    pixels = torch.stack([TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True) for image in images])
-    pixels = (pixels * 2 - 1).to(device, dtype)
-    latents = pipe.vae.encode(pixels).latent_dist.mean.float() * pipe.vae.config.scaling_factor
-    size = tuple(latents.shape[-2:])
-    regions = person_region_masks(persons.boxes.to(device), persons.mask.to(device), size, region_expand)
-    generators = [torch.Generator(device="cpu").manual_seed(int(s) + 1) for s in seeds]
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(device)
-    return KeepBackground(latents, regions.amax(dim=1, keepdim=True), noise)
-
-
-def paste_outside(
-    originals: Sequence[Image.Image],
-    generated: Sequence[Image.Image],
-    persons: PersonBatch,
-    region_expand: float,
-    feather: float = 0.0,
-) -> list[Image.Image]:
-    """Each generated image inside its persons' regions (boxes grown ``region_expand`` times), the original
-    outside them, blended across the regions' borders when ``feather`` is above 0.
-
-    Args:
-        originals: the real images.
-        generated: the pipeline's images.
-        persons: their persons.
-        region_expand: the person regions' growth.
-        feather: the blend's width: the Gaussian blur radius of the region mask, as a share of the image's shorter
-            side (0: a hard border).
-    """
-    width, height = originals[0].size
-    regions = person_region_masks(persons.boxes.cpu(), persons.mask.cpu(), (height, width), region_expand)
-    radius = feather * min(width, height)
-    pasted = []
-    for original, image, region in zip(originals, generated, regions.amax(dim=1), strict=True):
-        inside = Image.fromarray((region.numpy() * 255).astype("uint8"), mode="L")
-        if radius > 0:
-            inside = inside.filter(ImageFilter.GaussianBlur(radius))
-        pasted.append(Image.composite(image.convert("RGB").resize(original.size), original.convert("RGB"), inside))
-    return pasted
-
-
 @torch.no_grad()
 def generate_light(
     pipe: StableDiffusionPipeline,
@@ -335,9 +243,10 @@ class CamouflageLight:
         negative_prompt: the negative branch's prompt.
         adapter_scale: the adapter attention's weight (``None``: the trained one).
         scheduler: ``{name, **options}`` of a diffusers sampler (:func:`make_scheduler`; default DDIM).
-        keep_background: keep the real scene outside the person regions (:class:`KeepBackground`).
+        keep_background: keep the real scene outside the person regions
+            (:class:`~camouflage_train.pipelines.regions.KeepBackground`).
         paste_feather: with ``keep_background``, blend the drawn regions into the real scene over this share of
-            the image's shorter side (:func:`paste_outside`; 0: hard borders).
+            the image's shorter side (:func:`~camouflage_train.pipelines.regions.paste_outside`; 0: hard borders).
     """
 
     def __init__(
