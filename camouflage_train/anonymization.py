@@ -46,7 +46,7 @@ from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.data.sources import FolderSource
 from camouflage_train.errors import UserError
 from camouflage_train.models.conditioning import PersonBatch
-from camouflage_train.pipelines.light import check_checkpoint_base
+from camouflage_train.pipelines.light import check_checkpoint_base, check_checkpoint_schema
 from camouflage_train.pipelines.stand_ins import find_stand_ins, warn_stand_ins
 from camouflage_train.utils.atomic import atomic_file, cut_torn_tail
 from camouflage_train.utils.config_checks import validate_config
@@ -124,6 +124,8 @@ class AnonymizeConfig:
         task_name: the run folder's name under ``logs/``.
         attributes: the attribute schema group.
         faces: the face pack group (annotation when ``persons`` is not given).
+        bodies: the body detector group (annotation when ``persons`` is not given; ``None``: faces only, each
+            person's extent then the face box grown by the schema's ``body.from_face``).
         paths: the paths group.
     """
 
@@ -143,6 +145,7 @@ class AnonymizeConfig:
     on_persons_left: OnPersonsLeft = "skip"
     task_name: str = "anonymize"
     attributes: Any = None
+    bodies: Any = None
     faces: Any = None
     paths: Any = None
 
@@ -230,7 +233,11 @@ def output_settings(cfg: DictConfig) -> dict[str, Any]:
             "path": str(Path(model["checkpoint"]).resolve()),
             "sha256": file_sha256(model["checkpoint"]),
         }
-    persons = {"sidecar": str(Path(cfg.persons).resolve())} if cfg.get("persons") else {"annotated": plain(cfg.faces)}
+    persons = (
+        {"sidecar": str(Path(cfg.persons).resolve())}
+        if cfg.get("persons")
+        else {"annotated": plain(cfg.faces), "bodies": plain(cfg.bodies) if cfg.get("bodies") is not None else None}
+    )
     return {
         "model": model,
         "on_no_person": cfg.on_no_person,
@@ -372,8 +379,10 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
     )
     if checkpoint and str(cfg.model.get("_target_", "")).endswith("build_light"):  # before anything is written
         check_checkpoint_base(checkpoint, cfg.model.get("base_model"), key="model.checkpoint")
+        check_checkpoint_schema(checkpoint, cfg.attributes, key="model.checkpoint")
     output = Path(cfg.output)
-    stand_ins = find_stand_ins({"model": cfg.model, **({} if cfg.get("persons") else {"faces": cfg.faces})})
+    annotators = {} if cfg.get("persons") else {"faces": cfg.faces, "bodies": cfg.get("bodies")}
+    stand_ins = find_stand_ins({"model": cfg.model, **{k: v for k, v in annotators.items() if v is not None}})
     warn_stand_ins(stand_ins)
     settings = output_settings(cfg)
     schema = AttributeSchema.from_config(cfg.attributes)
@@ -383,6 +392,9 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(cfg.model)  # before annotating: a model that does not load fails in seconds, not hours
     sidecar = Path(cfg.persons) if cfg.get("persons") else output / "persons.jsonl"
     if listing is not None:
+        bodies = instantiate(cfg.bodies) if cfg.get("bodies") is not None else None
+        if bodies is not None:
+            bodies.load()
         annotate_dataset(
             listing,
             instantiate(cfg.faces),
@@ -390,6 +402,7 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
             schema.max_persons,
             batch_size=cfg.batch_size,
             num_workers=cfg.num_workers,
+            bodies=bodies,
         )
     source = FolderSource(
         cfg.input.folder,

@@ -164,6 +164,9 @@ embeds, kwargs = person_inputs(
 
 def _model_card(config: dict[str, Any], folder: str | Path, sampler: Mapping[str, Any]) -> str:
     base = config["base_model"]
+    bodies = config["schema"].get("body") is not None
+    inputs = ", ".join(["box", *(["body"] if bodies else []), *_attribute_names(config["schema"])])
+    slots = " and slot (two slots per person: its extent and its face)" if bodies else ""
     return f"""---
 base_model: {base}
 library_name: diffusers
@@ -181,10 +184,10 @@ datasets:
 # CAMOUFLaGE-Light adapter
 
 An IP-Adapter-style attribute adapter for `{base}`, trained with camouflage-train. It is conditioned on the
-attributes of every person in a scene ({", ".join(["box", *_attribute_names(config["schema"])])}),
-never on identity, so the people it draws are new people with the same attributes and layout; whatever of the
-scene an application keeps (clothes, body, background) is kept as it was and can still identify someone.
-Up to {config["max_persons"]} persons, {config["tokens_per_person"]} tokens per person, trained at
+attributes of every person in a scene ({inputs}), never on identity, so the people it draws are new people with
+the same attributes and layout; whatever of the scene an application keeps (background, and with a face-only
+schema the clothes and body) is kept as it was and can still identify someone.
+Up to {config["max_persons"]} persons, {config["tokens_per_person"]} tokens per person{slots}, trained at
 {config.get("resolution")} px (training config hash `{config["config_hash"]}`).
 
 ## Use with stock diffusers
@@ -289,6 +292,7 @@ def export_adapter(
         "region_masks": adapter.region_masks,
         "region_expand": adapter.region_expand,
         "region_overlap": adapter.region_overlap,
+        "face_expand": adapter.face_expand,
         "config_hash": meta.get("config_hash"),
         "global_step": checkpoint.get("global_step"),
         "weight_name": f"{WEIGHT_NAME}.safetensors",

@@ -53,14 +53,16 @@ def person_inputs(
     region_expand: float | None = None,
     folder: str | Path | None = None,
     region_overlap: str = AdapterConfig.region_overlap,
+    face_expand: float = AdapterConfig.face_expand,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
     """``ip_adapter_image_embeds`` and ``cross_attention_kwargs`` for a batch of images' person records.
 
     ``region_expand`` (or the export's ``config.json`` when ``folder`` is given) restricts each person to its
-    box grown that much; ``None`` without a folder means whole-image masks. ``vae_scale_factor``: the
-    pipeline's (``pipe.vae_scale_factor``). Generate one image per record list (``num_images_per_prompt=1``).
+    extent grown that much (and, under a schema with ``body``, its face slot to its face box grown
+    ``face_expand``); ``None`` without a folder means whole-image masks. ``vae_scale_factor``: the pipeline's
+    (``pipe.vae_scale_factor``). Generate one image per record list (``num_images_per_prompt=1``).
 
     Args:
         encoder: the export's attribute encoder (:func:`load_attribute_encoder`).
@@ -74,6 +76,7 @@ def person_inputs(
         folder: an export folder whose ``config.json`` sets the regions (overrides ``region_expand`` and
             ``region_overlap``).
         region_overlap: ``sum`` or ``nearest`` (see ``AdapterConfig``).
+        face_expand: under a schema with ``body``, each face slot acts in its face box grown this much.
         device: where the pipeline runs (``pipe.device``; ``None``: the CPU).
         dtype: the pipeline's dtype for the embeddings (``pipe.dtype``; ``None``: the encoder's).
     """
@@ -81,9 +84,12 @@ def person_inputs(
         config = json.loads((Path(folder) / "config.json").read_text())
         region_expand = config["region_expand"] if config.get("region_masks", True) else None
         region_overlap = config.get("region_overlap", AdapterConfig.region_overlap)  # older exports: the default
+        face_expand = config.get("face_expand", face_expand)
     persons = PersonBatch.from_records(AttributeSchema.from_config(encoder.config.schema), records)
     latent = (height // vae_scale_factor, width // vae_scale_factor)
-    embeds, masks = conditioning_inputs(encoder, persons, latent, region_expand, region_overlap=region_overlap)
+    embeds, masks = conditioning_inputs(
+        encoder, persons, latent, region_expand, region_overlap=region_overlap, face_expand=face_expand
+    )
     if len(records) > 1:
         embeds, masks = shared_person_slots(embeds, masks)
     if unconditional_half:

@@ -129,7 +129,7 @@ def next_steps(checkpoint: Path, backbone: str, config_dir: Path, task_name: str
             *([f"  python evaluate.py experiment={evaluation} light_checkpoint={checkpoint}"] if evaluation else []),
             f"  python export.py checkpoint={checkpoint} output=exports/{task_name} anonymizer={anonymizer}",
             f"  python anonymize.py model={anonymizer} model.checkpoint={checkpoint}"
-            + (" faces=mini" if mini else "")
+            + (" faces=mini bodies=none" if mini else "")
             + f" resolution={resolution} input.folder={images} output=outputs/{task_name}_anonymized",
         ]
     )

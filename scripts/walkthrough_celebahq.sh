@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The README's "Training on real data" walkthrough, the same commands (tests/test_real_data.py checks the README
 # shows exactly these lines and runs this script on a CelebA-HQ-layout stand-in with the tiny models).
+# Step 1 records faces and, matched to them, body boxes (annotate.yaml's default bodies=yolos_tiny, from the hub;
+# the test runs it with the tiny stand-ins, faces=tiny bodies=tiny, through ANNOTATE_ARGS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # walkthrough:start

@@ -93,10 +93,38 @@ def _run(unet, embeds, masks, hook_module=None):
     return out, captured.get("out")
 
 
+def _face_only(schema):
+    """The schema without ``body``: one slot per person, the attention mechanics these tests check."""
+    return {**schema.to_config(), "body": None}
+
+
+def test_with_bodies_each_person_acts_in_its_extent_and_at_its_face(schema):
+    """Under a schema with ``body`` a person has two slots, [extent, face]: the first's region is its extent grown
+    ``region_expand`` times, the second's its face box grown ``face_expand`` times; padded persons' slots are
+    empty; the encoder reads the extent (another body, another embedding)."""
+    from camouflage_train.models.conditioning import PersonBatch, conditioning_inputs
+
+    encoder = AttributeEncoder(schema=schema.to_config(), embed_dim=8, width=16)
+    face, body = [0.4, 0.1, 0.6, 0.3], [0.3, 0.05, 0.7, 0.95]
+    records = [[{"box": face, "body": body, "age": 30, "gender": "male", "yaw": 0, "pitch": 0, "roll": 0}]]
+    persons = PersonBatch.from_records(schema, records)
+    embeds, masks = conditioning_inputs(encoder, persons, (20, 20), 1.0, face_expand=1.0)
+    assert embeds.shape == (1, 2 * schema.max_persons, 8) and masks.shape == (1, 2 * schema.max_persons, 20, 20)
+    torch.testing.assert_close(masks[0, 0], person_region_masks(persons.extents, persons.mask, (20, 20), 1.0)[0, 0])
+    torch.testing.assert_close(masks[0, 1], person_region_masks(persons.boxes, persons.mask, (20, 20), 1.0)[0, 0])
+    assert masks[0, 0].sum() > 4 * masks[0, 1].sum() > 0 and not masks[0, 2:].any()
+    moved = PersonBatch.from_records(schema, [[{**records[0][0], "body": [0.2, 0.05, 0.7, 0.95]}]])
+    assert not torch.allclose(encoder(*_inputs(moved))[0, :2], encoder(*_inputs(persons))[0, :2])
+
+
+def _inputs(persons):
+    return persons.boxes, persons.continuous, persons.categorical, persons.extents
+
+
 def test_region_mask_confines_a_person_to_its_region(unet, schema):
     config = AdapterConfig(embed_dim=16, tokens_per_person=2, region_masks=True, region_expand=1.5)
     install_ip_adapter(unet, initial_state_dict(unet, config))
-    encoder = AttributeEncoder(schema=schema.to_config(), embed_dim=16, width=32)
+    encoder = AttributeEncoder(schema=_face_only(schema), embed_dim=16, width=32)
     boxes = torch.tensor([[[0.0, 0.0, 0.3, 0.3], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
     person_mask = torch.tensor([[True, False, False]])
     masks = person_region_masks(boxes, person_mask, (32, 32), config.region_expand)
@@ -120,7 +148,7 @@ def test_padded_persons_contribute_nothing(unet, tiny_model_dir, schema):
     config = AdapterConfig(embed_dim=16, tokens_per_person=2, region_masks=False)
     reference = _run_plain(tiny_model_dir)
     install_ip_adapter(unet, initial_state_dict(unet, config))
-    encoder = AttributeEncoder(schema=schema.to_config(), embed_dim=16, width=32)
+    encoder = AttributeEncoder(schema=_face_only(schema), embed_dim=16, width=32)
     boxes = torch.rand(1, 3, 4).sort(-1).values
     person_mask = torch.tensor([[True, False, False]])
     masks = person_region_masks(boxes, person_mask, (32, 32), None)
@@ -152,7 +180,7 @@ def test_region_masks_shapes_and_padding():
 
 
 def test_attribute_encoder_save_load_round_trip(tmp_path, schema):
-    encoder = AttributeEncoder(schema=schema.to_config(), embed_dim=8, width=16, depth=3)
+    encoder = AttributeEncoder(schema=_face_only(schema), embed_dim=8, width=16, depth=3)
     encoder.save_pretrained(tmp_path / "enc")
     loaded = AttributeEncoder.from_pretrained(tmp_path / "enc")
     boxes, cont, cat = torch.rand(2, 3, 4), torch.rand(2, 3, 4), torch.randint(0, 2, (2, 3, 1))
@@ -203,7 +231,7 @@ def test_batched_person_attention_equals_the_stock_loop(tiny_model_dir, schema, 
     assert all(type(p) is BatchedPersonsAttnProcessor for p in adapter_modules(default)[1:])
     assert batched.state_dict().keys() == stock.state_dict().keys()
 
-    encoder = AttributeEncoder(schema=schema.to_config(), embed_dim=16, width=32)
+    encoder = AttributeEncoder(schema=_face_only(schema), embed_dim=16, width=32)
     g = torch.Generator().manual_seed(1)
     boxes = torch.tensor([[[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.7], [0, 0, 0, 0]]] * 2)
     person_mask = torch.tensor([[True, True, False], [True, False, False]])
@@ -239,7 +267,7 @@ def test_inference_skips_the_person_attention_of_images_without_persons(tiny_mod
     install_ip_adapter(stock, initial_state_dict(stock, config), batched_persons=False)
     batched = copy.deepcopy(stock)
     batch_person_attention(batched)
-    encoder = AttributeEncoder(schema=schema.to_config(), embed_dim=16, width=32)
+    encoder = AttributeEncoder(schema=_face_only(schema), embed_dim=16, width=32)
     boxes = torch.tensor([[[0.1, 0.1, 0.4, 0.5], [0.5, 0.2, 0.9, 0.7]]] * 2)
     person_mask = torch.tensor([[True, True], [False, False]])  # the second image: the CFG negative, no persons
     masks = person_region_masks(boxes, person_mask, (32, 32), config.region_expand)
@@ -286,3 +314,21 @@ def test_overlapping_regions_are_split_between_the_persons_nearest_centres():
     assert split[0, 0, 8, column] == 1 and split[0, 1, 8, column] == 0
     with pytest.raises(ValueError, match="region_overlap"):
         AdapterConfig(region_overlap="max")
+
+
+def test_covering_regions_hold_every_cell_a_box_touches():
+    """``cover``: a cell is in the region exactly when the box overlaps it with a positive area (brute force over
+    the cells), so a box smaller than a cell still has one; the default keeps the cells whose centre it holds."""
+    boxes = torch.tensor([[[0.31, 0.02, 0.52, 0.9], [0.70, 0.70, 0.72, 0.71]]])
+    mask = torch.tensor([[True, True]])
+    covered = person_region_masks(boxes, mask, (8, 8), 1.0, cover=True)
+    for p, (x0, y0, x1, y1) in enumerate(boxes[0].tolist()):
+        for i in range(8):
+            for j in range(8):
+                overlap = max(0.0, min(x1, (j + 1) / 8) - max(x0, j / 8)) * max(
+                    0.0, min(y1, (i + 1) / 8) - max(y0, i / 8)
+                )
+                assert bool(covered[0, p, i, j]) == (overlap > 0), (p, i, j)
+    centred = person_region_masks(boxes, mask, (8, 8), 1.0)
+    assert not centred[0, 1].any() and covered[0, 1].sum() == 1
+    assert (centred <= covered).all()

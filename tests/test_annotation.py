@@ -11,7 +11,7 @@ from camouflage_train.annotation.faces import FaceAnnotator, FaceModelUnavailabl
 from camouflage_train.annotation.head_pose import head_pose, project
 from camouflage_train.annotation.run import ImageListing, annotate_dataset
 from camouflage_train.data.dataset import PersonImageDataset
-from camouflage_train.data.schema import AttributeSchema
+from camouflage_train.data.schema import RECORD_SCHEMA_VERSION, AttributeSchema
 from camouflage_train.data.sources import FolderSource
 from tests.conftest import REPO
 
@@ -77,7 +77,7 @@ def test_annotation_run_counts_resumes_and_feeds_training(annotator, group_photo
     assert summary.images_without_face == 1 and summary.faces == 4 and summary.faces_dropped_over_max_persons > 0
     rows = {r["file"]: r for r in map(json.loads, sidecar.read_text().splitlines())}
     assert rows["group.jpg"]["faces_detected"] == 4 + summary.faces_dropped_over_max_persons
-    assert rows["zero.jpg"]["skipped"] == "empty file" and rows["group.jpg"]["schema_version"] == 1
+    assert rows["zero.jpg"]["skipped"] == "empty file" and rows["group.jpg"]["schema_version"] == RECORD_SCHEMA_VERSION
     assert json.loads(sidecar.with_suffix(".summary.json").read_text())["images"] == 5
 
     again = annotate_dataset(listing, annotator, sidecar, max_persons=4, progress=False)

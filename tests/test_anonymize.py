@@ -36,6 +36,7 @@ def _anonymize(folder, out, *overrides):
     return run_script(
         "anonymize.py",
         "faces=mini",
+        "bodies=none",
         "resolution=64",
         "num_workers=0",
         f"input.folder={folder}",

@@ -65,6 +65,7 @@ def test_a_users_method_runs_in_anonymize_and_evaluate(user_method, tmp_path, sc
                 f"hydra.searchpath=[file://{REPO / 'configs'},file://{user_method / 'anonymize'}]",
                 "model=pixelate",
                 "faces=mini",  # finds the drawn people (the random tiny pack finds none: nothing would be written)
+                "bodies=none",
                 "resolution=64",
                 "num_workers=0",
                 f"input.folder={folder}",

@@ -189,13 +189,18 @@ def test_too_many_bad_rows_stop_with_every_reason_listed(tmp_path, schema):
 
 def test_read_sidecar_returns_rejected_lines_with_file_and_line(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text('{"file": "a.png", "persons": []}\n{oops\n{"file": "b.png", "persons": {}}\n')
+    path.write_text(
+        '{"file": "a.png", "persons": []}\n{oops\n{"file": "b.png", "persons": {}}\n'
+        '{"file": "c.png", "persons": [], "schema_version": 2}\n{"file": "d.png", "persons": [], "schema_version": 3}\n'
+    )
     rows, rejected = read_sidecar(path)
-    assert [r["file"] for r in rows] == ["a.png"]
+    assert [r["file"] for r in rows] == ["a.png", "c.png"]  # versions 1 (no field) and 2 read
     assert [(r.where, r.reason) for r in rejected] == [
         (f"{path}:2", "malformed JSON"),
         (f"{path}:3", "no 'persons' list"),
+        (f"{path}:5", "newer record version"),
     ]
+    assert "upgrade camouflage-train" in rejected[2].detail
 
 
 def test_parquet_sidecar_with_captions(tmp_path, schema):

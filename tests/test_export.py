@@ -61,7 +61,7 @@ def _ours(checkpoint, records, schema, seeds, controls=()):
     persons = PersonBatch(
         *(
             torch.from_numpy(np.stack([getattr(a, f) for a in arrays]))
-            for f in ("boxes", "continuous", "categorical", "mask")
+            for f in ("boxes", "continuous", "categorical", "mask", "extents")
         )
     )
     extra = control_kwargs(controls, _records(schema)[0]) if controls else {}
@@ -156,7 +156,7 @@ def test_model_card_snippet_runs_as_written_and_matches_the_light_pipeline(train
     persons = PersonBatch(
         *(
             torch.from_numpy(np.stack([getattr(a, f) for a in arrays]))
-            for f in ("boxes", "continuous", "categorical", "mask")
+            for f in ("boxes", "continuous", "categorical", "mask", "extents")
         )
     )
     ours = generate_light(

@@ -39,7 +39,8 @@ def _detail(image) -> float:
 @pytest.fixture
 def scenes(tmp_path, schema):
     """Five photos and their person records: all persons recorded; none found; five found of which the annotation
-    kept two (``faces_dropped: 3``); one person mostly cut off by the centre crop; one wholly outside it."""
+    kept two (two more faces over ``max_persons``, one body without a face); one person mostly cut off by the centre
+    crop; one wholly outside it, body and all."""
     from camouflage_train.data.synthetic import draw_scene
 
     folder = tmp_path / "in"
@@ -49,12 +50,12 @@ def scenes(tmp_path, schema):
         image, persons = draw_scene(seed, schema, 64, min_persons=2, max_persons=2)
         image.save(folder / name)
         rows.append({"file": name, "persons": [] if name == "empty.png" else persons})
-    rows[2]["faces_dropped"] = 3
+    rows[2].update(faces_dropped=2, bodies_without_face=1)  # a person seen from behind is left too
     wide = Image.fromarray((np.random.default_rng(0).random((64, 192, 3)) * 255).astype(np.uint8))
     wide.save(folder / "edge.png")  # the centre crop keeps x in [1/3, 2/3]
     rows.append({"file": "edge.png", "persons": [person([0.25, 0.2, 0.4, 0.6])]})  # 47 % of it inside the crop
     wide.save(folder / "outside.png")
-    rows.append({"file": "outside.png", "persons": [person([0.0, 0.2, 0.2, 0.6])]})  # wholly cut away
+    rows.append({"file": "outside.png", "persons": [person([0.0, 0.2, 0.1, 0.6])]})  # wholly cut away, body too
     sidecar = tmp_path / "persons.jsonl"
     sidecar.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return folder, sidecar
@@ -148,7 +149,7 @@ def test_the_demo_exports_model_card_runs_as_printed(make_cfg, tmp_path, capsys)
     printed = capsys.readouterr().out
     assert f"Training done. Checkpoint: {checkpoint}" in printed
     assert f"python export.py checkpoint={checkpoint} output=exports/demo anonymizer=light_mini" in printed
-    assert "faces=mini resolution=64 input.folder=examples/mini_scenes" in printed
+    assert "faces=mini bodies=none resolution=64 input.folder=examples/mini_scenes" in printed
     refused = run_script("export.py", f"checkpoint={checkpoint}", f"output={export}", "anonymizer=light_tiny")
     assert_user_error(refused, "trained on the frozen base 'preset:mini', not 'preset:tiny'")
     done = run_script("export.py", f"checkpoint={checkpoint}", f"output={export}", "anonymizer=light_mini")
@@ -252,7 +253,7 @@ def test_person_records_of_other_settings_are_never_reused(tmp_path, tiny_model_
             return compose(
                 "anonymize.yaml",
                 overrides=[
-                    "model=base_tiny", "faces=mini", "resolution=64", "num_workers=0",
+                    "model=base_tiny", "faces=mini", "bodies=none", "resolution=64", "num_workers=0",
                     f"input.folder={REPO / 'examples' / 'mini_scenes'}", f"output={out}", *overrides,
                 ],
             )  # fmt: skip

@@ -226,3 +226,42 @@ def test_a_gated_repository_is_one_line_saying_what_to_accept_and_how_to_log_in(
     message = str(caught.value)
     assert "\n" not in message and f"https://huggingface.co/{SD15}" in message and "hf auth login" in message
     assert SD15 not in hub.served
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin", None])
+def test_the_body_detector_reads_its_real_layout_and_a_layout_without_weights_stops_before_any_download(
+    tmp_path, monkeypatch, weights
+):
+    """hustvl/yolos-tiny as recorded (both weight formats: the safetensors file is fetched), as if it had only the
+    pickle ``.bin`` (read with weights_only), and without weights (one error naming bodies.model, nothing
+    fetched). The stand-in carries the tiny YOLOS of ``bodies=tiny`` in the recorded file names."""
+    import os
+
+    from camouflage_train.annotation.bodies import DEFAULT_REPOSITORY, BodyDetector
+    from camouflage_train.stand_ins.body_detector import tiny_body_detector
+
+    files = record(DEFAULT_REPOSITORY)["files"]
+    assert {"config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin"} <= set(files)
+    if weights == "pytorch_model.bin":
+        files = [name for name in files if name != "model.safetensors"]
+    elif weights is None:
+        files = [name for name in files if name not in ("model.safetensors", "pytorch_model.bin")]
+    tiny = Path(tiny_body_detector(os.environ["CAMOUFLAGE_CACHE"]))
+    hub = StandinHub(tmp_path / "hub")
+    hub.add(DEFAULT_REPOSITORY, build_standin(files, tiny, tmp_path / "yolos-tiny", {"": tiny}))
+    hub.install(monkeypatch)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    if weights is None:
+        with pytest.raises(
+            HubLayoutError, match=r"hustvl/yolos-tiny.*model\.safetensors or pytorch_model\.bin.*bodies"
+        ):
+            BodyDetector(DEFAULT_REPOSITORY)
+        assert hub.served == {}
+        return
+    detector = BodyDetector(DEFAULT_REPOSITORY, score_threshold=0.0, device="cpu")
+    assert hub.listings == 1 and hub.served == {}, "the file list is read first, nothing is fetched yet"
+    boxes = detector(Image.new("RGB", (96, 64), (150, 110, 90)))
+    assert hub.served[DEFAULT_REPOSITORY] == {"config.json", "preprocessor_config.json", weights}
+    assert detector.person_labels == [1] and boxes
+    reference = BodyDetector(str(tiny), score_threshold=0.0, device="cpu")(Image.new("RGB", (96, 64), (150, 110, 90)))
+    assert boxes == reference, "the same weights, read from either format"

@@ -359,6 +359,7 @@ def test_the_gains_move_persons_and_attributes_as_named():
     boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]], [[0.1, 0.1, 0.2, 0.2], [0, 0, 0, 0]]])
     batch = {
         "boxes": boxes,
+        "extents": boxes.clone(),
         "continuous": torch.tensor([[[1.0], [2.0]], [[3.0], [0.0]]]),
         "categorical": torch.tensor([[[0], [1]], [[1], [0]]]),
         "person_mask": torch.tensor([[True, True], [True, False]]),

@@ -137,6 +137,7 @@ def _cached_batch(module, size=4, side=16, seed=0):
         "latent_std": torch.zeros(size, 4, side, side),
         "text_embeds": torch.randn((size, 77, module.text_encoder.config.hidden_size), generator=generator),
         "boxes": boxes,
+        "extents": boxes.clone(),
         "continuous": torch.zeros(size, module.schema.max_persons, len(module.schema.continuous)),
         "categorical": torch.zeros(size, module.schema.max_persons, len(module.schema.categorical), dtype=torch.long),
         "person_mask": mask,
@@ -216,7 +217,7 @@ def test_an_export_at_adapter_scale_half_gives_the_projects_images_in_stock_diff
     persons = PersonBatch(
         *(
             torch.from_numpy(np.stack([getattr(a, f) for a in arrays]))
-            for f in ("boxes", "continuous", "categorical", "mask")
+            for f in ("boxes", "continuous", "categorical", "mask", "extents")
         )
     )
 

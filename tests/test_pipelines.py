@@ -198,7 +198,9 @@ def test_light_keeps_the_scene_outside_the_person_regions_with_a_few_step_solver
     )  # fmt: skip
     assert type(light.pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
     out, real = _arrays(light(images, persons, [7, 8], list(batch["caption"]))), _arrays(images)
-    regions = person_region_masks(persons.extents, persons.mask, (64, 64), module.adapter_config.region_expand)
+    regions = person_region_masks(
+        persons.extents, persons.mask, (64, 64), module.adapter_config.region_expand, cover=True
+    )
     inside = regions.amax(dim=1).numpy() > 0
     faces = person_region_masks(persons.boxes, persons.mask, (64, 64), 1.0).amax(dim=1).numpy() > 0
     body_only = inside & ~faces  # clothes and hair, outside every face box

@@ -102,7 +102,7 @@ def test_the_readme_shows_the_walkthrough_script_verbatim():
 
 # The tiny models and CPU settings each step adds to the walkthrough's commands (its *_ARGS hooks).
 STANDIN_ARGS = {
-    "ANNOTATE_ARGS": "faces=tiny num_workers=0",
+    "ANNOTATE_ARGS": "faces=tiny bodies=tiny num_workers=0",
     "TRAIN_ARGS": "model=light_tiny trainer=cpu logger=csv data.resolution=64 data.batch_size=2 data.val_batch_size=2 "
     "data.num_workers=0 data.persistent_workers=false data.pin_memory=false data.cache.enabled=false "
     "trainer.max_steps=2 trainer.val_check_interval=2 trainer.precision=32 model.backbone.weight_dtype=fp32",

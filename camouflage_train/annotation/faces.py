@@ -1,7 +1,10 @@
 """Image -> person records with insightface ``FaceAnalysis`` (detector, 5 keypoints, gender/age).
 
-Persons are faces for now: ``box`` is the face box. The record keeps the detection score and the
-normalized keypoints so later versions can add body boxes without breaking readers.
+Persons are faces: ``box`` is the face box, and the record keeps the detection score and the normalized
+keypoints. Record schema versions (the sidecar rows' ``schema_version``): 1, faces only; 2, a record may also
+carry ``body``, the person's whole extent (a normalized box that contains the face box), which a body detector
+adds (:mod:`.bodies`, matched to the faces). Version 1 rows, rows written with ``bodies=none`` and faces no body
+was matched to have no ``body``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from camouflage_train.errors import UserError
 
 log = logging.getLogger(__name__)
 
-RECORD_SCHEMA_VERSION = 1
 GENDERS = ("female", "male")  # insightface: gender 0 = female, 1 = male
 
 

@@ -3,8 +3,10 @@
 Each finished image is appended to the JSONL sidecar and flushed at once, so a killed run loses at most
 the images in flight; a rerun reads the sidecar, drops a torn last line, and skips what is done.
 Rows: ``{"file" | "index", "width", "height", "persons", "faces_detected", "faces_dropped",
-"schema_version"}``, or ``{"file" | "index", "persons": [], "skipped": <reason>}`` for an unusable image
-(readers leave those out and count them).
+"schema_version"}`` (plus ``"bodies_without_face"`` when a body detector runs: its person boxes that no face was
+given), or ``{"file" | "index", "persons": [], "skipped": <reason>}`` for an unusable image (readers leave those
+out and count them). With a body detector (``bodies`` group, :mod:`.bodies`) a person record carries the matched
+``body`` box; the records are still the faces.
 
 Folder listing rule: symbolic links are followed, to files and to folders alike; a folder reached twice
 (a link loop, two links to one folder) is listed once; broken links and files without an image extension
@@ -29,9 +31,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from camouflage_train.annotation.faces import RECORD_SCHEMA_VERSION
+from camouflage_train.annotation.bodies import BodyDetector
 from camouflage_train.data.images import BadSampleError, load_rgb
-from camouflage_train.data.schema import keep_largest
+from camouflage_train.data.schema import BODY_KEY, RECORD_SCHEMA_VERSION, keep_largest
 from camouflage_train.errors import DataError, InputError
 from camouflage_train.utils.atomic import cut_torn_tail
 from camouflage_train.utils.config_checks import validate_config
@@ -146,6 +148,9 @@ class AnnotationSummary:
         faces: faces written.
         images_without_face: images written with no person.
         faces_dropped_over_max_persons: faces beyond ``max_persons`` (the largest are kept).
+        body_detector: the body detector's model (``None``: none ran, records are faces only).
+        bodies: persons written with a ``body`` box.
+        bodies_without_face: person boxes of the body detector that no face was given (not persons of the records).
         skipped: images not annotated, by reason.
         not_listed: files of the folder that are not images, by reason.
         seconds: the run's wall time.
@@ -156,6 +161,9 @@ class AnnotationSummary:
     faces: int = 0
     images_without_face: int = 0
     faces_dropped_over_max_persons: int = 0
+    body_detector: str | None = None
+    bodies: int = 0
+    bodies_without_face: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     not_listed: Counter[str] = field(default_factory=Counter)  # files of the folder that are not images
     seconds: float = 0.0
@@ -193,6 +201,7 @@ def annotate_dataset(
     batch_size: int = 16,
     num_workers: int = 0,
     progress: bool = True,
+    bodies: BodyDetector | None = None,
 ) -> AnnotationSummary:
     """Annotate every image of ``listing`` not yet in ``output``; return (and log) the run's summary.
 
@@ -204,12 +213,16 @@ def annotate_dataset(
         batch_size: images per loader batch.
         num_workers: loader worker processes (decoding).
         progress: show a progress bar.
+        bodies: the body detector whose person boxes are matched to the faces (:meth:`.bodies.BodyDetector.match`);
+            ``None``: faces only.
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     done = _done_keys(output, listing.key_field)
     pending = [i for i, key in enumerate(listing.keys) if key not in done]
     summary = AnnotationSummary(already_done=len(listing) - len(pending), not_listed=Counter(listing.not_listed))
+    if bodies is not None:
+        summary.body_detector = bodies.model_id
     loader = DataLoader(Subset(listing, pending), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
     start = time.perf_counter()
     with (
@@ -224,6 +237,9 @@ def annotate_dataset(
                     summary.skipped[image] += 1
                 else:
                     persons = annotator(image)
+                    unmatched: list[list[float]] = []
+                    if bodies is not None:  # every face found competes for the bodies, before max_persons cuts
+                        persons, unmatched = bodies.match(persons, image)
                     kept = keep_largest(persons, max_persons)
                     row.update(
                         width=image.width,
@@ -232,6 +248,10 @@ def annotate_dataset(
                         faces_detected=len(persons),
                         faces_dropped=len(persons) - len(kept),
                     )
+                    if bodies is not None:
+                        row["bodies_without_face"] = len(unmatched)
+                        summary.bodies += sum(person.get(BODY_KEY) is not None for person in kept)
+                        summary.bodies_without_face += len(unmatched)
                     summary.faces += len(kept)
                     summary.faces_dropped_over_max_persons += len(persons) - len(kept)
                     summary.images_without_face += not persons
@@ -280,6 +300,7 @@ class AnnotateConfig:
         task_name: the run folder's name under ``logs/``.
         attributes: the attribute schema group.
         faces: the face pack group (detector, attributes).
+        bodies: the body detector group (``None``: faces only).
         paths: the paths group.
     """
 
@@ -290,22 +311,29 @@ class AnnotateConfig:
     task_name: str = "annotate"
     attributes: Any = None
     faces: Any = None
+    bodies: Any = None
     paths: Any = None
 
 
 def run_annotation(cfg: DictConfig) -> AnnotationSummary:
-    """``annotate.py``: check the config and inputs, list the images, build the annotator, annotate.
+    """``annotate.py``: check the config and inputs, list the images, check the body detector's repository (its
+    file list, before any model loads), build the face annotator, load the body detector, annotate.
 
     Args:
         cfg: the composed ``configs/annotate.yaml``.
     """
     validate_config(cfg, AnnotateConfig)
     listing = ImageListing(**cfg.input)
+    bodies = instantiate(cfg.bodies) if cfg.get("bodies") is not None else None
+    annotator = instantiate(cfg.faces)
+    if bodies is not None:
+        bodies.load()
     return annotate_dataset(
         listing,
-        instantiate(cfg.faces),
+        annotator,
         cfg.output,
         cfg.attributes.max_persons,
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
+        bodies=bodies,
     )

@@ -182,8 +182,9 @@ class PersonImageDataset(Dataset):
         if sample.persons:
             px = torch.tensor([[width, height, width, height]], dtype=torch.float32)
             count = len(sample.persons)
-            # Face boxes, then each person's body box (its face box where it has none): one geometry for both.
-            given = [p[BOX_KEY] for p in sample.persons] + [p.get(BODY_KEY) or p[BOX_KEY] for p in sample.persons]
+            # Face boxes, then each person's extent (its body, or its face grown by the schema's margins, in the
+            # uncropped image): one geometry for both, so a crop that cuts a face does not shrink its extent.
+            given = [p[BOX_KEY] for p in sample.persons] + [self.schema.extent(p) for p in sample.persons]
             boxes = tv_tensors.BoundingBoxes(
                 torch.tensor(given, dtype=torch.float32) * px, format="XYXY", canvas_size=(height, width)
             )
@@ -192,14 +193,15 @@ class PersonImageDataset(Dataset):
             boxes = TF.clamp_bounding_boxes(TF.crop(boxes, top, left, res, res))
             faces, bodies = boxes[:count], boxes[count:]
             visible = (faces[:, 2] - faces[:, 0]).clamp(min=0) * (faces[:, 3] - faces[:, 1]).clamp(min=0)
-            rows = zip(sample.persons, faces / res, bodies / res, visible, full_area, strict=True)
-            for index, (person, box, body, seen, full) in enumerate(rows):
+            body_visible = (bodies[:, 2] - bodies[:, 0]).clamp(min=0) * (bodies[:, 3] - bodies[:, 1]).clamp(min=0)
+            rows = zip(sample.persons, faces / res, bodies / res, visible, body_visible, full_area, strict=True)
+            for index, (person, box, body, seen, body_seen, full) in enumerate(rows):
                 if seen < self.min_visible * full or not (box[0] < box[2] and box[1] < box[3]):
                     dropped += 1
-                    cut_off += not seen > 0  # wholly outside the crop: not in the image any more
+                    cut_off += not body_seen > 0  # wholly outside the crop, body and all: not in the image any more
                     continue
                 moved = {**person, BOX_KEY: box.clamp(0.0, 1.0).tolist(), RECORD_INDEX_KEY: index}
-                if person.get(BODY_KEY) is not None:
+                if self.schema.body is not None:  # the extent as it was before the crop, moved with the pixels
                     moved[BODY_KEY] = body.clamp(0.0, 1.0).tolist()
                 persons.append(moved)
         kept = keep_largest(persons, self.schema.max_persons)

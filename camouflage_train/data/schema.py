@@ -24,6 +24,9 @@ import numpy as np
 
 BOX_KEY = "box"
 BODY_KEY = "body"
+# The sidecar rows' ``schema_version`` that annotation writes and the newest readers accept (2: records may carry
+# ``body``); a row without one is version 1.
+RECORD_SCHEMA_VERSION = 2
 
 
 class InvalidRecordError(ValueError):
@@ -273,7 +276,7 @@ class AttributeSchema:
         if missing:
             raise InvalidRecordError(f"{where}: missing field(s) {missing}", "missing field")
         face = _check_box(person[BOX_KEY], BOX_KEY, where)
-        if person.get(BODY_KEY) is not None:
+        if self.body is not None and person.get(BODY_KEY) is not None:  # a face-only schema ignores bodies
             body = _check_box(person[BODY_KEY], BODY_KEY, where)
             s = _CONTAIN_SLACK
             if not (

@@ -23,7 +23,7 @@ from PIL import Image
 
 from camouflage_train.compat.data_internals import dataset_fingerprint
 from camouflage_train.data.images import load_rgb
-from camouflage_train.data.schema import AttributeSchema, InvalidRecordError, as_schema
+from camouflage_train.data.schema import RECORD_SCHEMA_VERSION, AttributeSchema, InvalidRecordError, as_schema
 from camouflage_train.data.synthetic import FACE_SIZE, WORLD_VERSION, check_face_size, draw_scene
 from camouflage_train.errors import DataError, InputError
 from camouflage_train.utils.hub import download_hint, first_line, transport_errors
@@ -44,7 +44,8 @@ class RawSample:
         key: its name in errors and logs.
         name: its stable id for outputs.
         persons_not_recorded: persons found in the image whose records were left out (the annotation keeps
-            the ``max_persons`` largest faces and counts the rest as ``faces_dropped``).
+            the ``max_persons`` largest faces and counts the rest as ``faces_dropped``, and counts the person boxes
+            of its body detector that no face was found for as ``bodies_without_face``): nothing anonymizes them.
     """
 
     image: Image.Image
@@ -151,6 +152,10 @@ def screen_rows(
     return kept, skipped, dropped
 
 
+def _readable_version(version: Any) -> bool:
+    return isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= RECORD_SCHEMA_VERSION
+
+
 def read_sidecar(path: str | Path) -> tuple[list[dict[str, Any]], list[RejectedRow]]:
     """Read person-record rows from ``.jsonl`` or ``.parquet``: the rows with a ``persons`` list (each gets
     ``_where`` = ``file:line``), and the lines that are not such rows (malformed JSON, not an object, no list).
@@ -186,6 +191,12 @@ def read_sidecar(path: str | Path) -> tuple[list[dict[str, Any]], list[RejectedR
         elif not isinstance(row.get("persons"), list):
             detail = f"{where}: field 'persons' must be a list of person records"
             rejected.append(RejectedRow(where, "no 'persons' list", detail, name=_file_of(row)))
+        elif not _readable_version(1 if row.get("schema_version") is None else row["schema_version"]):
+            detail = (
+                f"{where}: schema_version {row['schema_version']!r} is not one this camouflage-train reads "
+                f"(1..{RECORD_SCHEMA_VERSION}): written by a newer version; upgrade camouflage-train"
+            )
+            rejected.append(RejectedRow(where, "newer record version", detail, name=_file_of(row)))
         else:
             rows.append({**row, "_where": where})
     return rows, rejected
@@ -371,7 +382,8 @@ class FolderSource:
             caption=row.get(self.caption_field),
             key=_where_and_file(row),
             name=row["file"],
-            persons_not_recorded=_count(row.get("faces_dropped")),
+            # faces cut by max_persons, and persons the body detector saw without a face: neither is anonymized
+            persons_not_recorded=_count(row.get("faces_dropped")) + _count(row.get("bodies_without_face")),
         )
 
 

@@ -170,7 +170,7 @@ def candidates(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], rule: Ru
                     reasons.append(f"reference detection {ref_detection:.3f} < {rule.min_detection}")
                 if rule.floor:
                     privacy, floor = _number(row, keys["privacy"]), _number(row, _resolve(rule.floor, row))
-                    if not privacy <= floor + rule.max_above_floor:
+                    if not privacy <= floor + rule.max_above_floor + 1e-9:  # at the bound is within it
                         reasons.append(f"{keys['privacy']} {privacy:.3f} > floor {floor:.3f} + {rule.max_above_floor}")
                 for limit in rule.limits:
                     key, op, bound = _parse_limit(limit)
@@ -279,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> Candidate | None:
     found = candidates(load_runs(args.folders), rule)
     chosen = choose(found, rule.tie, rule.absolute)
     text = table(found, chosen)
-    text += f"\nrule: {json.dumps(asdict(rule))}\nchosen: " + (
+    rule_json = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(rule).items()}
+    text += f"\nrule: {json.dumps(rule_json)}\nchosen: " + (
         f"{chosen.run} {chosen.row}" if chosen else "none (no feasible candidate)"
     )
     print(text)
@@ -290,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> Candidate | None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "operating_point.md").write_text(text + "\n")
         report = {
-            "rule": asdict(rule),
+            "rule": rule_json,
             "chosen": asdict(chosen) if chosen else None,
             "candidates": [asdict(c) for c in found],
         }

@@ -85,10 +85,13 @@ class ReIdentification(Metric):
     def update(self, original: torch.Tensor, anonymized: torch.Tensor, unmatched_original: torch.Tensor) -> None:
         """``original``/``anonymized``: embeddings ``[K, D]`` of K matched pairs; ``unmatched_original``:
         embeddings of original faces without a match (they stay in the gallery)."""
-        if original.shape[0]:
-            self.original.append(F.normalize(original.float(), dim=-1))
-            self.anonymized.append(F.normalize(anonymized.float(), dim=-1))
-        if unmatched_original.shape[0]:
+        # Empty [0, D] batches are kept too (D > 1: an embedding width is known): a process whose images gave no
+        # face must still hold [*, D] states, or gathering them across processes fails (an empty list is gathered
+        # as a 1-D tensor).
+        for state, values in ((self.original, original), (self.anonymized, anonymized)):
+            if values.shape[0] or (values.ndim == 2 and values.shape[1] > 1):
+                state.append(F.normalize(values.float(), dim=-1))
+        if unmatched_original.shape[0] or (unmatched_original.ndim == 2 and unmatched_original.shape[1] > 1):
             self.gallery_extra.append(F.normalize(unmatched_original.float(), dim=-1))
         self.faces += original.shape[0] + unmatched_original.shape[0]
 

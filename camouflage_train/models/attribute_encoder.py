@@ -75,6 +75,7 @@ class AttributeEncoder(ModelMixin, ConfigMixin):
         parsed = AttributeSchema.from_config(schema)
         self.num_continuous, self.num_categorical = parsed.num_continuous, parsed.num_categorical
         self.uses_extents = parsed.body is not None  # the extent is an input only where the schema has bodies
+        self.slots_per_person = 2 if self.uses_extents else 1  # [extent, face] under a schema with bodies
         self.fourier = FourierFeatures(fourier_freqs)
         self.categories = nn.ModuleList(nn.Embedding(len(c.classes), category_dim) for c in parsed.categorical)
         boxes = 8 if self.uses_extents else 4
@@ -82,7 +83,7 @@ class AttributeEncoder(ModelMixin, ConfigMixin):
         layers: list[nn.Module] = [nn.Linear(in_dim, width), nn.SiLU()]
         for _ in range(depth - 1):
             layers += [nn.Linear(width, width), nn.SiLU()]
-        layers.append(nn.Linear(width, embed_dim))
+        layers.append(nn.Linear(width, embed_dim * self.slots_per_person))
         self.mlp = nn.Sequential(*layers)
 
     @classmethod
@@ -109,7 +110,10 @@ class AttributeEncoder(ModelMixin, ConfigMixin):
         categorical: torch.Tensor,
         extents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``[B, P, embed_dim]`` from the face boxes, attributes and (under a schema with ``body``) extents.
+        """``[B, P * slots_per_person, embed_dim]`` from the face boxes, attributes and (under a schema with
+        ``body``) extents. Under a schema with ``body`` each person has two slots, in the order ``[extent, face]``
+        (person ``i``'s are ``2i`` and ``2i + 1``): the embedding that acts in its whole extent and the one that
+        acts at its face (:func:`~camouflage_train.models.conditioning.conditioning_inputs`).
 
         Args:
             boxes: ``[B, P, 4]`` normalised face boxes.
@@ -130,7 +134,8 @@ class AttributeEncoder(ModelMixin, ConfigMixin):
             places.append(extents)
         scalars = torch.cat([*places, continuous], dim=-1).to(dtype)
         parts = [self.fourier(scalars)] + [emb(categorical[..., i]) for i, emb in enumerate(self.categories)]
-        return self.mlp(torch.cat(parts, dim=-1))
+        embeds = self.mlp(torch.cat(parts, dim=-1))  # [B, P, slots * E]
+        return embeds.unflatten(-1, (self.slots_per_person, -1)).flatten(-3, -2)
 
 
 def encoder_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

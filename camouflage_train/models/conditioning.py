@@ -33,19 +33,18 @@ class PersonBatch:
         categorical: ``[B, P, K]`` class indices.
         mask: ``[B, P]`` bool, true for real persons.
         extents: ``[B, P, 4]`` each person's extent (its body, :meth:`AttributeSchema.extent`): the region the
-            anonymizers redraw and, under a schema with ``body``, a conditioning input; ``None``: the face boxes.
+            anonymizers redraw and, under a schema with ``body``, a conditioning input; ``None``: not known (regions
+            are then the face boxes, and an encoder with bodies refuses it).
     """
 
     boxes: torch.Tensor  # [B, P, 4]
     continuous: torch.Tensor  # [B, P, C]
     categorical: torch.Tensor  # [B, P, K]
     mask: torch.Tensor  # [B, P] bool
-    extents: torch.Tensor = None  # type: ignore[assignment]  # [B, P, 4]; None -> the face boxes
+    extents: torch.Tensor | None = None  # [B, P, 4]; None: not known (regions fall back to the face boxes)
 
     def __post_init__(self) -> None:
-        if self.extents is None:
-            object.__setattr__(self, "extents", self.boxes)
-        elif self.extents.shape != self.boxes.shape:
+        if self.extents is not None and self.extents.shape != self.boxes.shape:
             raise ValueError(f"extents {tuple(self.extents.shape)} must match boxes {tuple(self.boxes.shape)}")
 
     @classmethod
@@ -78,20 +77,29 @@ class PersonBatch:
             device: the target device.
         """
         tensors = (self.boxes, self.continuous, self.categorical, self.mask, self.extents)
-        return PersonBatch(*(t.to(device) for t in tensors))
+        return PersonBatch(*(None if t is None else t.to(device) for t in tensors))
 
     def __getitem__(self, index: slice) -> PersonBatch:
         tensors = (self.boxes, self.continuous, self.categorical, self.mask, self.extents)
-        return PersonBatch(*(t[index] for t in tensors))
+        return PersonBatch(*(None if t is None else t[index] for t in tensors))
 
-    def region_masks(self, size: tuple[int, int], expand: float | None) -> torch.Tensor:
+    def region_boxes(self) -> torch.Tensor:
+        """The boxes the regions are made of: the extents, or the face boxes where those are not known."""
+        return self.boxes if self.extents is None else self.extents
+
+    def face_only(self) -> PersonBatch:
+        """The same persons with their face boxes as their extents (for an adapter trained without bodies)."""
+        return PersonBatch(self.boxes, self.continuous, self.categorical, self.mask, self.boxes)
+
+    def region_masks(self, size: tuple[int, int], expand: float | None, cover: bool = False) -> torch.Tensor:
         """``[B, P, H, W]``: each person's region, its extent grown ``expand`` times (``None``: the whole image).
 
         Args:
             size: ``(H, W)`` of the masks.
             expand: the growth of each extent.
+            cover: every cell the region touches (what is redrawn), not only those whose centre it holds.
         """
-        return person_region_masks(self.extents, self.mask, size, expand)
+        return person_region_masks(self.region_boxes(), self.mask, size, expand, cover=cover)
 
 
 def conditioning_inputs(
@@ -101,8 +109,12 @@ def conditioning_inputs(
     region_expand: float | None,
     unconditional_half: bool = False,
     region_overlap: str = AdapterConfig.region_overlap,
+    face_expand: float = AdapterConfig.face_expand,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Person embeddings ``[B, P, E]`` and region masks ``[B, P, h, w]`` at latent resolution.
+    """Person embeddings ``[B, S, E]`` and region masks ``[B, S, h, w]`` at latent resolution, ``S`` slots: one per
+    person, or, under a schema with ``body``, two per person in the order ``[extent, face]``: the first acts in the
+    person's extent grown ``region_expand`` times, the second in its face box grown ``face_expand`` times, so the
+    whole person is drawn and its face where its box says.
 
     Args:
         encoder: the attribute encoder.
@@ -112,12 +124,21 @@ def conditioning_inputs(
         unconditional_half: for classifier-free guidance: an unconditional half with no persons comes first,
             ``[2B, ...]``, the order diffusers' pipelines expect.
         region_overlap: ``sum`` (overlapping regions both act) or ``nearest`` (each position to one person,
-            :func:`~camouflage_train.models.ip_adapter.split_overlapping_regions`).
+            :func:`~camouflage_train.models.ip_adapter.split_overlapping_regions`; extents and faces split apart).
+        face_expand: the face slots' growth of the face box (under a schema with ``body``).
     """
+    if not encoder.uses_extents:
+        persons = persons.face_only()  # an adapter trained without bodies acts where it was trained: at faces
     embeds = encoder(persons.boxes, persons.continuous, persons.categorical, persons.extents)
     masks = persons.region_masks(latent_size, region_expand)
     if region_overlap == "nearest" and region_expand is not None:
-        masks = split_overlapping_regions(masks, persons.extents)
+        masks = split_overlapping_regions(masks, persons.region_boxes())
+    if encoder.slots_per_person == 2:
+        face_growth = face_expand if region_expand is not None else None
+        faces = person_region_masks(persons.boxes, persons.mask, latent_size, face_growth)
+        if region_overlap == "nearest" and region_expand is not None:
+            faces = split_overlapping_regions(faces, persons.boxes)
+        masks = torch.stack([masks, faces], dim=2).flatten(1, 2)  # [B, 2P, h, w]: extent, face, extent, face...
     return with_unconditional_half(embeds, masks) if unconditional_half else (embeds, masks)
 
 

@@ -53,9 +53,14 @@ class AdapterConfig:
         fourier_freqs: Fourier frequencies of the box and continuous inputs.
         category_dim: the embedding width of each categorical attribute.
         region_masks: each person acts only inside its region (else on the whole image).
-        region_expand: the region: the person's box grown this much around its centre.
+        region_expand: the region: the person's extent (its body under a schema with ``body``, else its face box)
+            grown this much around its centre.
+        face_expand: under a schema with ``body``, each person has a second slot, its face, acting inside its face
+            box grown this much (the first acts in its extent): the face is placed where its box says.
         region_overlap: where regions overlap, ``sum`` adds the persons' attention outputs; ``nearest`` gives each
-            position to the person whose box centre is nearest (:func:`split_overlapping_regions`).
+            position to the person whose box centre is nearest (:func:`split_overlapping_regions`); with two slots
+            per person, extents and faces are split apart, so a position may hold one person's extent and another's
+            face.
         scale: the adapter attention's weight.
     """
 
@@ -68,14 +73,18 @@ class AdapterConfig:
     category_dim: int = 32
     region_masks: bool = True
     region_expand: float = DEFAULT_REGION_EXPAND
+    face_expand: float = 1.25
     region_overlap: str = "sum"
     scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.tokens_per_person < 1 or self.proj_mult < 1:
             raise ValueError(f"tokens_per_person and proj_mult must be >= 1, got {self}")
-        if self.region_expand < 1.0:
-            raise ValueError(f"region_expand must be >= 1 (1 = the box itself), got {self.region_expand}")
+        if self.region_expand < 1.0 or self.face_expand < 1.0:
+            raise ValueError(
+                f"region_expand and face_expand must be >= 1 (1 = the box itself), got {self.region_expand}, "
+                f"{self.face_expand}"
+            )
         if self.region_overlap not in REGION_OVERLAPS:
             raise ValueError(f"region_overlap must be one of {REGION_OVERLAPS}, got {self.region_overlap!r}")
 
@@ -229,16 +238,22 @@ def install_ip_adapter(
 
 
 def person_region_masks(
-    boxes: torch.Tensor, person_mask: torch.Tensor, size: tuple[int, int], expand: float | None
+    boxes: torch.Tensor,
+    person_mask: torch.Tensor,
+    size: tuple[int, int],
+    expand: float | None,
+    cover: bool = False,
 ) -> torch.Tensor:
     """``[B, P, H, W]`` float masks: each person's box grown ``expand`` times around its centre (``None``: the
-    whole image), times ``person_mask`` so padded persons are all zero.
+    whole image), times ``person_mask`` so padded persons are all zero. A cell is inside when its centre is
+    (``cover``: when any part of it is, so every cell the box touches is covered, however small the box).
 
     Args:
         boxes: ``[B, P, 4]`` normalised boxes.
         person_mask: ``[B, P]`` bool, true for real persons.
         size: ``(H, W)`` of the masks.
         expand: the growth of each box (``None``: whole-image masks).
+        cover: count the cells the box only partly covers too.
     """
     height, width = size
     batch, persons = person_mask.shape
@@ -248,10 +263,16 @@ def person_region_masks(
     centre = (boxes[..., :2] + boxes[..., 2:]) / 2
     half = (boxes[..., 2:] - boxes[..., :2]) * (expand / 2)
     lo, hi = (centre - half).clamp(0, 1), (centre + half).clamp(0, 1)
-    ys = (torch.arange(height, device=boxes.device, dtype=torch.float32) + 0.5) / height
-    xs = (torch.arange(width, device=boxes.device, dtype=torch.float32) + 0.5) / width
-    inside_y = (ys >= lo[..., 1, None]) & (ys <= hi[..., 1, None])
-    inside_x = (xs >= lo[..., 0, None]) & (xs <= hi[..., 0, None])
+    if cover:  # the cell [i, i + 1) / n meets [lo, hi]
+        rows = torch.arange(height, device=boxes.device, dtype=torch.float32)
+        cols = torch.arange(width, device=boxes.device, dtype=torch.float32)
+        inside_y = ((rows + 1) / height > lo[..., 1, None]) & (rows / height < hi[..., 1, None])
+        inside_x = ((cols + 1) / width > lo[..., 0, None]) & (cols / width < hi[..., 0, None])
+    else:
+        ys = (torch.arange(height, device=boxes.device, dtype=torch.float32) + 0.5) / height
+        xs = (torch.arange(width, device=boxes.device, dtype=torch.float32) + 0.5) / width
+        inside_y = (ys >= lo[..., 1, None]) & (ys <= hi[..., 1, None])
+        inside_x = (xs >= lo[..., 0, None]) & (xs <= hi[..., 0, None])
     return (inside_y[..., :, None] & inside_x[..., None, :]).to(torch.float32) * mask
 
 

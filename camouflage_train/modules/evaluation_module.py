@@ -167,7 +167,8 @@ class JointEvaluationModule(L.LightningModule):
             unmatched = [i for i in range(len(original.boxes)) if i not in matched_o]
             for rec, metric in self.reid[self.key[row]].items():
                 emb_o, emb_a = original.embeddings[rec], output.embeddings[rec]
-                take = lambda e, idx: torch.as_tensor(e[idx] if idx else np.zeros((0, 1)), dtype=torch.float32)  # noqa: E731
+                width = next((e.shape[-1] for e in (emb_o, emb_a) if np.ndim(e) == 2), 1)  # empty rows keep [0, D]
+                take = lambda e, idx, w=width: torch.as_tensor(e[idx] if idx else np.zeros((0, w)), dtype=torch.float32)  # noqa: E731
                 metric.update(take(emb_o, matched_o), take(emb_a, [j for _, j in pairs]), take(emb_o, unmatched))
             for i, j in pairs:
                 ages.append([original.ages[i], output.ages[j]])

@@ -352,7 +352,12 @@ class LightAdapterModule(FrozenDiffusionMixin, L.LightningModule):
         noisy, target = self.noisy_latents_and_target(latents, noise, draw.timesteps)
         expand = self.adapter_config.region_expand if self.adapter_config.region_masks else None
         embeds, masks = conditioning_inputs(
-            self.encoder, persons, tuple(latents.shape[-2:]), expand, region_overlap=self.adapter_config.region_overlap
+            self.encoder,
+            persons,
+            tuple(latents.shape[-2:]),
+            expand,
+            region_overlap=self.adapter_config.region_overlap,
+            face_expand=self.adapter_config.face_expand,
         )
         with self._frozen_compute():
             prediction = self.unet(

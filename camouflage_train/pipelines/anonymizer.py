@@ -86,7 +86,7 @@ class Blur:
     ) -> list[Image.Image]:
         return [
             self._blur(image, boxes.tolist(), mask.tolist())
-            for image, boxes, mask in zip(images, persons.extents, persons.mask, strict=True)
+            for image, boxes, mask in zip(images, persons.region_boxes(), persons.mask, strict=True)
         ]
 
     def _blur(self, image: Image.Image, boxes: list[list[float]], mask: list[bool]) -> Image.Image:

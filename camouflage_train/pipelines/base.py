@@ -254,6 +254,11 @@ class CamouflageBase:
         keep_background: bool = False,
         paste_feather: float = 0.0,
     ) -> None:
+        if keep_background and strength is not None:
+            raise ValueError(
+                "keep_background redraws the persons from noise: set strength to null (img2img runs a truncated "
+                "schedule the kept scene would be noised against wrongly)"
+            )
         self.backbone, self.controls = backbone, list(controls)
         self.region_expand, self.keep_background, self.paste_feather = region_expand, keep_background, paste_feather
         self.anonymization = dict(anonymization or {})

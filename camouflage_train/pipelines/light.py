@@ -208,6 +208,7 @@ def generate_light(
         config.region_expand if config.region_masks else None,
         unconditional_half=guidance_scale > 1.0,
         region_overlap=config.region_overlap,
+        face_expand=config.face_expand,
     )
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
     device = execution_device(pipe)
@@ -337,6 +338,8 @@ class CamouflageLight:
     ) -> list[Image.Image]:
         width, height = images[0].size
         persons = persons.to(execution_device(self.pipe))
+        if not self.encoder.uses_extents:  # trained without bodies: its regions, kept scene and paste are at faces
+            persons = persons.face_only()
         kwargs = control_kwargs(self.controls, images) if self.controls else {}
         if self.keep_background:
             keeper = background_keeper(self.pipe, images, persons, seeds, self.adapter_config.region_expand)
@@ -391,6 +394,29 @@ def check_checkpoint_base(checkpoint: str | Path, base_model: str | None, key: s
             f"{key}: {checkpoint} was trained on the base '{trained_on}', but this anonymizer config is for "
             f"'{base_model}' (its base_model): pass a checkpoint trained on '{base_model}', or the anonymizer config "
             f"made for '{trained_on}'"
+        )
+
+
+def check_checkpoint_schema(
+    checkpoint: str | Path, attributes: Mapping[str, Any], key: str = "model.checkpoint"
+) -> None:
+    """Refuse a Light training checkpoint trained with body extents in a run whose ``attributes`` have none: it would be
+    fed face boxes as extents and redraw faces only, without a word. (An adapter trained without bodies runs on its
+    face boxes whatever the run's schema: :meth:`CamouflageLight.__call__`.)
+
+    Args:
+        checkpoint: the Light training checkpoint.
+        attributes: the run's attribute schema config.
+        key: the config key that names the checkpoint, for errors.
+    """
+    try:
+        trained = read_metadata(read_checkpoint(checkpoint, key=key, mmap=True), checkpoint, key)["schema"]
+    except NotALightCheckpoint as error:
+        raise UserError(str(error)) from None
+    if trained.get("body") is not None and attributes.get("body") is None:
+        raise UserError(
+            f"{key}: {checkpoint} was trained with body extents (its schema's 'body'), but the run's attributes have "
+            "none, so only faces would be redrawn: run with attributes=face (or the schema it was trained on)"
         )
 
 

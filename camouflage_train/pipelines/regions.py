@@ -60,7 +60,8 @@ def background_keeper(
     seeds: Sequence[int],
     region_expand: float,
 ) -> KeepBackground:
-    """:class:`KeepBackground` for ``images``: their VAE latents, the union of the persons' regions (extents grown
+    """:class:`KeepBackground` for ``images``: their VAE latents, the union of the persons' regions (every latent
+    cell that an extent grown
     ``region_expand`` times) and per-image noise from ``seeds``.
 
     Args:
@@ -75,7 +76,7 @@ def background_keeper(
     pixels = (pixels * 2 - 1).to(device, dtype)
     latents = pipe.vae.encode(pixels).latent_dist.mean.float() * pipe.vae.config.scaling_factor
     size = tuple(latents.shape[-2:])
-    regions = persons.to(device).region_masks(size, region_expand)
+    regions = persons.to(device).region_masks(size, region_expand, cover=True)  # every cell a region touches
     generators = [torch.Generator(device="cpu").manual_seed(int(s) + 1) for s in seeds]
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(device)
     return KeepBackground(latents, regions.amax(dim=1, keepdim=True), noise)
@@ -100,7 +101,7 @@ def paste_outside(
             side (0: a hard border).
     """
     width, height = originals[0].size
-    regions = persons.to("cpu").region_masks((height, width), region_expand)
+    regions = persons.to("cpu").region_masks((height, width), region_expand, cover=True)
     radius = feather * min(width, height)
     pasted = []
     for original, image, region in zip(originals, generated, regions.amax(dim=1), strict=True):

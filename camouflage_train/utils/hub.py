@@ -224,6 +224,39 @@ def plan_files(
     return HubPlan(repo_id, chosen, revision, repo_type, cache, None, what, config_key)
 
 
+def check_folder(
+    folder: str | Path,
+    wants: Sequence[Want],
+    *,
+    what: str = "files",
+    config_key: str = "",
+    error: type[HubError] = HubLayoutError,
+) -> list[str]:
+    """The files of a local model folder a loader reads (:func:`choose_files` over what it holds), checked before
+    anything loads: a required file missing in every readable form raises ``error`` naming the folder, the file,
+    what the folder holds and the config key.
+
+    Args:
+        folder: the folder (a ``save_pretrained`` folder or an ``hf download --local-dir`` copy).
+        wants: the files the loader needs.
+        what: what the files are, for messages (``person detector``).
+        config_key: the config key that names the folder, for messages.
+        error: the error class for a folder without a file it needs.
+    """
+    folder = Path(folder)
+    listing = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    chosen, missing = choose_files(listing, wants)
+    if missing:
+        present = [name for name in listing if not name.startswith(".")]
+        raise error(
+            f"{what} folder '{folder}' has no {_describe(missing)}; it holds {present[:30]}"
+            f"{' ...' if len(present) > 30 else ''}. Point {config_key or 'its config key'} at a folder that has "
+            "them (`save_pretrained` of the model and its processor, or `hf download <repo> --local-dir <folder>`) "
+            "or at a hub id"
+        )
+    return chosen
+
+
 def _cached_snapshot(
     repo_id: str, revision: str | None, repo_type: str, cache_dir: str | None, patterns: list[str]
 ) -> Path | None:
