@@ -9,7 +9,9 @@ re-identification; candidates within ``tie`` of that fall count as equal, and th
 (the weakest setting) wins. A privacy bound (``--floor``, ``--max-above-floor``: the privacy measure at most that
 far above the row's attribute floor, e.g. the worst-case attacker's) and utility limits (``--limit
 attr/box_iou>=0.5``) make more candidates infeasible; ``--include-reference`` makes each sweep's reference a
-candidate too (a sweep of a setting with no natural "off"). Run it on scenes that no reported number uses::
+candidate too (a sweep of a setting with no natural "off"). Bounds and ranking compare point estimates, not their
+standard errors; across runs, ties go to the smallest swept value, then the most private. Run it on scenes that no
+reported number uses::
 
     python evaluate.py -m experiment=eval_demo rows=[base] data.val_source.seed=6000000 \\
         'row_sweep=[{row: base, key: anonymization.scale, name: guidance, values: [0, 0.8, 1.2, 1.6, 2.4]}]' \\
