@@ -214,10 +214,9 @@ def plan_files(
         return HubPlan(repo_id, chosen, revision, repo_type, cache, local, what, config_key)
     chosen, missing = choose_files(listing, wants)
     if missing:
-        present = [name for name in listing if not name.startswith(".")]
         raise HubLayoutError(
             f"{what} '{repo_id}' (revision={revision or 'default branch'}) has no {_describe(missing)}; the "
-            f"repository holds {present[:30]}{' ...' if len(present) > 30 else ''}. Pick another revision or "
+            f"repository holds {_holdings(listing)}. Pick another revision or "
             f"repository ({config_key or 'its config key'}), or convert the weights into a local folder and pass "
             "that folder instead"
         )
@@ -247,10 +246,9 @@ def check_folder(
     listing = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     chosen, missing = choose_files(listing, wants)
     if missing:
-        present = [name for name in listing if not name.startswith(".")]
         raise error(
-            f"{what} folder '{folder}' has no {_describe(missing)}; it holds {present[:30]}"
-            f"{' ...' if len(present) > 30 else ''}. Point {config_key or 'its config key'} at a folder that has "
+            f"{what} folder '{folder}' has no {_describe(missing)}; it holds {_holdings(listing)}. Point "
+            f"{config_key or 'its config key'} at a folder that has "
             "them (`save_pretrained` of the model and its processor, or `hf download <repo> --local-dir <folder>`) "
             "or at a hub id"
         )
@@ -275,6 +273,12 @@ def _cached_snapshot(
         )
     except network_errors():
         return None
+
+
+def _holdings(listing: Sequence[str]) -> str:
+    """The first 30 non-hidden files of a listing, for messages."""
+    present = [name for name in listing if not name.startswith(".")]
+    return f"{present[:30]}{' ...' if len(present) > 30 else ''}"
 
 
 def _describe(missing: Sequence[Want]) -> str:
