@@ -171,7 +171,8 @@ def test_a_short_light_run_on_the_mini_base_learns_places_and_attributes(tmp_pat
                 "experiment=eval_demo", "rows=[light,no_adapter]", "row_sweep=null", "data.val_source.num_samples=16",
                 f"light_checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}", f"paths.output_dir={tmp_path / 'eval'}",
                 "logger=csv", "metrics.fid.kid_subset_size=8",
-                "other_views=null",  # the places are measured here; the attackers have tests of their own
+                # The places are measured here; the attackers have tests of their own.
+                "other_views=null", "attackers.adaptive=null",
                 # The adapter alone against the base alone, both drawing the whole image (the measured setting
                 # below) in the operating point's 4 DPM-Solver++ steps: with the scene kept outside the regions,
                 # the base alone gains from the context too.
