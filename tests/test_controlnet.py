@@ -83,6 +83,7 @@ def _base_outputs(controlnets: dict, scenes: list, steps: int = 5) -> list:
     return base(images, persons, list(range(len(images))), ["a photo of people"] * len(images))
 
 
+@pytest.mark.slow  # a check of the committed weights: they change only with a rebuild
 def test_the_committed_controlnets_follow_their_condition():
     """The committed mini ControlNets against random ones (preset:mini-controlnet-<seed>) on the same held-out
     scenes and seeds: the Canny ControlNet's samples keep the scene's edges, the reconstruction ControlNet's

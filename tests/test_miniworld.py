@@ -92,6 +92,7 @@ def test_the_committed_person_encoder_finds_people_in_other_photos():
     assert rank1 > 0.5
 
 
+@pytest.mark.slow  # a check of the committed weights: they change only with a rebuild
 def test_the_mini_base_draws_people_from_captions():
     """Plain text-to-image with the trained base: the mini detector finds people in most samples, about as many
     as the caption asks for; the random tiny base gives none (its samples are noise)."""
