@@ -192,9 +192,10 @@ def test_read_sidecar_returns_rejected_lines_with_file_and_line(tmp_path):
     path.write_text(
         '{"file": "a.png", "persons": []}\n{oops\n{"file": "b.png", "persons": {}}\n'
         '{"file": "c.png", "persons": [], "schema_version": 2}\n{"file": "d.png", "persons": [], "schema_version": 3}\n'
+        '{"file": "e.png", "persons": [], "schema_version": 2.0}\n'  # a float column's 2
     )
     rows, rejected = read_sidecar(path)
-    assert [r["file"] for r in rows] == ["a.png", "c.png"]  # versions 1 (no field) and 2 read
+    assert [r["file"] for r in rows] == ["a.png", "c.png", "e.png"]  # versions 1 (no field) and 2 read
     assert [(r.where, r.reason) for r in rejected] == [
         (f"{path}:2", "malformed JSON"),
         (f"{path}:3", "no 'persons' list"),

@@ -33,7 +33,7 @@ from camouflage_train.utils.atomic import atomic_folder
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3  # 2: meta.json records every array's byte size; 3: persons' extents
+CACHE_FORMAT = 4  # 2: meta.json records every array's byte size; 3: persons' extents; 4: grown before the crop
 _NP_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -153,7 +154,13 @@ def screen_rows(
 
 
 def _readable_version(version: Any) -> bool:
-    return isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= RECORD_SCHEMA_VERSION
+    """A row's ``schema_version`` this reader knows: missing (``None``, NaN: version 1) or a whole number in
+    ``1..RECORD_SCHEMA_VERSION`` (``2.0`` from a float column counts)."""
+    if version is None or (isinstance(version, float) and math.isnan(version)):
+        return True
+    if isinstance(version, bool) or not isinstance(version, (int, float)) or not float(version).is_integer():
+        return False
+    return 1 <= int(version) <= RECORD_SCHEMA_VERSION
 
 
 def read_sidecar(path: str | Path) -> tuple[list[dict[str, Any]], list[RejectedRow]]:
@@ -191,7 +198,7 @@ def read_sidecar(path: str | Path) -> tuple[list[dict[str, Any]], list[RejectedR
         elif not isinstance(row.get("persons"), list):
             detail = f"{where}: field 'persons' must be a list of person records"
             rejected.append(RejectedRow(where, "no 'persons' list", detail, name=_file_of(row)))
-        elif not _readable_version(1 if row.get("schema_version") is None else row["schema_version"]):
+        elif not _readable_version(row.get("schema_version")):
             detail = (
                 f"{where}: schema_version {row['schema_version']!r} is not one this camouflage-train reads "
                 f"(1..{RECORD_SCHEMA_VERSION}): written by a newer version; upgrade camouflage-train"

@@ -167,7 +167,8 @@ class JointEvaluationModule(L.LightningModule):
             unmatched = [i for i in range(len(original.boxes)) if i not in matched_o]
             for rec, metric in self.reid[self.key[row]].items():
                 emb_o, emb_a = original.embeddings[rec], output.embeddings[rec]
-                width = next((e.shape[-1] for e in (emb_o, emb_a) if np.ndim(e) == 2), 1)  # empty rows keep [0, D]
+                # Empty rows keep [0, D], D from whichever side has a face (a process without any keeps 1).
+                width = next((e.shape[-1] for e in (emb_o, emb_a) if np.ndim(e) == 2 and len(e)), 1)
                 take = lambda e, idx, w=width: torch.as_tensor(e[idx] if idx else np.zeros((0, w)), dtype=torch.float32)  # noqa: E731
                 metric.update(take(emb_o, matched_o), take(emb_a, [j for _, j in pairs]), take(emb_o, unmatched))
             for i, j in pairs:
