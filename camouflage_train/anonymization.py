@@ -46,7 +46,7 @@ from camouflage_train.data.schema import AttributeSchema
 from camouflage_train.data.sources import FolderSource
 from camouflage_train.errors import UserError
 from camouflage_train.models.conditioning import PersonBatch
-from camouflage_train.pipelines.light import check_checkpoint_base, check_checkpoint_schema
+from camouflage_train.pipelines.light import check_checkpoint_base
 from camouflage_train.pipelines.stand_ins import find_stand_ins, warn_stand_ins
 from camouflage_train.utils.atomic import atomic_file, cut_torn_tail
 from camouflage_train.utils.config_checks import validate_config
@@ -378,8 +378,9 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
         }
     )
     if checkpoint and str(cfg.model.get("_target_", "")).endswith("build_light"):  # before anything is written
-        check_checkpoint_base(checkpoint, cfg.model.get("base_model"), key="model.checkpoint")
-        check_checkpoint_schema(checkpoint, cfg.attributes, key="model.checkpoint")
+        check_checkpoint_base(
+            checkpoint, cfg.model.get("base_model"), key="model.checkpoint", attributes=cfg.attributes
+        )
     output = Path(cfg.output)
     annotators = {} if cfg.get("persons") else {"faces": cfg.faces, "bodies": cfg.get("bodies")}
     stand_ins = find_stand_ins({"model": cfg.model, **{k: v for k, v in annotators.items() if v is not None}})
@@ -393,8 +394,6 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
     sidecar = Path(cfg.persons) if cfg.get("persons") else output / "persons.jsonl"
     if listing is not None:
         bodies = instantiate(cfg.bodies) if cfg.get("bodies") is not None else None
-        if bodies is not None:
-            bodies.load()
         annotate_dataset(
             listing,
             instantiate(cfg.faces),

@@ -18,7 +18,7 @@ from camouflage_train.metrics.clip import ClipScorer
 from camouflage_train.metrics.faces import FaceAnalyzer
 from camouflage_train.metrics.privacy_utility import SWEEP_SEPARATOR
 from camouflage_train.modules.evaluation_module import JointEvaluationModule
-from camouflage_train.pipelines.light import check_checkpoint_base, check_checkpoint_schema
+from camouflage_train.pipelines.light import check_checkpoint_base
 from camouflage_train.pipelines.stand_ins import find_stand_ins, warn_stand_ins
 from camouflage_train.utils.config_checks import ConfigError, validate_config
 from camouflage_train.utils.instantiators import instantiate_group, instantiate_named
@@ -143,8 +143,7 @@ def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
     check_input_paths({key: (path, "file") for key, (path, _) in checkpoints.items()})
     for key, (path, row) in checkpoints.items():  # Light training checkpoints, before any data or model is loaded
         if str(cfg.anonymizers[row].get("_target_", "")).endswith("build_light"):
-            check_checkpoint_base(path, cfg.anonymizers[row].get("base_model"), key=key)
-            check_checkpoint_schema(path, cfg.attributes, key=key)
+            check_checkpoint_base(path, cfg.anonymizers[row].get("base_model"), key=key, attributes=cfg.attributes)
     # Evaluation reads only the validation images: with a val_source the training split is never loaded.
     sources = ["val_source"] if cfg.data.get("val_source") else ["train_source"]
     check_sidecars(cfg.data, sources)

@@ -89,6 +89,7 @@ def test_the_no_face_attackers_read_no_face_pixel_at_any_size(photo, crop_size):
             painted[int(fy0) : int(np.ceil(fy1)), int(fx0) : int(np.ceil(fx1))] = rng.integers(0, 256, size=3)
         read = [person_crop(hide_faces(im, faces), box, crop_size) for im in (image, Image.fromarray(painted))]
         assert np.array_equal(np.asarray(read[0][0]), np.asarray(read[1][0]))  # the same pixels, computed twice
+        # Exact: the same function on identical pixels (asserted just above), in the same process.
         np.testing.assert_array_equal(appearance_features(*read[0]), appearance_features(*read[1]))
 
 

@@ -272,9 +272,10 @@ def test_eval_demo_end_to_end(tmp_path, trained_checkpoint, tiny_faces_dir):
             ]  # fmt: skip
             assert attackers["worst"] == max(measured)  # the same stored value, copied: exact
             assert row[f"attack/appearance/{protocol}/n"] == row[f"attack/context/{protocol}/n"] > 8
-    # The identity row keeps every pixel: the crop attackers find every person in its own original (rank-1 counts
-    # hits, 1 or 0 here; the output's crops are the original's, read by the same calls in the same batches).
-    assert identity["attack/appearance/same_image/rank1"] == 1.0 and identity["attack/context/same_image/rank1"] == 1.0
+    # The identity row keeps every pixel: the crop attackers find every person in its own original (rank-1 is a mean
+    # of hits; a tolerance, since the output's and the original's features may be read in different batches).
+    for attacker in ("appearance", "context"):
+        assert identity[f"attack/{attacker}/same_image/rank1"] == pytest.approx(1.0, abs=1e-9)
     # Per person, beside faces.jsonl: each attacker's hit; their mean over a row and protocol is the table's rank-1.
     lines = [json.loads(line) for line in (tmp_path / "eval" / "attacks.jsonl").read_text().splitlines()]
     blur = [line for line in lines if line["row"] == "blur" and line["protocol"] == "other_view"]

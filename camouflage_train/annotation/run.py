@@ -222,6 +222,7 @@ def annotate_dataset(
     pending = [i for i, key in enumerate(listing.keys) if key not in done]
     summary = AnnotationSummary(already_done=len(listing) - len(pending), not_listed=Counter(listing.not_listed))
     if bodies is not None:
+        bodies.load()  # before the first image: a detector that does not load fails now, not mid-run
         summary.body_detector = bodies.model_id
     loader = DataLoader(Subset(listing, pending), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
     start = time.perf_counter()
@@ -324,10 +325,8 @@ def run_annotation(cfg: DictConfig) -> AnnotationSummary:
     """
     validate_config(cfg, AnnotateConfig)
     listing = ImageListing(**cfg.input)
-    bodies = instantiate(cfg.bodies) if cfg.get("bodies") is not None else None
+    bodies = instantiate(cfg.bodies) if cfg.get("bodies") is not None else None  # its repository checked here
     annotator = instantiate(cfg.faces)
-    if bodies is not None:
-        bodies.load()
     return annotate_dataset(
         listing,
         annotator,

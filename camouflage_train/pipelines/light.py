@@ -365,6 +365,15 @@ class CamouflageLight:
         return generated
 
 
+def _light_metadata(path: str | Path, key: str) -> dict[str, Any]:
+    """A Light training checkpoint's metadata, the file mapped, not read (the checks before a run and the stand-in
+    report need nothing else); a clear error naming ``key`` for a file that is not one."""
+    try:
+        return read_metadata(read_checkpoint(path, key=key, mmap=True), path, key)
+    except NotALightCheckpoint as error:
+        raise UserError(str(error)) from None
+
+
 def checkpoint_base_model(path: str | Path, key: str = "checkpoint") -> str:
     """The frozen base a Light training checkpoint was trained on, as its config named it (hub id, folder or
     ``preset:<name>``); a clear error naming ``key`` for a file that is not a Light training checkpoint.
@@ -373,47 +382,35 @@ def checkpoint_base_model(path: str | Path, key: str = "checkpoint") -> str:
         path: the Light training checkpoint.
         key: the config key that names it, for errors.
     """
-    try:
-        # mapped, not read: the checks before a run and the stand-in report only need the metadata
-        return str(read_metadata(read_checkpoint(path, key=key, mmap=True), path, key)["backbone"])
-    except NotALightCheckpoint as error:
-        raise UserError(str(error)) from None
+    return str(_light_metadata(path, key)["backbone"])
 
 
-def check_checkpoint_base(checkpoint: str | Path, base_model: str | None, key: str = "model.checkpoint") -> None:
-    """Refuse a Light training checkpoint trained on another base than ``base_model`` (``None``: any), naming both.
+def check_checkpoint_base(
+    checkpoint: str | Path,
+    base_model: str | None,
+    key: str = "model.checkpoint",
+    attributes: Mapping[str, Any] | None = None,
+) -> None:
+    """Refuse a Light training checkpoint trained on another base than ``base_model`` (``None``: any), naming both;
+    with the run's ``attributes``, also one trained with body extents in a run whose attributes have none (it would
+    be fed face boxes as extents and redraw faces only, without a word; an adapter trained without bodies runs on its
+    face boxes whatever the run's schema: :meth:`CamouflageLight.__call__`).
 
     Args:
         checkpoint: the Light training checkpoint.
         base_model: the base the anonymizer config is for.
         key: the config key that names the checkpoint, for errors.
+        attributes: the run's attribute schema config (``None``: not checked).
     """
-    trained_on = checkpoint_base_model(checkpoint, key)
+    meta = _light_metadata(checkpoint, key)
+    trained_on = str(meta["backbone"])
     if base_model is not None and trained_on != base_model:
         raise UserError(
             f"{key}: {checkpoint} was trained on the base '{trained_on}', but this anonymizer config is for "
             f"'{base_model}' (its base_model): pass a checkpoint trained on '{base_model}', or the anonymizer config "
             f"made for '{trained_on}'"
         )
-
-
-def check_checkpoint_schema(
-    checkpoint: str | Path, attributes: Mapping[str, Any], key: str = "model.checkpoint"
-) -> None:
-    """Refuse a Light training checkpoint trained with body extents in a run whose ``attributes`` have none: it would be
-    fed face boxes as extents and redraw faces only, without a word. (An adapter trained without bodies runs on its
-    face boxes whatever the run's schema: :meth:`CamouflageLight.__call__`.)
-
-    Args:
-        checkpoint: the Light training checkpoint.
-        attributes: the run's attribute schema config.
-        key: the config key that names the checkpoint, for errors.
-    """
-    try:
-        trained = read_metadata(read_checkpoint(checkpoint, key=key, mmap=True), checkpoint, key)["schema"]
-    except NotALightCheckpoint as error:
-        raise UserError(str(error)) from None
-    if trained.get("body") is not None and attributes.get("body") is None:
+    if attributes is not None and meta["schema"].get("body") is not None and attributes.get("body") is None:
         raise UserError(
             f"{key}: {checkpoint} was trained with body extents (its schema's 'body'), but the run's attributes have "
             "none, so only faces would be redrawn: run with attributes=face (or the schema it was trained on)"
