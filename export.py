@@ -1,4 +1,10 @@
-"""Export a trained Light adapter for stock diffusers: ``python export.py checkpoint=<ckpt> output=<folder>``."""
+"""Export a trained Light adapter for stock diffusers: ``python export.py checkpoint=<ckpt> output=<folder>``.
+
+Add ``hub.repo_id=<owner>/<name>`` to push the finished folder, model card included, to that Hugging Face model
+repository (private when it is created, unless ``hub.private=false``; log in first with ``hf auth login`` or set
+``HF_TOKEN``); the commit's URL is printed. If the push fails, the export is kept and the same command run again
+pushes it without exporting again. See :mod:`camouflage_train.export`.
+"""
 
 import os
 from pathlib import Path

@@ -1,5 +1,7 @@
+import hashlib
 import json
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -223,3 +225,186 @@ def test_readme_code_is_the_model_card_code_for_sd15(schema):
     }
     sampler = sampler_settings(anonymizer_config("light", REPO / "configs"))
     assert code == model_card_snippet(config, "exports/camouflage-light", sampler)
+
+
+# Pushing to the Hugging Face hub. The hub cannot be reached from the tests: huggingface_hub.HfApi is replaced by a
+# stand-in that keeps each pushed repository as a folder ("remote"), and refuses an upload into a repository that was
+# never created, as the hub does.
+
+
+class _StandinHub:
+    def __init__(self, root):
+        self.root = root
+        self.calls = []
+        self.private = {}
+        self.unreachable = False
+
+    def remote(self, repo_id, revision="main"):
+        return self.root / repo_id / revision
+
+
+def _install_hub(monkeypatch, tmp_path, token="hf_standin"):
+    """The stand-in hub, with the environment of a logged-in user online (the suite runs with HF_HUB_OFFLINE=1)."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import CommitInfo, RepoUrl, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    hub = _StandinHub(tmp_path / "remote")
+
+    class StandinApi(huggingface_hub.HfApi):
+        def create_repo(self, repo_id, *, private=None, repo_type=None, exist_ok=False, **kwargs):
+            hub.calls.append(
+                ("create_repo", repo_id, {"private": private, "repo_type": repo_type, "exist_ok": exist_ok})
+            )
+            hub.private.setdefault(repo_id, private)
+            return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def create_branch(self, repo_id, *, branch, exist_ok=False, **kwargs):
+            hub.calls.append(("create_branch", repo_id, {"branch": branch, "exist_ok": exist_ok}))
+
+        def upload_folder(self, *, repo_id, folder_path, commit_message=None, revision=None, **kwargs):
+            hub.calls.append(("upload_folder", repo_id, {"revision": revision, "commit_message": commit_message}))
+            url = f"https://huggingface.co/api/models/{repo_id}/commit/{revision or 'main'}"
+            if hub.unreachable:
+                raise httpx2.ConnectError("[Errno 111] Connection refused", request=httpx2.Request("POST", url))
+            if repo_id not in hub.private:
+                raise RepositoryNotFoundError(f"404 Client Error: Repository Not Found for url: {url}")
+            shutil.copytree(folder_path, hub.remote(repo_id, revision or "main"), dirs_exist_ok=True)
+            oid = f"{len(hub.calls):040x}"
+            return CommitInfo(f"https://huggingface.co/{repo_id}/commit/{oid}", commit_message, "", oid)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", StandinApi)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))  # no cached login
+    if token is not None:
+        monkeypatch.setenv("HF_TOKEN", token)
+    return hub
+
+
+def _export_cfg(checkpoint, output, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(
+            "export.yaml",
+            overrides=[f"checkpoint={checkpoint}", f"output={output}", "anonymizer=light_tiny", *overrides],
+        )
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+
+
+def _assert_remote_is_the_export(remote, folder):
+    """The remote copy holds the model card, the weights and every file of the manifest with its SHA-256."""
+    manifest = json.loads((folder / "export_manifest.json").read_text())
+    files = _files(remote)
+    assert set(files) == {*manifest["files"], "export_manifest.json"}
+    for name, sha in manifest["files"].items():
+        assert hashlib.sha256(files[name].read_bytes()).hexdigest() == sha, name
+    assert files["README.md"].read_text().startswith("---\nbase_model: preset:tiny\n")
+    weights = load_file(files["ip-adapter_camouflage.safetensors"])
+    assert "image_proj.proj.0.weight" in weights and any(key.startswith("ip_adapter.1.") for key in weights)
+
+
+def test_export_pushes_the_finished_folder_with_its_model_card_to_the_hub(
+    trained_checkpoint, tmp_path, monkeypatch, capsys
+):
+    from camouflage_train.export import run_export
+
+    checkpoint, _ = trained_checkpoint
+    hub = _install_hub(monkeypatch, tmp_path)
+    folder = run_export(_export_cfg(checkpoint, tmp_path / "export", "hub.repo_id=someone/camouflage-light"))
+
+    assert [call[0] for call in hub.calls] == ["create_repo", "upload_folder"]
+    assert hub.calls[0][2] == {"private": True, "repo_type": "model", "exist_ok": True}  # private unless asked
+    _assert_remote_is_the_export(hub.remote("someone/camouflage-light"), folder)
+    assert "https://huggingface.co/someone/camouflage-light/commit/" in capsys.readouterr().out
+
+    # The pushed card's code runs as written: it downloads the export from its repository.
+    import huggingface_hub
+
+    downloads = []
+
+    def snapshot_download(repo_id, **kwargs):
+        downloads.append((repo_id, kwargs))
+        return str(hub.remote(repo_id, kwargs.get("revision") or "main"))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    card = (hub.remote("someone/camouflage-light") / "README.md").read_text()
+    namespace: dict = {}
+    exec(compile(card.split("```python\n", 1)[1].split("```", 1)[0], "pushed model card", "exec"), namespace)
+    assert downloads == [("someone/camouflage-light", {})]
+    assert np.asarray(namespace["image"]).shape == (64, 64, 3)
+
+
+def test_a_failed_push_keeps_the_export_and_the_same_command_pushes_it_without_exporting_again(
+    trained_checkpoint, tmp_path, monkeypatch
+):
+    from camouflage_train.export import PushError, run_export
+
+    checkpoint, _ = trained_checkpoint
+    hub = _install_hub(monkeypatch, tmp_path)
+    hub.unreachable = True
+    output = tmp_path / "export"
+    push = ("hub.repo_id=someone/camouflage-light", "hub.revision=v1", "hub.private=false")
+    with pytest.raises(PushError, match="Connection refused") as failed:
+        run_export(_export_cfg(checkpoint, output, *push))
+    assert f"The export in {output} is complete and kept: run the same command again" in str(failed.value)
+    manifest = json.loads((output / "export_manifest.json").read_text())
+    local = _files(output)
+    assert set(local) == {*manifest["files"], "export_manifest.json"}
+    assert all(hashlib.sha256(local[name].read_bytes()).hexdigest() == sha for name, sha in manifest["files"].items())
+    written = {name: path.stat().st_mtime_ns for name, path in local.items()}
+
+    hub.unreachable = False
+    hub.calls.clear()
+    assert run_export(_export_cfg(checkpoint, output, *push)) == output
+    assert {name: path.stat().st_mtime_ns for name, path in _files(output).items()} == written  # not exported again
+    assert [call[0] for call in hub.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert hub.private["someone/camouflage-light"] is False and hub.calls[2][2]["revision"] == "v1"
+    _assert_remote_is_the_export(hub.remote("someone/camouflage-light", "v1"), output)
+
+    # Other settings are another export: it is never pushed in place of the kept one.
+    with pytest.raises(ExportError, match="holds an earlier export; pass overwrite=true"):
+        run_export(_export_cfg(checkpoint, output, *push, "dataset=other"))
+    # A kept export whose files changed is not pushed.
+    (output / "config.json").write_text("{}")
+    with pytest.raises(ExportError, match=r"no longer matches its export_manifest.json .*config.json"):
+        run_export(_export_cfg(checkpoint, output, *push))
+
+
+@pytest.mark.parametrize(
+    ("setting", "error", "message"),
+    [
+        ("hub.repo_id=camouflage-light", "ConfigError", "hub.repo_id: 'camouflage-light' is not a Hugging Face"),
+        ("hub.repo_id=someone/camouflage--light", "ConfigError", "write owner/name"),
+        ("offline", "PushError", "an upload cannot happen offline"),
+        ("no token", "PushError", "no Hugging Face token is set: log in once with `hf auth login`"),
+    ],
+)
+def test_a_push_that_cannot_happen_is_refused_before_the_checkpoint_is_read(
+    setting, error, message, tmp_path, monkeypatch
+):
+    from camouflage_train.errors import UserError
+    from camouflage_train.export import run_export
+
+    hub = _install_hub(monkeypatch, tmp_path, token=None if setting == "no token" else "hf_standin")
+    if setting == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")  # reading it would be a checkpoint error, not the push's
+    repo = setting if setting.startswith("hub.") else "hub.repo_id=someone/camouflage-light"
+    with pytest.raises(UserError) as refused:
+        run_export(_export_cfg(garbage, tmp_path / "export", repo))
+    assert type(refused.value).__name__ == error and message in str(refused.value)
+    if setting == "no token":
+        assert "HF_TOKEN" in str(refused.value)
+    assert not (tmp_path / "export").exists() and hub.calls == []
