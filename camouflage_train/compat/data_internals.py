@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -24,3 +25,17 @@ def raw_value(node: Any, key: str) -> Any:
         key: one of its keys.
     """
     return node._get_node(key)._value()
+
+
+def shard_store(url: str, storage_options: Mapping[str, Any] | None = None) -> Any:
+    """litdata's client of the object store behind ``url`` (``litdata.streaming.fs_provider._get_fs_provider``: its
+    ``upload_file(local, remote)`` / ``download_file(remote, local)`` / ``exists(remote)`` reach S3, GCS and Azure with
+    the same ``storage_options`` litdata's datasets take).
+
+    Args:
+        url: an object-store URI (``s3://bucket/prefix``).
+        storage_options: the store's options (endpoint, credentials).
+    """
+    from litdata.streaming.fs_provider import _get_fs_provider
+
+    return _get_fs_provider(url, dict(storage_options or {}))

@@ -37,16 +37,24 @@ CACHE_FORMAT = 4  # 2: meta.json records every array's byte size; 3: persons' ex
 _NP_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
 
-def cache_key(dataset: PersonImageDataset, backbone: Mapping[str, Any], flip: bool, dtype: str) -> str:
-    """A short hash of every setting the cached tensors depend on.
+def cache_spec(
+    dataset: PersonImageDataset,
+    backbone: Mapping[str, Any],
+    flip: bool,
+    dtype: str,
+    source_fingerprint: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Every setting the cached tensors depend on (what :func:`cache_key` hashes).
 
     Args:
-        dataset: the training dataset (its source, schema, crop and captions enter the key).
+        dataset: the training dataset (its source, schema, crop and captions enter the spec).
         backbone: the backbone config (model id, revision, variant, dtype).
         flip: whether both flip variants are cached.
         dtype: the storage precision (``fp16`` or ``fp32``).
+        source_fingerprint: the data's fingerprint when ``dataset`` has no source of its own (streamed shards
+            record the fingerprint of the source they were written from); ``None``: ``dataset.source``'s.
     """
-    spec = {
+    return {
         "format": CACHE_FORMAT,
         "backbone": {
             k: backbone.get(k) for k in ("pretrained_model_name_or_path", "revision", "variant", "weight_dtype")
@@ -57,10 +65,30 @@ def cache_key(dataset: PersonImageDataset, backbone: Mapping[str, Any], flip: bo
         "flip": flip,
         "captions": dataset.captions.__dict__,
         "schema": dataset.schema.to_config(),
-        "source": dataset.source.fingerprint(),
+        "source": dict(source_fingerprint) if source_fingerprint is not None else dataset.source.fingerprint(),
         "dtype": dtype,
     }
+
+
+def spec_key(spec: Mapping[str, Any]) -> str:
+    """The short hash of a :func:`cache_spec`.
+
+    Args:
+        spec: the settings.
+    """
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_key(dataset: PersonImageDataset, backbone: Mapping[str, Any], flip: bool, dtype: str) -> str:
+    """A short hash of every setting the cached tensors depend on (:func:`cache_spec`).
+
+    Args:
+        dataset: the training dataset (its source, schema, crop and captions enter the key).
+        backbone: the backbone config (model id, revision, variant, dtype).
+        flip: whether both flip variants are cached.
+        dtype: the storage precision (``fp16`` or ``fp32``).
+    """
+    return spec_key(cache_spec(dataset, backbone, flip, dtype))
 
 
 @torch.no_grad()

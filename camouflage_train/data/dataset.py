@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,11 +130,26 @@ class PersonImageDataset(Dataset):
         and the item carries the seed for the training step's randomness.
         """
         index, seed = split_key(key)
+        return self.prepare(lambda: self.source[index], seed, self._name(index))
+
+    def prepare(self, read: Callable[[], Any], seed: int | None, where: str) -> dict[str, Any] | Skipped:
+        """The training sample of the raw sample ``read()`` returns, or :class:`Skipped`: what ``__getitem__`` does
+        for every dataset whose samples are read elsewhere (streamed shards) but transformed the same way.
+
+        Args:
+            read: returns the :class:`~camouflage_train.data.sources.RawSample` (may raise ``BadSampleError``).
+            seed: the sample's seed (crop, flip and the training step's draws), or ``None``: the global RNG.
+            where: the sample's name in a :class:`Skipped`.
+        """
         flip = self.flip_prob > 0 and bool(torch.rand((), generator=generator_for(seed, Draw.FLIP)) < self.flip_prob)
-        result = self.variants(index, (flip,), generator_for(seed, Draw.CROP))
+        result = self._variants(read, where, (flip,), generator_for(seed, Draw.CROP))
         if isinstance(result, Skipped):
             return result
-        return {**result[0], "sample_seed": key[1]} if isinstance(key, tuple) else result[0]
+        return {**result[0], "sample_seed": seed} if seed is not None else result[0]
+
+    def _name(self, index: int) -> str:
+        name_of = getattr(self.source, "name_of", None)
+        return name_of(index) if name_of is not None else f"index {index}"
 
     def variants(
         self, index: int, flips: tuple[bool, ...] = (False, True), generator: torch.Generator | None = None
@@ -146,24 +161,26 @@ class PersonImageDataset(Dataset):
             flips: one variant per entry: mirrored or not.
             generator: the crop's random numbers (``None``: the global RNG).
         """
+        return self._variants(lambda: self.source[index], self._name(index), flips, generator)
+
+    def _variants(
+        self, read: Callable[[], Any], where: str, flips: tuple[bool, ...], generator: torch.Generator | None
+    ) -> list[dict[str, Any]] | Skipped:
         try:
-            image, persons, dropped, sample = self._load(index, generator)
+            image, persons, dropped, sample = self._load(read(), generator)
             return [self._finish(image, persons, dropped, sample, flip) for flip in flips]
         except (BadSampleError, InvalidRecordError) as err:
             reason = err.reason if isinstance(err, BadSampleError) else f"person record: {err.reason}"
-            name_of = getattr(self.source, "name_of", None)
-            key = name_of(index) if name_of is not None else f"index {index}"
             if reason not in self._warned:
                 self._warned.add(reason)
                 log.warning("skipping unusable sample (%s): %s; further ones are only counted", reason, err)
-            return Skipped(reason, key)
+            return Skipped(reason, where)
 
     def _load(
-        self, index: int, generator: torch.Generator | None = None
+        self, sample: Any, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, list[dict[str, Any]], tuple[int, int], Any]:
-        """Read, resize and crop; return the image, the persons kept, ``(dropped, left)`` (how many were dropped,
-        and how many persons of the image are not kept but still in it, at least partly), the raw sample."""
-        sample = self.source[index]
+        """Validate, resize and crop ``sample``; return the image, the persons kept, ``(dropped, left)`` (how many
+        were dropped, and how many persons of the image are not kept but still in it, at least partly), the sample."""
         for i, person in enumerate(sample.persons):
             self.schema.validate(person, f"{sample.key}, person {i}")
         width, height = sample.image.size

@@ -7,6 +7,7 @@ truncated data, images over Pillow's decompression-bomb limit, images smaller th
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def load_rgb(source: Any, min_size: int = 1) -> Image.Image:
     """Open a path or take a PIL image; return an upright, fully decoded RGB image.
 
     Args:
-        source: a path, bytes-like file object or PIL image.
+        source: a path, an encoded file's bytes or a PIL image.
         min_size: refuse images whose shorter side is smaller (:class:`BadSampleError`).
     """
     try:
@@ -52,6 +53,10 @@ def load_rgb(source: Any, min_size: int = 1) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if isinstance(source, Image.Image):
                 image = source
+            elif isinstance(source, (bytes, bytearray, memoryview)):  # an encoded file held in memory (shards)
+                if len(source) == 0:
+                    raise BadSampleError("empty file", "0 bytes")
+                image = Image.open(io.BytesIO(source))
             else:
                 path = Path(source)
                 if not path.is_file():

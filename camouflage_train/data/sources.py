@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from camouflage_train.compat.data_internals import dataset_fingerprint
-from camouflage_train.data.images import load_rgb
+from camouflage_train.data.images import BadSampleError, load_rgb
 from camouflage_train.data.schema import RECORD_SCHEMA_VERSION, AttributeSchema, InvalidRecordError, as_schema
 from camouflage_train.data.synthetic import FACE_SIZE, WORLD_VERSION, check_face_size, draw_scene
 from camouflage_train.errors import DataError, InputError
@@ -39,7 +39,7 @@ class RawSample:
     (file path relative to the root, or row index) for outputs.
 
     Args:
-        image: the decoded RGB image.
+        image: the decoded RGB image (the encoded file's bytes from a source's ``raw``).
         persons: its person records.
         caption: its caption, if the data has one.
         key: its name in errors and logs.
@@ -55,6 +55,18 @@ class RawSample:
     key: str
     name: str = ""
     persons_not_recorded: int = 0
+
+
+def read_raw(source: Any, index: int) -> RawSample:
+    """Sample ``index`` of ``source`` with its image as stored: the encoded file's bytes where the source keeps files
+    (its ``raw`` method), else the decoded image.
+
+    Args:
+        source: a sample source.
+        index: the sample.
+    """
+    raw = getattr(source, "raw", None)
+    return raw(index) if raw is not None else source[index]
 
 
 class SampleSource(Protocol):
@@ -382,9 +394,24 @@ class FolderSource:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> RawSample:
+        sample = self.raw(index)
+        sample.image = load_rgb(sample.image, self.min_image_size)
+        return sample
+
+    def raw(self, index: int) -> RawSample:
+        """Row ``index`` with its image file's bytes as they are on disk, not decoded (what shards store).
+
+        Args:
+            index: the row.
+        """
         row = self.rows[index]
+        path = self.root / row["file"]
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise BadSampleError("missing file", f"{path}: {error}") from error
         return RawSample(
-            image=load_rgb(self.root / row["file"], self.min_image_size),
+            image=data,
             persons=list(row["persons"]),
             caption=row.get(self.caption_field),
             key=_where_and_file(row),
