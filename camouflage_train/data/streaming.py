@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,6 +41,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from litdata import StreamingDataLoader, StreamingDataset, optimize
+from litdata.streaming.sampler import ChunkedIndex
 from torch.utils.data import Dataset, Subset
 
 from camouflage_train.compat.data_internals import shard_store
@@ -306,8 +309,6 @@ def write_shards(
         start_method: how litdata starts its writer processes (``None``: its default, ``spawn``; ``fork`` starts
             them at once but cannot encode latents on a GPU).
     """
-    from litdata import optimize
-
     if datamodule.cache.get("enabled"):  # the shards are written from the images; ``latents`` adds the encodings
         datamodule.cache = {**datamodule.cache, "enabled": False}
     datamodule.setup("fit")
@@ -332,6 +333,31 @@ def write_shards(
         "latents": {"spec": spec, "key": spec_key(spec)} if spec is not None else None,
         "splits": {},
     }
+    # litdata's optimize sets the process-wide start method for its writers; the caller's own process pools (a
+    # DataLoader started later in this process) keep theirs.
+    start_method_before = multiprocessing.get_start_method(allow_none=True)
+    try:
+        _write_splits(splits, output, meta, num_workers, chunk_bytes, shorter_side, latents, storage_options,
+                      overwrite, batch_size, start_method)  # fmt: skip
+    finally:
+        multiprocessing.set_start_method(start_method_before, force=True)
+    _write_meta(output, meta, storage_options)
+    return meta
+
+
+def _write_splits(
+    splits: Mapping[str, tuple[PersonImageDataset, list[int]]],
+    output: str,
+    meta: dict[str, Any],
+    num_workers: int,
+    chunk_bytes: str,
+    shorter_side: int | None,
+    latents: Mapping[str, Any] | None,
+    storage_options: Mapping[str, Any] | None,
+    overwrite: bool,
+    batch_size: int,
+    start_method: str | None,
+) -> None:
     for name, (dataset, indices) in splits.items():
         meta["source" if name == "train" else "val_source"] = dataset.source.fingerprint()
         positions = list(range(len(indices)))
@@ -350,8 +376,6 @@ def write_shards(
             verbose=False,
         )
         meta["splits"][name] = {"items": len(indices), "skipped_before": dict(dataset.source.skipped)}
-    _write_meta(output, meta, storage_options)
-    return meta
 
 
 def _write_meta(output: str, meta: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> None:
@@ -366,79 +390,72 @@ def _write_meta(output: str, meta: Mapping[str, Any], storage_options: Mapping[s
         Path(output, META_NAME).write_text(text)
 
 
-def streaming_dataset_class() -> type:
-    """:class:`~litdata.StreamingDataset` subclassed to serve training samples (imported on first use)."""
-    from litdata import StreamingDataset
-    from litdata.streaming.sampler import ChunkedIndex
+class PersonShardDataset(StreamingDataset):
+    """One split's shards, each item through the map-style transforms (see the module docstring).
 
-    class PersonShardDataset(StreamingDataset):
-        """One split's shards, each item through the map-style transforms (see the module docstring).
+    Args:
+        input_dir: the split's folder or URI.
+        transforms: the transforms (a :class:`PersonImageDataset` without a source).
+        seed: the run's data seed: the chunk order and every item's seed.
+        shuffle: shuffle chunks and items (training) or read in order (validation).
+        draw_seeds: give every item its :func:`sample_seed` (training); ``False``: no seed (validation).
+        min_image_size: images with a shorter side are skipped (the source's setting, recorded in the meta).
+        latents: serve the stored latent-cache tensors instead of decoding the image.
+        flip_prob: with ``latents``, the probability of the mirrored variant.
+        **kwargs: litdata's ``StreamingDataset`` options (``cache_dir``, ``max_cache_size``, ``storage_options``).
+    """
 
-        Args:
-            input_dir: the split's folder or URI.
-            transforms: the transforms (a :class:`PersonImageDataset` without a source).
-            seed: the run's data seed: the chunk order and every item's seed.
-            shuffle: shuffle chunks and items (training) or read in order (validation).
-            draw_seeds: give every item its :func:`sample_seed` (training); ``False``: no seed (validation).
-            min_image_size: images with a shorter side are skipped (the source's setting, recorded in the meta).
-            latents: serve the stored latent-cache tensors instead of decoding the image.
-            flip_prob: with ``latents``, the probability of the mirrored variant.
-            **kwargs: litdata's ``StreamingDataset`` options (``cache_dir``, ``max_cache_size``, ``storage_options``).
-        """
+    def __init__(
+        self,
+        input_dir: str,
+        transforms: PersonImageDataset,
+        seed: int,
+        shuffle: bool,
+        draw_seeds: bool,
+        min_image_size: int = 1,
+        latents: bool = False,
+        flip_prob: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(input_dir=input_dir, shuffle=shuffle, seed=seed, **kwargs)
+        self.person_transforms, self.data_seed, self.draw_seeds = transforms, seed, draw_seeds
+        self.min_image_size, self.latents, self.flip_prob = min_image_size, latents, flip_prob
+        self._warned = False
 
-        def __init__(
-            self,
-            input_dir: str,
-            transforms: PersonImageDataset,
-            seed: int,
-            shuffle: bool,
-            draw_seeds: bool,
-            min_image_size: int = 1,
-            latents: bool = False,
-            flip_prob: float = 0.0,
-            **kwargs: Any,
-        ) -> None:
-            super().__init__(input_dir=input_dir, shuffle=shuffle, seed=seed, **kwargs)
-            self.person_transforms, self.data_seed, self.draw_seeds = transforms, seed, draw_seeds
-            self.min_image_size, self.latents, self.flip_prob = min_image_size, latents, flip_prob
-            self._warned = False
+    def __getitem__(self, index: Any) -> dict[str, Any] | Skipped:
+        at = index.index if isinstance(index, ChunkedIndex) else index
+        try:
+            item = super().__getitem__(index)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError) as error:
+            if not self._warned:
+                self._warned = True
+                log.warning("skipping an unreadable shard item (%s: %s); further ones are only counted",
+                            type(error).__name__, str(error)[:200])  # fmt: skip
+            return Skipped("unreadable shard item", f"{self.input_dir.url or self.input_dir.path} item {at}")
+        # litdata counts epochs from 1, Lightning (and the map-style sampler) from 0
+        seed = sample_seed(self.data_seed, self.current_epoch - 1, int(item["index"])) if self.draw_seeds else None
+        if self.latents:
+            return self._cached(item, seed, at)
+        return self.person_transforms.prepare(
+            lambda: _raw_sample(item, self.min_image_size), seed, f"shard item {item['index']}"
+        )
 
-        def __getitem__(self, index: Any) -> dict[str, Any] | Skipped:
-            at = index.index if isinstance(index, ChunkedIndex) else index
-            try:
-                item = super().__getitem__(index)
-            except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError) as error:
-                if not self._warned:
-                    self._warned = True
-                    log.warning("skipping an unreadable shard item (%s: %s); further ones are only counted",
-                                type(error).__name__, str(error)[:200])  # fmt: skip
-                return Skipped("unreadable shard item", f"{self.input_dir.url or self.input_dir.path} item {at}")
-            # litdata counts epochs from 1, Lightning (and the map-style sampler) from 0
-            seed = sample_seed(self.data_seed, self.current_epoch - 1, int(item["index"])) if self.draw_seeds else None
-            if self.latents:
-                return self._cached(item, seed, at)
-            return self.person_transforms.prepare(
-                lambda: _raw_sample(item, self.min_image_size), seed, f"shard item {item['index']}"
-            )
-
-        def _cached(self, item: Mapping[str, Any], seed: int | None, at: Any) -> dict[str, Any] | Skipped:
-            if not bool(item["latents_valid"]):
-                record = json.loads(item["record"])
-                return Skipped(record.get("skipped") or "not encoded", record.get("key", f"item {at}"))
-            variants = int(np.asarray(item["latent_mean"]).shape[0])
-            flip = variants == 2 and self.flip_prob > 0
-            flip = flip and bool(torch.rand((), generator=generator_for(seed, Draw.FLIP)) < self.flip_prob)
-            out = {
-                "latent_mean": torch.from_numpy(np.array(item["latent_mean"][int(flip)], np.float32)),
-                "latent_std": torch.from_numpy(np.array(item["latent_std"][int(flip)], np.float32)),
-                "text_embeds": torch.from_numpy(np.array(item["text"][int(flip)], np.float32)),
-                "persons_dropped": int(item["persons_dropped"][int(flip)]),
-            }
-            for key in PERSON_ARRAY_KEYS:
-                out[key] = torch.from_numpy(np.array(item[key][int(flip)]))
-            return {**out, "sample_seed": seed} if seed is not None else out
-
-    return PersonShardDataset
+    def _cached(self, item: Mapping[str, Any], seed: int | None, at: Any) -> dict[str, Any] | Skipped:
+        if not bool(item["latents_valid"]):
+            record = json.loads(item["record"])
+            return Skipped(record.get("skipped") or "not encoded", record.get("key", f"item {at}"))
+        variants = int(np.asarray(item["latent_mean"]).shape[0])
+        flip = variants == 2 and self.flip_prob > 0
+        flip = flip and bool(torch.rand((), generator=generator_for(seed, Draw.FLIP)) < self.flip_prob)
+        out = {
+            "latent_mean": torch.from_numpy(np.array(item["latent_mean"][int(flip)], np.float32)),
+            "latent_std": torch.from_numpy(np.array(item["latent_std"][int(flip)], np.float32)),
+            "text_embeds": torch.from_numpy(np.array(item["text"][int(flip)], np.float32)),
+            "persons_dropped": int(item["persons_dropped"][int(flip)]),
+        }
+        for key in PERSON_ARRAY_KEYS:
+            out[key] = torch.from_numpy(np.array(item[key][int(flip)]))
+        return {**out, "sample_seed": seed} if seed is not None else out
 
 
 class StreamingPersonDataModule(L.LightningDataModule):
@@ -564,8 +581,7 @@ class StreamingPersonDataModule(L.LightningDataModule):
                 raise DataError(f"{where}: latents of cache format {latents['spec'].get('format')}; write them again")
 
     def _dataset(self, split: str, train: bool) -> Dataset:
-        cls = streaming_dataset_class()
-        return cls(
+        return PersonShardDataset(
             _join(self.input_dir, split),
             self._transforms(train),
             seed=self.seed,
@@ -585,8 +601,6 @@ class StreamingPersonDataModule(L.LightningDataModule):
             self.val_set = self._dataset("val", train=False)
 
     def _loader(self, dataset: Dataset, batch_size: int, drop_last: bool) -> Any:
-        from litdata import StreamingDataLoader
-
         return StreamingDataLoader(
             dataset,
             batch_size=batch_size,
