@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from camouflage_train.data.sources import check_sidecars
-from camouflage_train.data.streaming import META_NAME, write_shards
+from camouflage_train.data.streaming import META_NAME, shards_exist, write_shards
 from camouflage_train.errors import InputError
 from camouflage_train.utils.config_checks import ConfigError, validate_config
 
@@ -84,11 +82,11 @@ def run_shards(cfg: DictConfig) -> dict[str, Any]:
     if str(cfg.data.get("_target_", "")).endswith("StreamingPersonDataModule"):
         raise ConfigError("data=streaming reads shards; make_shards.py writes them from a map-style data config")
     output = str(cfg.output)
-    if "://" not in output and (Path(output) / META_NAME).exists() and not cfg.overwrite:
+    storage_options = OmegaConf.to_container(cfg.storage_options, resolve=True) if cfg.storage_options else None
+    if not 0 <= int(cfg.node_rank) < int(cfg.num_nodes):
+        raise ConfigError(f"node_rank={cfg.node_rank} must be in [0, num_nodes={cfg.num_nodes})")
+    if not cfg.overwrite and shards_exist(output, storage_options):
         raise InputError(f"output: {output} already holds shards ({META_NAME}); pass overwrite=true to replace them")
-    if int(cfg.num_nodes) > 1:  # litdata's optimize splits the inputs over machines through these variables
-        os.environ["DATA_OPTIMIZER_NUM_NODES"] = str(int(cfg.num_nodes))
-        os.environ["DATA_OPTIMIZER_NODE_RANK"] = str(int(cfg.node_rank))
     check_sidecars(cfg.data)
     datamodule = instantiate(cfg.data)
     latents = None
@@ -111,10 +109,12 @@ def run_shards(cfg: DictConfig) -> dict[str, Any]:
         chunk_bytes=str(cfg.chunk_bytes),
         shorter_side=cfg.shorter_side,
         latents=latents,
-        storage_options=OmegaConf.to_container(cfg.storage_options, resolve=True) if cfg.storage_options else None,
+        storage_options=storage_options,
         overwrite=bool(cfg.overwrite),
         batch_size=int(cfg.batch_size),
         start_method=cfg.start_method,
+        num_nodes=int(cfg.num_nodes),
+        node_rank=int(cfg.node_rank),
     )
     seconds = time.perf_counter() - start
     items = sum(split["items"] for split in meta["splits"].values())

@@ -75,6 +75,18 @@ def _is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def shards_exist(output: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``output`` (a folder or URI) already holds finished shards (their ``camouflage_shards.json``).
+
+    Args:
+        output: the shards' folder or URI.
+        storage_options: the object store's options.
+    """
+    if _is_remote(output):
+        return bool(shard_store(output, storage_options).exists(_join(output, META_NAME)))
+    return Path(output, META_NAME).exists()
+
+
 def read_shards_meta(input_dir: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``camouflage_shards.json`` of shards written by :func:`write_shards`.
 
@@ -293,8 +305,14 @@ def write_shards(
     overwrite: bool = False,
     batch_size: int = 16,
     start_method: str | None = None,
+    num_nodes: int = 1,
+    node_rank: int = 0,
 ) -> dict[str, Any]:
     """Write the data module's train and validation splits as litdata shards under ``output``; return the meta.
+
+    With ``num_nodes > 1`` every machine runs this with its ``node_rank`` and writes its part of each split to the
+    shared ``output``; litdata's last machine waits for the others and merges the indexes, and only it writes
+    ``camouflage_shards.json``, so the record appears when every shard is there.
 
     Args:
         datamodule: a :class:`~camouflage_train.data.datamodule.PersonDataModule` (not set up yet, or set up).
@@ -308,6 +326,8 @@ def write_shards(
         batch_size: images per writer call (and per encoding batch with ``latents``).
         start_method: how litdata starts its writer processes (``None``: its default, ``spawn``; ``fork`` starts
             them at once but cannot encode latents on a GPU).
+        num_nodes: machines writing together.
+        node_rank: this machine's place among them.
     """
     if datamodule.cache.get("enabled"):  # the shards are written from the images; ``latents`` adds the encodings
         datamodule.cache = {**datamodule.cache, "enabled": False}
@@ -335,13 +355,24 @@ def write_shards(
     }
     # litdata's optimize sets the process-wide start method for its writers; the caller's own process pools (a
     # DataLoader started later in this process) keep theirs.
+    # litdata's optimize reads the machines from these variables (the only way it splits work outside its cloud).
+    nodes = {"DATA_OPTIMIZER_NUM_NODES": str(num_nodes), "DATA_OPTIMIZER_NODE_RANK": str(node_rank)}
+    environment_before = {key: os.environ.get(key) for key in nodes}
     start_method_before = multiprocessing.get_start_method(allow_none=True)
     try:
+        if num_nodes > 1:
+            os.environ.update(nodes)
         _write_splits(splits, output, meta, num_workers, chunk_bytes, shorter_side, latents, storage_options,
                       overwrite, batch_size, start_method)  # fmt: skip
     finally:
         multiprocessing.set_start_method(start_method_before, force=True)
-    _write_meta(output, meta, storage_options)
+        for key, value in environment_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    if node_rank == num_nodes - 1:
+        _write_meta(output, meta, storage_options)
     return meta
 
 
@@ -539,8 +570,9 @@ class StreamingPersonDataModule(L.LightningDataModule):
     def _check_meta(self) -> None:
         where = _join(self.input_dir, META_NAME)
         meta = self.meta
-        if meta["schema"] != self.schema.to_config():
-            stored, wanted = meta["schema"], self.schema.to_config()
+        wanted = json.loads(json.dumps(self.schema.to_config()))  # as the record holds it (tuples become lists)
+        if meta["schema"] != wanted:
+            stored = meta["schema"]
             keys = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
             raise DataError(
                 f"{where}: the shards were written for another attribute schema (differs in: {', '.join(keys)}); "
