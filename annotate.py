@@ -6,6 +6,7 @@ from pathlib import Path
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 import hydra
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from camouflage_train.annotation.run import run_annotation
@@ -14,7 +15,9 @@ from camouflage_train.cli import main_with_key_help, run_task
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="annotate.yaml")
 def main(cfg: DictConfig) -> None:
-    print(run_task(run_annotation, cfg).as_dict())
+    summary = run_task(run_annotation, cfg)
+    if rank_zero_only.rank == 0:  # every process returns the merged summary; one prints it
+        print(summary.as_dict())
 
 
 if __name__ == "__main__":

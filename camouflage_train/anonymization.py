@@ -7,6 +7,14 @@ centre crop, person arrays, captions) -> the chosen pipeline -> images written u
 with the input's relative file names, and a ``manifest.jsonl`` with one row per input (its status, output
 file, seed, the persons found and anonymized, the settings fingerprint; or skipped with the reason).
 
+Processes: annotation and anonymization are ``trainer.predict`` jobs (``trainer`` group, as in training: one
+device by default, ``trainer=ddp trainer.devices=<n>`` for one process per device, ``trainer.num_nodes``,
+SLURM). Rank 0 claims the output folder (below) before any other process starts writing, and lists the inputs
+not yet done; each process anonymizes its share and appends its rows to a manifest part of its own
+(``manifest.rank-00001.jsonl``, flushed per row); at the end rank 0 appends the parts to ``manifest.jsonl``,
+removes them and writes ``summary.json``. A killed run's parts are folded in by the next run, their rows done.
+An image's seed comes from its file name, so it is the same image whatever the number of processes.
+
 Fail safe: an image is ``done`` only when every person found in it was anonymized. An image where no person
 was found (``on_no_person``) and one where some found persons were not anonymized (``on_persons_left``: beyond
 ``attributes.max_persons``, or partly cut off by the crop) is by default not written at all; ``blur`` writes it
@@ -29,17 +37,17 @@ import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
-from camouflage_train.annotation.run import ImageListing, annotate_dataset
-from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset, collate_skipping
+from camouflage_train.annotation.run import ImageListing, annotate_dataset, check_job_strategy, job_trainer, on_device
+from camouflage_train.data.dataset import CaptionBuilder, PersonImageDataset, Skipped, collate_skipping
 from camouflage_train.data.images import pixels_to_image
 from camouflage_train.data.sampling import image_seed
 from camouflage_train.data.schema import AttributeSchema
@@ -49,16 +57,30 @@ from camouflage_train.models.conditioning import PersonBatch
 from camouflage_train.pipelines.light import check_checkpoint_base
 from camouflage_train.pipelines.stand_ins import find_stand_ins, warn_stand_ins
 from camouflage_train.utils.atomic import atomic_file, cut_torn_tail
-from camouflage_train.utils.config_checks import validate_config
+from camouflage_train.utils.batch_job import BatchJob, JsonLinesPartsWriter, Written, run_batch_job
+from camouflage_train.utils.config_checks import ConfigError, validate_config
+from camouflage_train.utils.jsonl_parts import complete_rows, merge_parts, part_files, rows_with_parts
 from camouflage_train.utils.paths import UnsafePathError, check_input_paths, file_sha256, inside
 
 log = logging.getLogger(__name__)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+# Keys of earlier versions, and what replaced them.
+RETIRED_KEYS = {
+    "device": "replaced by the trainer group: trainer.accelerator=gpu (or cpu) picks the device, trainer.devices=<n> "
+    "how many (one process each), e.g. trainer=gpu, or trainer=ddp trainer.devices=8",
+}
+
+
+def check_retired_keys(cfg: DictConfig) -> None:
+    """Name a key of an earlier version with what replaced it (before the generic unknown-key message).
+
+    Args:
+        cfg: the composed anonymize config.
+    """
+    found = [f"{key}: {why}" for key, why in RETIRED_KEYS.items() if key in cfg]
+    if found:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(found))
 
 
 class OutputConflictError(UserError, ValueError):
@@ -113,8 +135,7 @@ class AnonymizeConfig:
         batch_size: images per model call.
         num_workers: loader worker processes.
         seed: image seeds derive from it and the file name.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        cpu_offload: diffusers' model CPU offload (less GPU memory, slower).
+        cpu_offload: diffusers' model CPU offload onto each process's GPU (less GPU memory, slower).
         captions: how prompts are built from the persons.
         overwrite: replace results of other settings in ``output``.
         on_no_person: an image where no person is found: ``skip`` (not written), ``blur`` (written reduced to a
@@ -126,6 +147,7 @@ class AnonymizeConfig:
         faces: the face pack group (annotation when ``persons`` is not given).
         bodies: the body detector group (annotation when ``persons`` is not given; ``None``: faces only, each
             person's extent then the face box grown by the schema's ``body.from_face``).
+        trainer: the trainer group: device, processes, nodes (``trainer=ddp trainer.devices=<n>``).
         paths: the paths group.
     """
 
@@ -137,7 +159,6 @@ class AnonymizeConfig:
     batch_size: int = 4
     num_workers: int = 2
     seed: int = 0
-    device: str = "auto"
     cpu_offload: bool = False
     captions: CaptionSettings = field(default_factory=CaptionSettings)
     overwrite: bool = False
@@ -147,6 +168,7 @@ class AnonymizeConfig:
     attributes: Any = None
     bodies: Any = None
     faces: Any = None
+    trainer: Any = None
     paths: Any = None
 
 
@@ -220,8 +242,8 @@ def _without(node: Any, drop: set[str]) -> Any:
 
 
 def output_settings(cfg: DictConfig) -> dict[str, Any]:
-    """Everything that decides the written images (not batch size, workers, device: see the README for what
-    they may change). The checkpoint enters by content hash, so a retrained file under the same name counts.
+    """Everything that decides the written images (not batch size, workers, device, processes: see the README
+    for what they may change). The checkpoint enters by content hash, so a retrained file under the same name counts.
 
     Args:
         cfg: the composed anonymize config.
@@ -285,26 +307,19 @@ def settings_difference(before: Mapping[str, Any], now: Mapping[str, Any], limit
     return changed[:limit] + ([f"... and {len(changed) - limit} more"] if len(changed) > limit else [])
 
 
-def _read_manifest(manifest: Path) -> list[dict[str, Any]]:
-    """The manifest's complete rows: a last line without its newline (a killed run) is not one, even if it parses,
-    since :func:`cut_torn_tail` removes it before this run appends."""
-    if not manifest.is_file():
-        return []
-    data = manifest.read_bytes()
-    rows = []
-    for line in data[: data.rfind(b"\n") + 1].decode("utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line torn by a killed run: that image is redone
-            continue
-    return rows
+def _earlier_results(output: Path, annotated_here: bool) -> tuple[list[dict[str, Any]], bool]:
+    """The manifest rows in ``output`` (a killed run's parts included; a row cut before its newline is not one:
+    that image is redone) and whether person records this run would resume from are there."""
+    rows = rows_with_parts(output / "manifest.jsonl")
+    sidecar = output / "persons.jsonl"
+    return rows, annotated_here and (sidecar.is_file() or bool(part_files(sidecar)))
 
 
-def claim_output(
+def check_output(
     output: Path, settings: Mapping[str, Any], overwrite: bool, annotated_here: bool
-) -> tuple[list[dict[str, Any]], str]:
-    """Make ``output`` this run's: refuse results of other settings unless ``overwrite`` (then remove what an
-    earlier run wrote there); write ``run.json``; return the manifest rows to keep and the settings' fingerprint.
+) -> tuple[list[dict[str, Any]], bool]:
+    """Refuse an ``output`` that holds results of other settings unless ``overwrite``; change nothing. Return the
+    earlier manifest rows and whether they (or the person records there) are to be replaced.
 
     Args:
         output: the output folder.
@@ -312,15 +327,13 @@ def claim_output(
         overwrite: replace an earlier run of other settings.
         annotated_here: the persons are annotated by this run (recorded in ``run.json``).
     """
-    manifest, record = output / "manifest.jsonl", output / "run.json"
-    rows = _read_manifest(manifest)  # a row cut by a killed run is left out: that image is redone
+    rows, annotated = _earlier_results(output, annotated_here)
     fingerprint = _fingerprint(settings)
-    previous = _read_record(record)
+    previous = _read_record(output / "run.json")
     # Every row of another run's settings is stale, written or not: an input skipped under other settings (no person
     # found by another face pack, another policy) must be tried again, not counted as done.
     # The person records this run would resume from were written under the earlier settings too (another face pack,
     # another max_persons): an earlier run killed before its first manifest row leaves only them.
-    annotated = annotated_here and (output / "persons.jsonl").is_file()
     stale = bool(rows or annotated) and (
         previous.get("fingerprint") != fingerprint
         or any(row.get("output") and row.get("fingerprint") != fingerprint for row in rows)
@@ -334,23 +347,40 @@ def claim_output(
             + "\n  ".join(changes)
             + "\npass overwrite=true to replace them, or choose another output"
         )
-    if (rows or annotated) and (stale or overwrite):
+    return rows, bool(rows or annotated) and (stale or overwrite)
+
+
+def claim_output(
+    output: Path, settings: Mapping[str, Any], overwrite: bool, annotated_here: bool
+) -> tuple[list[dict[str, Any]], str]:
+    """Make ``output`` this run's: refuse results of other settings unless ``overwrite`` (then remove what an
+    earlier run wrote there); fold a killed run's manifest parts in; write ``run.json``; return the manifest rows
+    to keep and the settings' fingerprint. One process does this, before any other writes.
+
+    Args:
+        output: the output folder.
+        settings: this run's :func:`output_settings`.
+        overwrite: replace an earlier run of other settings.
+        annotated_here: the persons are annotated by this run (recorded in ``run.json``).
+    """
+    manifest, record = output / "manifest.jsonl", output / "run.json"
+    rows, replace = check_output(output, settings, overwrite, annotated_here)
+    if replace:
         for row in rows:
             if row.get("output"):
                 (output / row["output"]).unlink(missing_ok=True)
-        for name in (
-            "manifest.jsonl",
-            "summary.json",
-            *(["persons.jsonl", "persons.summary.json"] if annotated_here else []),
-        ):
-            (output / name).unlink(missing_ok=True)
+        sidecars = [output / "persons.jsonl", output / "persons.summary.json"] if annotated_here else []
+        for path in [manifest, *part_files(manifest), output / "summary.json", *sidecars]:
+            path.unlink(missing_ok=True)
+        for path in part_files(output / "persons.jsonl") if annotated_here else []:
+            path.unlink(missing_ok=True)
         log.warning("overwrite=true: removed %d earlier result(s) from %s", len(rows), output)
-        rows = []
     output.mkdir(parents=True, exist_ok=True)
+    merge_parts(manifest)  # a killed run's rows: done, kept
     cut_torn_tail(manifest)  # only now that the folder is this run's: the next row starts a line of its own
     with atomic_file(record) as staging:
-        Path(staging).write_text(json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=2))
-    return rows, fingerprint
+        Path(staging).write_text(json.dumps({"fingerprint": _fingerprint(settings), "settings": settings}, indent=2))
+    return complete_rows(manifest), _fingerprint(settings)
 
 
 def _read_record(record: Path) -> dict[str, Any]:
@@ -362,13 +392,118 @@ def _read_record(record: Path) -> dict[str, Any]:
     return previous if isinstance(previous, dict) else {}
 
 
+class _Inputs(Dataset):
+    """Every input of the run, each named: first the sidecar rows left out up front (each item a :class:`Skipped`
+    with its reason: a manifest row), then the images.
+
+    Args:
+        dropped: the source's ``(name, reason)`` rows left out.
+        dataset: the images' dataset.
+        source: its source (for the names).
+    """
+
+    def __init__(self, dropped: list[tuple[str, str]], dataset: PersonImageDataset, source: FolderSource) -> None:
+        self.dropped, self.dataset = dropped, dataset
+        self.names = [name for name, _ in dropped] + [source.name_of(i) for i in range(len(source))]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> Any:
+        if index < len(self.dropped):
+            name, reason = self.dropped[index]
+            return Skipped(reason, name)
+        return self.dataset[index - len(self.dropped)]
+
+
+def anonymize_rows(
+    batch: dict[str, Any],
+    model: Any,
+    seed: int,
+    on_no_person: str,
+    on_persons_left: str,
+    output: Path,
+    inputs: set[str],
+    fingerprint: str,
+) -> list[Written]:
+    """A batch's manifest rows, each with its image to write (the anonymized one, or what a fail-safe policy makes
+    of it), or skipped with the reason.
+
+    Args:
+        batch: a :func:`~camouflage_train.data.dataset.collate_skipping` batch.
+        model: the anonymizer.
+        seed: the run's seed (each image's is derived from it and the file name).
+        on_no_person: the policy for an image where no person was found.
+        on_persons_left: the policy for an image where some persons found were not anonymized.
+        output: the output folder.
+        inputs: every input's name (an output name must not be another input's).
+        fingerprint: the settings' fingerprint, recorded in each written image's row.
+    """
+
+    def skip(name: str, reason: str, **details: Any) -> Written:
+        return Written({"file": name, "status": "skipped", "reason": reason, **details})
+
+    rows = [skip(name, reason) for name, reason in batch["skipped_items"]]
+    if batch["size"] == 0:
+        return rows
+    images = [pixels_to_image(pixels) for pixels in batch["pixel_values"]]
+    seeds = [image_seed(seed, name) for name in batch["name"]]
+    persons = PersonBatch.from_batch(batch)
+    outputs = model(images, persons, seeds, list(batch["caption"]))
+    counts = persons.mask.sum(1).tolist()
+    for name, seed_of_image, original, image, count, left in zip(
+        batch["name"], seeds, images, outputs, counts, batch["persons_left"].tolist(), strict=True
+    ):
+        found = {"persons_found": int(count + left), "persons_anonymized": int(count)}
+        status, policy = "done", None
+        if count + left == 0 or left:  # not every person found was anonymized: the policy decides
+            policy = on_no_person if count + left == 0 else on_persons_left
+            status, image = _fallback(policy, original, image)
+        if image is None:
+            rows.append(skip(name, "no person found" if count + left == 0 else "persons left", **found))
+            continue
+        written = output_name(name)
+        if written != name and written in inputs:
+            rows.append(skip(name, f"output name {written} is also an input", **found))
+            continue
+        try:
+            target = inside(output / "images", written)
+        except UnsafePathError as error:
+            log.warning("%s: not written", error)
+            rows.append(skip(name, "unsafe output name", **found))
+            continue
+        row = {"file": name, "status": status, "output": f"images/{written}", "seed": seed_of_image, **found}
+        rows.append(
+            Written({**row, **({"policy": policy} if policy else {}), "fingerprint": fingerprint}, image, target)
+        )
+    return rows
+
+
+def place(model: Any, device: torch.device, cpu_offload: bool) -> None:
+    """Put the anonymizer on this process's device: with ``cpu_offload`` on a GPU, diffusers' model CPU offload onto
+    it (when the anonymizer has a diffusers ``pipe``), else the whole model.
+
+    Args:
+        model: the anonymizer.
+        device: the process's device.
+        cpu_offload: offload to the CPU between uses.
+    """
+    if cpu_offload and device.type == "cuda" and hasattr(model, "pipe"):
+        model.pipe.enable_model_cpu_offload(device=device)
+    else:
+        model.to(device)
+
+
 def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
-    """Anonymize ``cfg.input.folder`` into ``cfg.output`` with ``cfg.model``; return the run's summary.
+    """Anonymize ``cfg.input.folder`` into ``cfg.output`` with ``cfg.model``, on every process of the ``trainer``
+    group; return the run's summary (the same on every process).
 
     Args:
         cfg: the composed ``configs/anonymize/anonymize.yaml``.
     """
+    check_retired_keys(cfg)
     validate_config(cfg, AnonymizeConfig)
+    check_job_strategy(cfg.trainer)
     checkpoint = OmegaConf.select(cfg, "model.checkpoint", default=None)
     check_input_paths(
         {
@@ -384,24 +519,30 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
     output = Path(cfg.output)
     annotators = {} if cfg.get("persons") else {"faces": cfg.faces, "bodies": cfg.get("bodies")}
     stand_ins = find_stand_ins({"model": cfg.model, **{k: v for k, v in annotators.items() if v is not None}})
-    warn_stand_ins(stand_ins)
     settings = output_settings(cfg)
     schema = AttributeSchema.from_config(cfg.attributes)
     listing = None if cfg.get("persons") else ImageListing(cfg.input.folder, min_image_size=cfg.input.min_image_size)
-    kept_rows, fingerprint = claim_output(output, settings, bool(cfg.overwrite), annotated_here=listing is not None)
-    device = _device(cfg.device)
+    trainer = job_trainer(cfg.trainer)
+    if trainer.is_global_zero:
+        warn_stand_ins(stand_ins)
+        kept_rows, fingerprint = claim_output(output, settings, bool(cfg.overwrite), listing is not None)
+    else:  # the same refusal on every process; rank 0 claims the folder before the others start
+        check_output(output, settings, bool(cfg.overwrite), listing is not None)
+        kept_rows, fingerprint = [], _fingerprint(settings)
+    device = trainer.strategy.root_device
     model = instantiate(cfg.model)  # before annotating: a model that does not load fails in seconds, not hours
     sidecar = Path(cfg.persons) if cfg.get("persons") else output / "persons.jsonl"
     if listing is not None:
-        bodies = instantiate(cfg.bodies) if cfg.get("bodies") is not None else None
+        bodies = instantiate(cfg.bodies, **on_device(cfg.bodies, device)) if cfg.get("bodies") is not None else None
         annotate_dataset(
             listing,
-            instantiate(cfg.faces),
+            instantiate(cfg.faces, **on_device(cfg.faces, device)),
             sidecar,
             schema.max_persons,
             batch_size=cfg.batch_size,
             num_workers=cfg.num_workers,
             bodies=bodies,
+            trainer=trainer,
         )
     source = FolderSource(
         cfg.input.folder,
@@ -411,75 +552,62 @@ def run_anonymization(cfg: DictConfig) -> dict[str, Any]:
         max_skipped_fraction=cfg.input.max_skipped_fraction,
     )
     dataset = PersonImageDataset(source, schema, cfg.resolution, captions=CaptionBuilder(**cfg.captions))
-    if cfg.get("cpu_offload") and device.type == "cuda" and hasattr(model, "pipe"):
-        model.pipe.enable_model_cpu_offload(device=device)
-    else:
-        model.to(device)
+    place(model, device, bool(cfg.get("cpu_offload")))
+    inputs = _Inputs(source.dropped, dataset, source)
     done = {row["file"] for row in kept_rows}
-    inputs = {source.name_of(i) for i in range(len(source))} | {name for name, _ in source.dropped}
-    pending = [i for i in range(len(source)) if source.name_of(i) not in done]
-    loader = DataLoader(
-        Subset(dataset, pending), batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_skipping
+    pending = [i for i, name in enumerate(inputs.names) if name not in done] if trainer.is_global_zero else None
+    position = {name: i for i, name in enumerate(inputs.names)}
+    writer = JsonLinesPartsWriter(  # the manifest keeps the inputs' order
+        output / "manifest.jsonl", order=lambda row: position.get(row.get("file"), len(position)), save=_save
     )
+    step = partial(
+        anonymize_rows,
+        model=model,
+        seed=cfg.seed,
+        on_no_person=cfg.on_no_person,
+        on_persons_left=cfg.on_persons_left,
+        output=output,
+        inputs=set(inputs.names),
+        fingerprint=fingerprint,
+    )
+    job = BatchJob(inputs, pending, step, writer, cfg.batch_size, cfg.num_workers, collate_fn=collate_skipping)
+    added = run_batch_job(trainer, job)
+    summary: dict[str, Any] | None = None
+    if trainer.is_global_zero:
+        seconds = job.finished - job.started
+        summary = _summary(added, len(done), seconds, stand_ins, output, cfg.on_no_person, cfg.on_persons_left)
+    return trainer.strategy.broadcast(summary, src=0)
+
+
+def _summary(
+    added: list[dict[str, Any]],
+    already_done: int,
+    seconds: float,
+    stand_ins: dict[str, str],
+    output: Path,
+    on_no_person: str,
+    on_persons_left: str,
+) -> dict[str, Any]:
+    """The run's summary from the rows it added (every process's), written to ``summary.json`` and logged, with the
+    images of the whole output folder that are not fully anonymized named in a warning."""
     summary: dict[str, Any] = {
         "done": 0,
         "blurred": 0,
         "copied": 0,
         "partly_anonymized": 0,
         "skipped": Counter(),
-        "already_done": len(done),
+        "already_done": already_done,
+        "seconds": round(seconds, 3),  # the anonymization's own time: every process ready to every process done
+        "images_per_s": round(len(added) / seconds, 3) if seconds else 0.0,  # inputs given a row, per second
         "stand_ins": stand_ins,
     }
-    with (output / "manifest.jsonl").open("a", encoding="utf-8") as handle:
-
-        def record(row: dict[str, Any]) -> None:
-            handle.write(json.dumps(row) + "\n")
-            handle.flush()
-
-        def skip(name: str, reason: str, **details: Any) -> None:
-            record({"file": name, "status": "skipped", "reason": reason, **details})
-            summary["skipped"][reason] += 1
-
-        for name, reason in source.dropped:
-            if name not in done:
-                skip(name, reason)
-        for batch in tqdm(loader, desc=f"anonymizing ({type(model).__name__})", unit="batch"):
-            for name, reason in batch["skipped_items"]:
-                skip(name, reason)
-            if batch["size"] == 0:
-                continue
-            images = [pixels_to_image(pixels) for pixels in batch["pixel_values"]]
-            seeds = [image_seed(cfg.seed, name) for name in batch["name"]]
-            persons = PersonBatch.from_batch(batch)
-            outputs = model(images, persons, seeds, list(batch["caption"]))
-            counts = persons.mask.sum(1).tolist()
-            for name, seed, original, image, count, left in zip(
-                batch["name"], seeds, images, outputs, counts, batch["persons_left"].tolist(), strict=True
-            ):
-                found = {"persons_found": int(count + left), "persons_anonymized": int(count)}
-                status, policy = "done", None
-                if count + left == 0 or left:  # not every person found was anonymized: the policy decides
-                    policy = cfg.on_no_person if count + left == 0 else cfg.on_persons_left
-                    status, image = _fallback(policy, original, image)
-                if image is None:
-                    skip(name, "no person found" if count + left == 0 else "persons left", **found)
-                    continue
-                written = output_name(name)
-                if written != name and written in inputs:
-                    skip(name, f"output name {written} is also an input", **found)
-                    continue
-                try:
-                    target = inside(output / "images", written)
-                except UnsafePathError as error:
-                    log.warning("%s: not written", error)
-                    skip(name, "unsafe output name", **found)
-                    continue
-                _save(image, target)
-                row = {"file": name, "status": status, "output": f"images/{written}", "seed": seed, **found}
-                record({**row, **({"policy": policy} if policy else {}), "fingerprint": fingerprint})
-                summary[status.replace(" ", "_")] += 1
+    for row in added:
+        if row["status"] == "skipped":
+            summary["skipped"][row["reason"]] += 1
+        else:
+            summary[row["status"].replace(" ", "_")] += 1
     summary["skipped"] = dict(summary["skipped"])
-    summary.update(_flagged(_read_manifest(output / "manifest.jsonl"), cfg.on_no_person, cfg.on_persons_left))
+    summary.update(_flagged(complete_rows(output / "manifest.jsonl"), on_no_person, on_persons_left))
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     listed = ("no_person", "persons_left", "stand_ins")  # named in the warnings
     log.info("anonymization summary: %s", {k: v for k, v in summary.items() if k not in listed})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,21 +62,42 @@ def _multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def main_with_key_help(main: Callable[[], Any], config_dir: str | Path, config_name: str) -> None:
+def main_with_key_help(
+    main: Callable[[], Any], config_dir: str | Path, config_name: str, retired: Mapping[str, str] | None = None
+) -> None:
     """Call a ``@hydra.main`` function, unless an override names a key the config does not have: then say
-    which, with the valid keys there and the closest one, and exit with status 2.
+    which, with the valid keys there and the closest one (or, for a key of an earlier version, what replaced it),
+    and exit with status 2.
 
     Args:
         main: the ``@hydra.main`` function.
         config_dir: its config folder.
         config_name: its config file.
+        retired: keys of earlier versions -> what replaced them.
     """
-    unknown = unknown_override_keys(config_dir, config_name, sys.argv[1:])
+    replaced = retired_override_keys(sys.argv[1:], retired or {})
+    unknown = replaced or unknown_override_keys(config_dir, config_name, sys.argv[1:])
     if unknown:
         print("error: " + "\n       ".join(unknown), file=sys.stderr)
-        print("(to add a key the config does not have on purpose, write +key=value)", file=sys.stderr)
+        if not replaced:
+            print("(to add a key the config does not have on purpose, write +key=value)", file=sys.stderr)
         raise SystemExit(2)
     main()
+
+
+def retired_override_keys(arguments: list[str], retired: Mapping[str, str]) -> list[str]:
+    """One line per override (``key=value``, ``+key=value``) of a retired key, with what replaced it.
+
+    Args:
+        arguments: the command line's overrides.
+        retired: keys of earlier versions -> what replaced them.
+    """
+    lines = []
+    for argument in arguments:
+        key = argument.lstrip("+~").split("=", 1)[0]
+        if not argument.startswith("-") and key in retired:
+            lines.append(f"'{argument}': {key} is {retired[key]}")
+    return lines
 
 
 def unknown_override_keys(config_dir: str | Path, config_name: str, arguments: list[str]) -> list[str]:

@@ -30,7 +30,7 @@ from camouflage_train.data.schema import AttributeSchema  # noqa: E402
 from camouflage_train.miniworld.scenes import FACE_ATTRIBUTES  # noqa: E402
 from camouflage_train.models.presets import materialize_preset  # noqa: E402
 from camouflage_train.utils.resolvers import register_resolvers  # noqa: E402
-from tests.entry_points import run_entry_point  # noqa: E402
+from tests.entry_points import EntryPointRun, run_entry_point  # noqa: E402
 
 register_resolvers()
 
@@ -135,6 +135,11 @@ def run_script(
     """Run a repository entry point (``train.py``, ``anonymize.py``, ...) in a process of its own, as a user would
     (forked from a server that has done the heavy imports; see :mod:`tests.entry_points`)."""
     return run_entry_point(REPO / script, list(overrides), cwd=cwd, env=env, timeout=timeout)
+
+
+def start_script(script: str, *overrides: str, env: dict | None = None, cwd: Path = REPO) -> EntryPointRun:
+    """:func:`run_script` without waiting: the started run, to wait for (``result``) or kill."""
+    return EntryPointRun(REPO / script, list(overrides), cwd=cwd, env=env)
 
 
 def assert_user_error(done: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -107,6 +107,81 @@ def _run_as_main(script: str, arguments: list[str], cwd: str, environment: dict[
         atexit._run_exitfuncs()
 
 
+class EntryPointRun:
+    """An entry point started in its own process (forked from the server, or a fresh interpreter when the
+    environment differs from the server's): :meth:`result` waits for it, :meth:`kill` ends it at once with SIGKILL,
+    as a scheduler or the out-of-memory killer would.
+
+    Args:
+        script: the script's path, or ``"-m package.module"``.
+        arguments: its command-line arguments.
+        cwd: the working folder.
+        env: the environment (``None``: this process's).
+    """
+
+    def __init__(self, script: Path | str, arguments: list[str], cwd: Path, env: dict[str, str] | None) -> None:
+        self.command = [sys.executable, *str(script).split(" ", 1), *arguments]
+        environment = dict(os.environ if env is None else env)
+        self._folder = tempfile.TemporaryDirectory(prefix="entry-point-")
+        self._out, self._err = (os.path.join(self._folder.name, name) for name in ("stdout", "stderr"))
+        context, imported_under = _fork_server()
+        self._popen: subprocess.Popen | None = None
+        self._process = None
+        if _comparable(environment) != _comparable(imported_under):
+            with open(self._out, "w") as out, open(self._err, "w") as err:
+                self._popen = subprocess.Popen(
+                    self.command, stdout=out, stderr=err, cwd=cwd, env=environment, text=True
+                )
+        else:
+            self._process = context.Process(
+                target=_run_as_main, args=(str(script), list(arguments), str(cwd), environment, self._out, self._err)
+            )
+            self._process.start()
+
+    def running(self) -> bool:
+        """Whether the run has not ended yet."""
+        return self._popen.poll() is None if self._popen is not None else self._process.is_alive()
+
+    def kill(self) -> None:
+        """End the run at once (SIGKILL); its children, if any, are not signalled."""
+        if self._popen is not None:
+            self._popen.kill()
+        else:
+            self._process.kill()
+
+    def result(self, timeout: float) -> subprocess.CompletedProcess:
+        """Wait for the run, as :func:`subprocess.run` with ``capture_output=True, text=True`` returns it.
+
+        Args:
+            timeout: seconds before the run is killed.
+
+        Raises:
+            subprocess.TimeoutExpired: the run took longer than ``timeout`` seconds (it is killed).
+        """
+        try:
+            if self._popen is not None:
+                try:
+                    self._popen.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self._popen.kill()
+                    self._popen.wait()
+                    raise
+                code = self._popen.returncode
+            else:
+                self._process.join(timeout)
+                if self._process.is_alive():
+                    self._process.kill()
+                    self._process.join()
+                    raise subprocess.TimeoutExpired(self.command, timeout)
+                code = self._process.exitcode
+            stdout, stderr = (
+                Path(path).read_text(encoding="utf-8", errors="replace") for path in (self._out, self._err)
+            )
+        finally:
+            self._folder.cleanup()
+        return subprocess.CompletedProcess(self.command, code, stdout, stderr)
+
+
 def run_entry_point(
     script: Path | str, arguments: list[str], cwd: Path, env: dict[str, str] | None, timeout: float
 ) -> subprocess.CompletedProcess:
@@ -123,21 +198,4 @@ def run_entry_point(
     Raises:
         subprocess.TimeoutExpired: the run took longer than ``timeout`` seconds (it is killed).
     """
-    command = [sys.executable, *str(script).split(" ", 1), *arguments]
-    environment = dict(os.environ if env is None else env)
-    context, imported_under = _fork_server()
-    if _comparable(environment) != _comparable(imported_under):
-        return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=environment)
-    with tempfile.TemporaryDirectory(prefix="entry-point-") as folder:
-        out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
-        process = context.Process(
-            target=_run_as_main, args=(str(script), list(arguments), str(cwd), environment, out, err)
-        )
-        process.start()
-        process.join(timeout)
-        if process.is_alive():
-            process.kill()
-            process.join()
-            raise subprocess.TimeoutExpired(command, timeout)
-        stdout, stderr = (Path(path).read_text(encoding="utf-8", errors="replace") for path in (out, err))
-    return subprocess.CompletedProcess(command, process.exitcode, stdout, stderr)
+    return EntryPointRun(script, arguments, cwd, env).result(timeout)

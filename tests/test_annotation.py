@@ -13,7 +13,8 @@ from camouflage_train.annotation.run import ImageListing, annotate_dataset
 from camouflage_train.data.dataset import PersonImageDataset
 from camouflage_train.data.schema import RECORD_SCHEMA_VERSION, AttributeSchema
 from camouflage_train.data.sources import FolderSource
-from tests.conftest import REPO
+from camouflage_train.data.synthetic import draw_scene
+from tests.conftest import REPO, run_script
 
 FACE_SCHEMA = yaml.safe_load((REPO / "configs" / "attributes" / "face.yaml").read_text())
 
@@ -146,3 +147,54 @@ def test_a_gpu_provider_the_onnxruntime_package_lacks_is_named_with_the_fix(tiny
     with caplog.at_level("WARNING"):
         FaceAnnotator(str(tiny_faces_dir), ctx_id=-1, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert "onnxruntime-gpu" in caplog.text and "using ['CPUExecutionProvider']" in caplog.text
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_one_process_sidecar(tmp_path, schema):
+    """annotate.py on two CPU processes (gloo), each annotating its share: the sidecar has the one-process rows, in
+    listing order, and no part is left; the summary is printed once."""
+    folder = tmp_path / "img"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(4):
+        draw_scene(i, schema, 96)[0].save(folder / ("sub" if i % 2 else "") / f"{i}.png")
+    (folder / "empty.jpg").write_bytes(b"")
+
+    def annotate(name, *overrides):
+        done = run_script(
+            "annotate.py", f"input.folder={folder}", f"output={tmp_path / name}", "faces=mini", "bodies=none",
+            "num_workers=0", "batch_size=1", f"hydra.run.dir={tmp_path / ('run_' + name)}", *overrides,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    annotate("one.jsonl")
+    two = annotate("two.jsonl", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+    rows = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert [row["file"] for row in rows] == ["0.png", "2.png", "empty.jpg", "sub/1.png", "sub/3.png"]
+    assert sum(len(row["persons"]) for row in rows) > 0 and rows[2]["skipped"] == "empty file"
+    assert rows == [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    one_summary, two_summary = (json.loads((tmp_path / f"{n}.summary.json").read_text()) for n in ("one", "two"))
+    timing = ("seconds", "images_per_s")
+    assert {k: v for k, v in two_summary.items() if k not in timing} == {
+        k: v for k, v in one_summary.items() if k not in timing
+    }
+    assert not list(tmp_path.glob("*.rank-*")) and sum(line.startswith("{") for line in two.stdout.splitlines()) == 1
+
+
+def test_each_process_puts_the_face_pack_and_the_body_detector_on_its_own_device():
+    import torch
+    from omegaconf import OmegaConf
+
+    from camouflage_train.annotation.faces import gpu_provider_options
+    from camouflage_train.annotation.run import on_device
+
+    gpu_pack, cpu_pack = OmegaConf.create({"ctx_id": 0}), OmegaConf.create({"ctx_id": -1})
+    assert on_device(gpu_pack, torch.device("cuda", 3)) == {"ctx_id": 3}  # rank 3's GPU
+    assert on_device(gpu_pack, torch.device("cpu")) == {"ctx_id": -1}  # a CPU trainer runs everything on the CPU
+    assert on_device(cpu_pack, torch.device("cuda", 3)) == {}  # a face pack asked to run on the CPU stays there
+    assert on_device(OmegaConf.create({"device": "auto"}), torch.device("cuda", 2)) == {"device": "cuda:2"}
+    assert on_device(OmegaConf.create({"device": "cpu"}), torch.device("cuda", 2)) == {}
+    # insightface leaves onnxruntime's CUDA provider on the first GPU: the device is named in the provider options.
+    chosen = gpu_provider_options(["CUDAExecutionProvider", "CPUExecutionProvider"], 3)
+    assert chosen["provider_options"] == [{"device_id": 3}, {}]
+    assert gpu_provider_options(["CPUExecutionProvider"], 3) == {}

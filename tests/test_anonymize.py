@@ -2,13 +2,17 @@ import json
 import os
 import shutil
 import stat
+import time
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from camouflage_train.anonymization import run_anonymization
 from camouflage_train.data.synthetic import draw_scene
-from tests.conftest import assert_user_error, run_script
+from camouflage_train.utils.config_checks import ConfigError
+from tests.conftest import REPO, assert_user_error, run_script, start_script
 
 # Batched and single-image generation run different kernels (BLAS blocking, thread splits), so the same image
 # made in another batch may differ in the last bit, which can flip an 8-bit rounding. Measured on the tiny
@@ -32,9 +36,12 @@ def mixed_folder(tmp_path, schema, group_photo):
     return folder
 
 
-def _anonymize(folder, out, *overrides):
-    return run_script(
-        "anonymize.py",
+# Two processes on the CPU (gloo), as `trainer=ddp trainer.devices=8` runs one per GPU.
+TWO_PROCESSES = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+
+
+def _arguments(folder, out, *overrides):
+    return (
         "faces=mini",
         "bodies=none",
         "resolution=64",
@@ -44,6 +51,10 @@ def _anonymize(folder, out, *overrides):
         f"hydra.run.dir={out.parent / ('run_' + out.name)}",
         *overrides,
     )
+
+
+def _anonymize(folder, out, *overrides):
+    return run_script("anonymize.py", *_arguments(folder, out, *overrides))
 
 
 def _manifest(out):
@@ -166,3 +177,76 @@ def test_bad_rows_of_a_given_sidecar_are_recorded_as_skipped(tmp_path, schema, t
         ("../../etc/passwd.png", "unsafe file name"),
         (f"{sidecar}:5", "no 'file' field"),
     }
+
+
+def _rows_so_far(out):
+    """The complete rows of the manifest and of its per-process parts: what a killed run had finished."""
+    rows = []
+    for path in out.glob("manifest*.jsonl"):
+        data = path.read_bytes()
+        rows += [json.loads(line) for line in data[: data.rfind(b"\n") + 1].decode().splitlines()]
+    return rows
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_in_two_processes_with_the_one_process_output(mixed_folder, tmp_path, tiny_model_dir):
+    """A run killed (SIGKILL) after its first images, rerun on two processes (gloo): what it finished is kept as it
+    is and counted as done, the rest is shared out, and the folder ends as one uninterrupted one-process run's."""
+    reference = tmp_path / "one"
+    assert _anonymize(mixed_folder, reference, "model=base_tiny").returncode == 0
+    out = tmp_path / "out"
+    killed = start_script("anonymize.py", *_arguments(mixed_folder, out, "model=base_tiny", "batch_size=1"))
+    deadline = time.monotonic() + 300
+    while not any(row.get("output") for row in _rows_so_far(out)):  # the first image and its row are written
+        if not killed.running() or time.monotonic() > deadline:
+            killed.kill()
+            pytest.fail(f"the run ended before writing an image: {killed.result(60).stderr[-3000:]}")
+        time.sleep(0.01)
+    killed.kill()
+    killed.result(60)
+    finished = _rows_so_far(out)
+    kept = {row["output"]: ((out / row["output"]).read_bytes(), (out / row["output"]).stat().st_mtime_ns)
+            for row in finished if row.get("output")}  # fmt: skip
+    assert 1 <= len(kept) < 5, "killed mid-run: some images written, not all"
+    # And a person-record row torn as by a kill mid-annotation: the rerun redoes that one image, on one of its two
+    # processes (the other gets no input; Lightning's own predict sampler would refuse that).
+    sidecar = out / "persons.jsonl"
+    *rows_before, last = sidecar.read_text().splitlines(keepends=True)
+    sidecar.write_text("".join(rows_before) + last[:10])
+
+    rerun = _anonymize(mixed_folder, out, "model=base_tiny", "batch_size=2", *TWO_PROCESSES)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    printed = [line for line in rerun.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1, rerun.stdout[-3000:]  # the summary, printed by rank 0 only
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["already_done"], summary["done"]) == (len(finished), 5 - len(kept)), summary
+    annotated = json.loads((out / "persons.summary.json").read_text())
+    assert (annotated["images"], annotated["already_done"]) == (1, 7), annotated
+    assert sidecar.read_text() == (reference / "persons.jsonl").read_text()
+    for name, (data, mtime) in kept.items():  # not redone
+        assert (out / name).read_bytes() == data and (out / name).stat().st_mtime_ns == mtime, name
+    assert not [path.name for path in out.rglob("*") if ".rank-" in path.name]  # every part merged and removed
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    rows = _manifest(out)
+    assert len(lines) == len(rows) == 8 and rows == _manifest(reference)  # each input once; same rows, seeds, files
+    # Other processes and batches change each process's thread count and batch composition, so float reductions may
+    # round differently: the batch tolerance above.
+    gaps = [np.abs(_pixels(out / row["output"]) - _pixels(reference / row["output"])) for row in rows.values()
+            if row.get("output")]  # fmt: skip
+    assert len(gaps) == 5 and max(g.max() for g in gaps) <= BATCH_TOLERANCE_MAX
+    assert np.mean(gaps) <= BATCH_TOLERANCE_MEAN
+
+
+def test_the_retired_device_key_and_a_sharded_strategy_are_refused_with_the_fix(tmp_path):
+    """``device`` gave way to the trainer group; FSDP shards training state, which these jobs do not have."""
+    out = tmp_path / "out"
+    old = run_script("anonymize.py", "device=cuda", f"input.folder={tmp_path}", f"output={out}")
+    assert_user_error(old, "'device=cuda': device is replaced by the trainer group", "trainer.accelerator=gpu")
+    with initialize_config_dir(config_dir=str(REPO / "configs" / "anonymize"), version_base="1.3"):
+        cfg = compose(
+            "anonymize.yaml", overrides=["model=base_tiny", "trainer=fsdp", f"input.folder={tmp_path}", f"output={out}"]
+        )
+    assert cfg.trainer.precision == "32-true"  # whichever trainer file: the pipelines keep their own dtypes
+    with pytest.raises(ConfigError, match=r"trainer.strategy: .*FSDPStrategy shards .* use trainer=ddp"):
+        run_anonymization(cfg)
+    assert not out.exists()

@@ -79,6 +79,26 @@ def check_providers(providers: Sequence[str] | None, key: str = "faces.providers
     return list(providers)
 
 
+def gpu_provider_options(providers: Sequence[str] | None, device_id: int) -> dict[str, Any]:
+    """The ``providers`` and ``provider_options`` that put onnxruntime's CUDA provider on GPU ``device_id`` (with
+    ``providers`` ``None``: CUDA, then CPU, as far as installed); ``{}`` when CUDA is not among them.
+
+    Args:
+        providers: the checked provider names (``None``: not given).
+        device_id: the CUDA device.
+    """
+    import onnxruntime
+
+    chosen = list(providers) if providers else []
+    if not chosen:
+        available = onnxruntime.get_available_providers()
+        chosen = [name for name in ("CUDAExecutionProvider", "CPUExecutionProvider") if name in available]
+    if "CUDAExecutionProvider" not in chosen:
+        return {}
+    options = [{"device_id": device_id} if name == "CUDAExecutionProvider" else {} for name in chosen]
+    return {"providers": chosen, "provider_options": options}
+
+
 class FaceAnnotator:
     """Detect faces and describe each as a person record.
 
@@ -89,7 +109,8 @@ class FaceAnnotator:
         det_size: detector input size (width, height).
         det_thresh: detection score threshold.
         providers: onnxruntime execution providers (``None``: insightface's default).
-        ctx_id: device id for insightface (``-1`` CPU).
+        ctx_id: the GPU insightface runs on (``-1``: the CPU); ``annotate.py`` and ``anonymize.py`` set it to each
+            process's GPU.
     """
 
     def __init__(
@@ -105,6 +126,8 @@ class FaceAnnotator:
 
         providers = check_providers(providers)
         kwargs: dict[str, Any] = {"providers": providers} if providers else {}
+        if ctx_id > 0:  # insightface leaves onnxruntime's CUDA provider on its first GPU: name the one asked for
+            kwargs.update(gpu_provider_options(providers, ctx_id))
         modules = ["detection", "genderage"]
         try:
             self.app = FaceAnalysis(
