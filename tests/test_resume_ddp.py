@@ -145,14 +145,12 @@ def _launch_as_slurm_tasks(run_dir: Path, *overrides: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", ["lightning-ddp", "slurm-2-nodes"])
-def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path, one_process_run, launch):
-    steps = ("trainer.max_steps=4",)
+def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path, one_process_run):
+    """Two SLURM tasks on two "nodes"; the launch where Lightning starts the second process itself (re-running
+    train.py) is the streaming tests' (tests/test_streaming.py), with the same one-output-folder checks."""
+    launch, steps = "slurm-2-nodes", ("trainer.max_steps=4",)
     ddp_dir = tmp_path / "two"
-    if launch == "lightning-ddp":  # Lightning starts the second process (re-running train.py)
-        _run(ddp_dir, *steps, "data.batch_size=2", "trainer.strategy=ddp", "trainer.devices=2")
-    else:
-        _launch_as_slurm_tasks(ddp_dir, *steps, "data.batch_size=2", "trainer.strategy=ddp", "trainer.num_nodes=2")
+    _launch_as_slurm_tasks(ddp_dir, *steps, "data.batch_size=2", "trainer.strategy=ddp", "trainer.num_nodes=2")
     one, two = _adapter(one_process_run / "checkpoints/last.ckpt"), _adapter(ddp_dir / "checkpoints/last.ckpt")
     assert one.keys() == two.keys()
     worst = max((one[k] - two[k]).abs().max().item() for k in one)

@@ -291,6 +291,13 @@ def test_a_killed_two_process_streaming_run_resumes_to_the_uninterrupted_adapter
     done = run_script("train.py", *_train(crashed, shards)[2:])
     assert done.returncode == 0, done.stderr[-4000:]
 
+    # Lightning started the second process itself (re-running train.py): one output folder, written by rank 0 only.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crashed", "straight"]
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == [
+        "last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt",
+    ]  # fmt: skip
+    assert len(list(straight.rglob(".hydra"))) == 1 and len(list(straight.glob("*.json"))) == 1  # metrics.json
+    assert not (REPO / ".hydra").exists() and not (REPO / "checkpoints").exists()
     expected, got = _adapter(straight / "checkpoints/last.ckpt"), _adapter(crashed / "checkpoints/last.ckpt")
     assert got.keys() == expected.keys()
     worst = max((got[k] - expected[k]).abs().max().item() for k in expected)
