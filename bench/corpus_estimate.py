@@ -77,7 +77,8 @@ def main() -> None:
     stages = [
         ("annotate (assumed rate)", n / args.annotate_per_gpu, n * SIDECAR_ROW_BYTES / 1e12, "assumed"),
         ("make_shards, images only (CPU)", 0.0, n * args.image_kb * 1e3 / 1e12, "bytes copied"),
-        ("make_shards latents=true", n / rate["cache_encode"], n * per_image_latents / 1e12, "derived"),
+        # both flip variants are encoded (and stored)
+        ("make_shards latents=true", 2 * n / rate["cache_encode"], n * per_image_latents / 1e12, "derived"),
         (f"train {args.epochs:g} epoch(s), online (batch {rate['train_online_batch']})",
          args.epochs * n / rate["train_online"], 0.0, "measured"),
         (f"train {args.epochs:g} epoch(s), from the cache (batch {rate['cache_batch']})",

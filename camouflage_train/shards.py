@@ -85,6 +85,11 @@ def run_shards(cfg: DictConfig) -> dict[str, Any]:
     storage_options = OmegaConf.to_container(cfg.storage_options, resolve=True) if cfg.storage_options else None
     if not 0 <= int(cfg.node_rank) < int(cfg.num_nodes):
         raise ConfigError(f"node_rank={cfg.node_rank} must be in [0, num_nodes={cfg.num_nodes})")
+    if cfg.overwrite and int(cfg.num_nodes) > 1:
+        raise ConfigError(
+            "overwrite=true with num_nodes > 1: a machine starting late would delete what the others wrote; clear the "
+            "output first and run without overwrite"
+        )
     if not cfg.overwrite and shards_exist(output, storage_options):
         raise InputError(f"output: {output} already holds shards ({META_NAME}); pass overwrite=true to replace them")
     check_sidecars(cfg.data)

@@ -143,19 +143,28 @@ def test_two_ranks_stream_exactly_the_samples_of_one_process(shards, data_cfg, t
     assert shares[0] | shares[1] == one and len(one) == TRAIN
 
 
-def test_a_restored_loader_continues_at_the_next_unseen_sample(shards, data_cfg):
-    straight = [r["name"] for r in _epoch(_streaming(data_cfg, shards).train_dataloader())]
+def _lightning_epoch(loader, skip: int = 0) -> list[tuple[str, int]]:
+    """One epoch as Lightning's fit loop takes it: ``len(loader)`` batches (less the ``skip`` a resumed epoch had
+    trained), without running the iterator to its end."""
+    batches = iter(loader)
+    taken = [next(batches) for _ in range(len(loader) - skip)]
+    return [(name, seed) for batch in taken for name, seed in zip(batch["name"], batch["sample_seed"], strict=True)]
+
+
+def test_a_restored_loader_continues_at_the_next_unseen_sample_and_then_starts_the_next_epoch(shards, data_cfg):
+    straight_loader = _streaming(data_cfg, shards).train_dataloader()
+    straight = [_lightning_epoch(straight_loader) for _ in range(2)]
+    assert {s for _, s in straight[0]}.isdisjoint({s for _, s in straight[1]})  # each epoch its own seeds
     loader = _streaming(data_cfg, shards).train_dataloader()
-    first = []
-    for batch_index, batch in enumerate(loader):
-        first += batch["name"]
-        if batch_index == 1:
-            state = loader.state_dict()
-            break
+    first, batches = [], iter(loader)
+    for _ in range(2):
+        batch = next(batches)
+        first += list(zip(batch["name"], batch["sample_seed"], strict=True))
+    state = loader.state_dict()
     resumed = _streaming(data_cfg, shards).train_dataloader()  # a new process would build a new loader
     resumed.load_state_dict(state)
-    rest = [name for batch in resumed for name in batch["name"]]
-    assert first + rest == straight
+    assert first + _lightning_epoch(resumed, skip=2) == straight[0]  # the unseen rest, with its seeds
+    assert _lightning_epoch(resumed) == straight[1]  # then a whole new epoch, not the restored one again
 
 
 def test_shards_written_for_other_settings_are_refused_before_training(shards, data_cfg, tmp_path):
@@ -169,6 +178,18 @@ def test_shards_written_for_other_settings_are_refused_before_training(shards, d
     write_shards(instantiate(compose_train(tmp_path, *DATA).data), str(small), shorter_side=64, start_method="fork")
     with pytest.raises(DataError, match=r"shorter side 64, below data\.resolution=128"):
         _streaming(data_cfg, small, resolution=128)
+
+
+def test_two_machines_write_one_set_of_shards(data_cfg, tmp_path):
+    """Each machine writes its share of the training split as a part; the last waits for every part, merges them and
+    writes the record. Here the two "machines" run one after the other on one shared folder."""
+    out = tmp_path / "shared"
+    settings = {"chunk_bytes": "6kB", "start_method": "fork", "batch_size": 4, "num_nodes": 2}
+    write_shards(instantiate(data_cfg.data), str(out), node_rank=0, **settings)
+    assert not (out / META_NAME).exists()  # not finished until the last machine has merged
+    write_shards(instantiate(data_cfg.data), str(out), node_rank=1, **settings)
+    assert not (out / "parts").exists()
+    _assert_map_style_samples(_epoch(_streaming(data_cfg, out).train_dataloader()), _map_style_epoch0(data_cfg))
 
 
 def test_a_shard_item_that_does_not_decode_is_skipped_and_counted(shards, data_cfg, tmp_path):

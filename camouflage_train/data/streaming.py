@@ -8,8 +8,8 @@ as lossless PNG), its person records, caption and names, and its position in the
 VAE latent distribution, the caption's text embedding and the person arrays of each flip variant, exactly what the
 latent cache (:mod:`~camouflage_train.data.cache`) holds, under the same key. ``<output>/camouflage_shards.json``
 records what the shards were written from and with: the schema, the source's fingerprint, the split, the image
-size stored, the latent spec. litdata's ``optimize`` spreads the work over processes, and over machines through its
-``DATA_OPTIMIZER_NUM_NODES`` / ``DATA_OPTIMIZER_NODE_RANK`` variables (set from ``num_nodes``/``node_rank``).
+size stored, the latent spec. litdata's ``optimize`` spreads the work over processes; over machines, each writes its
+share of the training split as a part of its own and the last one merges the parts (litdata's ``merge_datasets``).
 
 Reading (:class:`StreamingPersonDataModule`, ``data=streaming``) streams those chunks from the path or URI,
 sharded over ranks, nodes and loader workers by litdata and shuffled chunk-wise, and passes every item through
@@ -33,7 +33,9 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from litdata import StreamingDataLoader, StreamingDataset, optimize
+from litdata import StreamingDataLoader, StreamingDataset, merge_datasets, optimize
 from litdata.streaming.sampler import ChunkedIndex
 from torch.utils.data import Dataset, Subset
 
@@ -307,12 +309,14 @@ def write_shards(
     start_method: str | None = None,
     num_nodes: int = 1,
     node_rank: int = 0,
+    merge_timeout_s: float = 86400.0,
 ) -> dict[str, Any]:
     """Write the data module's train and validation splits as litdata shards under ``output``; return the meta.
 
-    With ``num_nodes > 1`` every machine runs this with its ``node_rank`` and writes its part of each split to the
-    shared ``output``; litdata's last machine waits for the others and merges the indexes, and only it writes
-    ``camouflage_shards.json``, so the record appears when every shard is there.
+    With ``num_nodes > 1`` every machine runs this with its ``node_rank`` and writes its share of the training
+    split as a part of its own under the shared ``output``; the last machine waits for every part, merges them, writes
+    the validation split and only then ``camouflage_shards.json``, after checking that every split's index holds all
+    its items (never shards with fewer items).
 
     Args:
         datamodule: a :class:`~camouflage_train.data.datamodule.PersonDataModule` (not set up yet, or set up).
@@ -328,6 +332,7 @@ def write_shards(
             them at once but cannot encode latents on a GPU).
         num_nodes: machines writing together.
         node_rank: this machine's place among them.
+        merge_timeout_s: how long the last machine waits for the others' parts.
     """
     if datamodule.cache.get("enabled"):  # the shards are written from the images; ``latents`` adds the encodings
         datamodule.cache = {**datamodule.cache, "enabled": False}
@@ -345,6 +350,8 @@ def write_shards(
             raise DataError("latents=true stores fixed crops: set data.random_crop=false")
         latents = {**latents, "flip": datamodule.flip_prob > 0}
         spec = cache_spec(train_dataset, latents["backbone"], latents["flip"], latents["dtype"])
+        if shorter_side is not None:  # encoded from the stored, scaled-down images: not the map-style cache's
+            spec["shorter_side"] = shorter_side
     meta: dict[str, Any] = {
         "format": SHARDS_FORMAT,
         "schema": train_dataset.schema.to_config(),
@@ -355,25 +362,43 @@ def write_shards(
     }
     # litdata's optimize sets the process-wide start method for its writers; the caller's own process pools (a
     # DataLoader started later in this process) keep theirs.
-    # litdata's optimize reads the machines from these variables (the only way it splits work outside its cloud).
-    nodes = {"DATA_OPTIMIZER_NUM_NODES": str(num_nodes), "DATA_OPTIMIZER_NODE_RANK": str(node_rank)}
-    environment_before = {key: os.environ.get(key) for key in nodes}
     start_method_before = multiprocessing.get_start_method(allow_none=True)
     try:
-        if num_nodes > 1:
-            os.environ.update(nodes)
         _write_splits(splits, output, meta, num_workers, chunk_bytes, shorter_side, latents, storage_options,
-                      overwrite, batch_size, start_method)  # fmt: skip
+                      overwrite, batch_size, start_method, num_nodes, node_rank, merge_timeout_s)  # fmt: skip
     finally:
         multiprocessing.set_start_method(start_method_before, force=True)
-        for key, value in environment_before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     if node_rank == num_nodes - 1:
+        for name, split in meta["splits"].items():
+            indexed = indexed_items(_join(output, name), storage_options)
+            if indexed != split["items"]:
+                raise DataError(
+                    f"{_join(output, name)}: its index holds {indexed} of the split's {split['items']} items; write "
+                    "the shards again into an empty output"
+                )
         _write_meta(output, meta, storage_options)
     return meta
+
+
+def _part_dir(output: str, split: str, node_rank: int) -> str:
+    return _join(output, "parts", split, f"node-{node_rank:05d}")
+
+
+def _mark_done(output: str, split: str, node_rank: int, items: int, storage: Mapping[str, Any] | None) -> None:
+    """The marker a machine writes when its part of ``split`` is complete."""
+    text, where = json.dumps({"items": items}), _part_dir(output, split, node_rank) + ".done.json"
+    if _is_remote(output):
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "done.json").write_text(text)
+            shard_store(output, storage).upload_file(str(Path(folder, "done.json")), where)
+    else:
+        Path(where).parent.mkdir(parents=True, exist_ok=True)
+        Path(where).write_text(text)
+
+
+def _is_done(output: str, split: str, node_rank: int, storage: Mapping[str, Any] | None) -> bool:
+    where = _part_dir(output, split, node_rank) + ".done.json"
+    return bool(shard_store(output, storage).exists(where)) if _is_remote(output) else Path(where).exists()
 
 
 def _write_splits(
@@ -388,25 +413,72 @@ def _write_splits(
     overwrite: bool,
     batch_size: int,
     start_method: str | None,
+    num_nodes: int = 1,
+    node_rank: int = 0,
+    merge_timeout_s: float = 86400.0,
 ) -> None:
+    """Each split with litdata's ``optimize``. On several machines the training split is shared out: each writes its
+    batches as a dataset of its own under ``<output>/parts/train/``, marks it done, and the last machine waits for
+    every mark, merges the parts into ``<output>/train`` (litdata's ``merge_datasets``: chunks renamed and copied,
+    server-side on an object store) and removes them; the validation split, small, is written by the last machine."""
+    last = node_rank == num_nodes - 1
     for name, (dataset, indices) in splits.items():
         meta["source" if name == "train" else "val_source"] = dataset.source.fingerprint()
+        meta["splits"][name] = {"items": len(indices), "skipped_before": dict(dataset.source.skipped)}
         positions = list(range(len(indices)))
         batches = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
         writer = ShardWriter(dataset, indices, shorter_side, latents if name == "train" else None)
-        optimize(
-            fn=writer,
-            inputs=batches,
-            output_dir=_join(output, name),
-            chunk_bytes=chunk_bytes,
-            num_workers=num_workers,
-            mode="overwrite" if overwrite else None,
-            storage_options=dict(storage_options or {}),
-            keep_data_ordered=True,
-            start_method=start_method,
-            verbose=False,
-        )
-        meta["splits"][name] = {"items": len(indices), "skipped_before": dict(dataset.source.skipped)}
+        options = {
+            "chunk_bytes": chunk_bytes, "num_workers": num_workers, "keep_data_ordered": True, "verbose": False,
+            "storage_options": dict(storage_options or {}), "start_method": start_method,
+        }  # fmt: skip
+        if num_nodes == 1 or name != "train":
+            if last:
+                optimize(fn=writer, inputs=batches, output_dir=_join(output, name),
+                         mode="overwrite" if overwrite else None, **options)  # fmt: skip
+            continue
+        if len(batches) < num_nodes:
+            raise DataError(
+                f"the training split has {len(batches)} batch(es) of batch_size={batch_size} for num_nodes={num_nodes} "
+                "machines; use fewer machines or a smaller batch_size"
+            )
+        mine = batches[node_rank::num_nodes]
+        optimize(fn=writer, inputs=mine, output_dir=_part_dir(output, name, node_rank), mode="overwrite", **options)
+        _mark_done(output, name, node_rank, sum(len(b) for b in mine), storage_options)
+        if not last:
+            continue
+        deadline = time.monotonic() + merge_timeout_s
+        while not all(_is_done(output, name, rank, storage_options) for rank in range(num_nodes)):
+            if time.monotonic() > deadline:
+                missing = [r for r in range(num_nodes) if not _is_done(output, name, r, storage_options)]
+                raise DataError(f"{output}: machines {missing} did not finish their part within {merge_timeout_s} s")
+            time.sleep(10)
+        parts = [_part_dir(output, name, rank) for rank in range(num_nodes)]
+        merge_datasets(parts, _join(output, name), storage_options=dict(storage_options or {}))
+        if _is_remote(output):
+            shard_store(output, storage_options).delete_file_or_directory(_join(output, "parts", name))
+        else:
+            shutil.rmtree(_join(output, "parts", name))
+            if not any(Path(output, "parts").iterdir()):
+                Path(output, "parts").rmdir()
+
+
+def indexed_items(split_dir: str, storage_options: Mapping[str, Any] | None = None) -> int:
+    """How many items litdata's ``index.json`` of one split lists.
+
+    Args:
+        split_dir: the split's folder or URI.
+        storage_options: the object store's options.
+    """
+    where = _join(split_dir, "index.json")
+    if _is_remote(split_dir):
+        with tempfile.TemporaryDirectory() as folder:
+            local = os.path.join(folder, "index.json")
+            shard_store(split_dir, storage_options).download_file(where, local)
+            index = json.loads(Path(local).read_text())
+    else:
+        index = json.loads(Path(where).read_text())
+    return sum(int(chunk["chunk_size"]) for chunk in index["chunks"])
 
 
 def _write_meta(output: str, meta: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> None:
@@ -489,6 +561,30 @@ class PersonShardDataset(StreamingDataset):
         return {**out, "sample_seed": seed} if seed is not None else out
 
 
+class PersonShardLoader(StreamingDataLoader):
+    """litdata's loader, resumed for exactly one epoch.
+
+    After ``load_state_dict`` litdata's loader continues the restored epoch and clears its ``restore`` flag only
+    when that epoch's iterator runs to its end; Lightning, which knows the loader's length, stops after the epoch's
+    last batch without reaching that end, so the next epoch would resume the restored one again (its left-over
+    items, its seeds). Here the flag holds for the first iteration after a restore only.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._restored_epoch_started = False
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        super().load_state_dict(obj)
+        self._restored_epoch_started = False
+
+    def __iter__(self) -> Any:
+        if self.restore and self._restored_epoch_started:
+            self.restore = False  # the restored epoch has been iterated: this is a new one
+        self._restored_epoch_started = self.restore
+        return super().__iter__()
+
+
 class StreamingPersonDataModule(L.LightningDataModule):
     """Train/val loaders streaming the shards :func:`write_shards` wrote (``data=streaming``).
 
@@ -506,7 +602,6 @@ class StreamingPersonDataModule(L.LightningDataModule):
         batch_size: training images per process and step.
         val_batch_size: validation images per batch (default ``batch_size``).
         num_workers: loader worker processes.
-        persistent_workers: keep the workers between epochs.
         pin_memory: page-locked host batches.
         seed: the chunk order and every item's randomness derive from it.
         shuffle: shuffle the training items every epoch.
@@ -529,7 +624,6 @@ class StreamingPersonDataModule(L.LightningDataModule):
         batch_size: int = 8,
         val_batch_size: int | None = None,
         num_workers: int = 0,
-        persistent_workers: bool = False,
         pin_memory: bool = False,
         seed: int = 0,
         shuffle: bool = True,
@@ -543,7 +637,7 @@ class StreamingPersonDataModule(L.LightningDataModule):
         self.random_crop, self.flip_prob, self.min_visible = random_crop, flip_prob, min_visible
         self.captions = CaptionBuilder(**dict(captions or {}))
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers, self.persistent_workers, self.pin_memory = num_workers, persistent_workers, pin_memory
+        self.num_workers, self.pin_memory = num_workers, pin_memory
         self.seed, self.shuffle = seed, shuffle
         self.stream_options = {
             "cache_dir": cache_dir,
@@ -602,6 +696,8 @@ class StreamingPersonDataModule(L.LightningDataModule):
                 self.cache.get("dtype", "fp16"),
                 source_fingerprint=meta["source"],
             )
+            if meta.get("shorter_side") is not None:
+                spec["shorter_side"] = meta["shorter_side"]
             if spec_key(spec) != latents["key"]:
                 stored = latents["spec"]
                 keys = sorted(k for k in set(stored) | set(spec) if stored.get(k) != spec.get(k))
@@ -633,13 +729,15 @@ class StreamingPersonDataModule(L.LightningDataModule):
             self.val_set = self._dataset("val", train=False)
 
     def _loader(self, dataset: Dataset, batch_size: int, drop_last: bool) -> Any:
-        return StreamingDataLoader(
+        # Workers start anew every epoch: a persistent litdata worker keeps the epoch count it reached itself, which
+        # an epoch cut short (limit_train_batches) leaves behind, and with it every item's seed.
+        return PersonShardLoader(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
             collate_fn=collate_skipping,
             pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            persistent_workers=False,
             drop_last=drop_last,
         )
 
