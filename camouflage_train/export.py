@@ -595,6 +595,12 @@ def run_export(cfg: Any) -> Path:
     sampler = sampler_settings(anonymizer)
     folder = Path(cfg.output)
     if hub.repo_id is not None and not cfg.overwrite and _already_exported(folder, cfg, sampler, hub):
+        exported_base = json.loads((folder / "config.json").read_text()).get("base_model")
+        if base_model is not None and base_model != exported_base:  # the check export_adapter makes
+            raise ExportError(
+                f"{cfg.checkpoint} was trained on the frozen base '{exported_base}', not '{base_model}': it "
+                "cannot be pushed as an adapter for that base"
+            )
         print(f"{folder} already holds this export (same checkpoint and settings): pushing it as it is")
     else:
         folder = export_adapter(
