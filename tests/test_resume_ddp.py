@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_script
 
 # Small and deterministic: 16 images, batch 2 -> 8 steps per epoch, so step 12 is in the second epoch and
 # a kill after step 6 lands mid-epoch. Checkpoints every 3 steps, no validation (it never touches weights).
@@ -34,7 +34,8 @@ def _command(run_dir: Path, *overrides: str) -> list[str]:
 
 
 def _run(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(_command(run_dir, *overrides), capture_output=True, text=True, cwd=REPO, timeout=600)
+    """``train.py`` as a user runs it, forked from the tests' server (imports done once)."""
+    done = run_script("train.py", *_command(run_dir, *overrides)[2:])
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_script
 
 SWEEPS = sorted((REPO / "configs" / "sweep").glob("*.yaml"))
 
@@ -39,10 +39,9 @@ def test_every_sweep_point_is_a_valid_override(path, make_cfg):
 @pytest.mark.slow
 def test_offline_multirun_over_adapter_sizes_writes_a_summary(tmp_path, tiny_model_dir):
     sweep_dir = tmp_path / "sweep"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "train.py"),
+    result = run_script(
+        "train.py",
+        *[
             "-m",
             "experiment=demo_tiny",
             "model.adapter.tokens_per_person=1,2",
@@ -55,9 +54,6 @@ def test_offline_multirun_over_adapter_sizes_writes_a_summary(tmp_path, tiny_mod
             "logger=csv",
             f"hydra.sweep.dir={sweep_dir}",
         ],
-        capture_output=True,
-        text=True,
-        timeout=600,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
