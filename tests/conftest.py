@@ -149,3 +149,28 @@ def assert_user_error(done: subprocess.CompletedProcess, *fragments: str) -> Non
     assert "Traceback" not in output, output[-3000:]
     for fragment in fragments:
         assert fragment in output, (fragment, output[-3000:])
+
+
+def assert_records_close(got, expected, rel: float = 1e-5, abs_: float = 1e-6, where: str = "") -> None:
+    """Person records (JSON rows) equal, floats within a tolerance: a face pack run on another number of threads or
+    processes may round its boxes, scores and angles differently in the last bits.
+
+    Args:
+        got: the rows (or one value) to check.
+        expected: the reference.
+        rel: relative tolerance of floats.
+        abs_: absolute tolerance of floats.
+        where: the path to the value, for the message.
+    """
+    if isinstance(expected, float) or isinstance(got, float):
+        assert got == pytest.approx(expected, rel=rel, abs=abs_), where
+    elif isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), where
+        for key in expected:
+            assert_records_close(got[key], expected[key], rel, abs_, f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), where
+        for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+            assert_records_close(a, b, rel, abs_, f"{where}[{i}]")
+    else:
+        assert got == expected, where
