@@ -48,7 +48,7 @@ from litdata.streaming.sampler import ChunkedIndex
 from torch.utils.data import Dataset, Subset
 
 from camouflage_train.compat.data_internals import shard_store
-from camouflage_train.data.cache import _NP_DTYPES, CACHE_FORMAT, cache_spec, spec_key
+from camouflage_train.data.cache import _NP_DTYPES, cache_spec, spec_key
 from camouflage_train.data.dataset import (
     PERSON_ARRAY_KEYS,
     CaptionBuilder,
@@ -705,8 +705,6 @@ class StreamingPersonDataModule(L.LightningDataModule):
                     f"{where}: the stored latents were made with other settings (differs in: {', '.join(keys)}); "
                     "match them, set data.cache.enabled=false (decode the stored images), or write the shards again"
                 )
-            if latents["spec"].get("format") != CACHE_FORMAT:
-                raise DataError(f"{where}: latents of cache format {latents['spec'].get('format')}; write them again")
 
     def _dataset(self, split: str, train: bool) -> Dataset:
         return PersonShardDataset(
